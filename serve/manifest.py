@@ -1,0 +1,113 @@
+"""The model folder's ``manifest.json``: what export writes and serving trusts.
+
+One folder holds ``encoder.onnx``, ``decoder.onnx``, ``vocab.txt`` and this manifest.
+The manifest names every file with its sha256, so a half-copied or edited model is
+refused with a clear error instead of answering nonsense.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+# The graphs' contract, bound by name (ONNX orders dict outputs alphabetically).
+ENCODER_INPUTS = ("src_ids", "src_len")
+ENCODER_OUTPUTS = ("memory", "memory_keys", "h0", "c0")
+DECODER_INPUTS = ("prev_ids", "h", "c", "memory", "memory_keys", "src_mask")
+DECODER_OUTPUTS = ("log_probs", "h_out", "c_out", "attention")
+
+
+class ModelError(Exception):
+    """A model folder that cannot be served: missing, corrupt or of another format."""
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    name: str
+    dims: dict[str, int]  # vocab_size, embed_dim, hidden_dim, ...
+    special_ids: dict[str, int]  # pad, unk, bos, eos
+    opset: int
+    quantization: str  # "none" or "int8"
+    tokenizer: dict[str, Any]  # serve.tokenizer.TokenizerSettings as a dict
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+    training: dict[str, Any] = field(default_factory=dict)  # config, metrics, corpora, commands
+    checks: dict[str, Any] = field(default_factory=dict)  # export's parity results
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, indent=2, sort_keys=True) + "\n"
+
+    def write(self, model_dir: str | Path, *, hash_files: bool = True) -> Path:
+        """Write the manifest, hashing every other file of the folder first."""
+        model_dir = Path(model_dir)
+        if hash_files:
+            self.files = {
+                p.name: sha256_of(p)
+                for p in sorted(model_dir.iterdir())
+                if p.is_file() and p.name != MANIFEST_FILE
+            }
+        path = model_dir / MANIFEST_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> Manifest:
+        path = Path(model_dir) / MANIFEST_FILE
+        if not path.is_file():
+            raise ModelError(f"{model_dir}: no {MANIFEST_FILE}; is this an exported model folder?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{path}: unreadable manifest ({e})") from e
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelError(
+                f"{path}: format version {version!r}, this xiaoX reads version {FORMAT_VERSION}"
+            )
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ModelError(f"{path}: malformed manifest ({e})") from e
+
+    def verify(self, model_dir: str | Path) -> None:
+        """Check that every listed file exists and has its recorded sha256."""
+        model_dir = Path(model_dir)
+        for required in (ENCODER_FILE, DECODER_FILE, "vocab.txt"):
+            if required not in self.files:
+                raise ModelError(f"{model_dir}: the manifest does not list {required}")
+        for name, expected in self.files.items():
+            path = model_dir / name
+            if not path.is_file():
+                raise ModelError(f"{model_dir}: {name} is missing")
+            actual = sha256_of(path)
+            if actual != expected:
+                raise ModelError(
+                    f"{model_dir}: {name} has sha256 {actual[:12]}…, "
+                    f"the manifest says {expected[:12]}…; the file is corrupt or was replaced"
+                )
+
+
+def load_manifest(model_dir: str | Path, *, verify: bool = True) -> Manifest:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: no such model folder")
+    manifest = Manifest.read(model_dir)
+    if verify:
+        manifest.verify(model_dir)
+    return manifest
