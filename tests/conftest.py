@@ -62,9 +62,21 @@ class RedisServer:
         if exe is None:
             pytest.fail("redis-server is not installed: run the README's test command")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
 
@@ -102,8 +114,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from training.train import train
 
     out = tmp_path_factory.mktemp("tiny_checkpoint")
-    config = TrainConfig(embed_dim=16, hidden_dim=32, batch_size=16, max_steps=30,
-                         epochs=1, min_freq=1, vocab_size=2000, seed=7, progress=False)
+    config = TrainConfig(
+        embed_dim=16,
+        hidden_dim=32,
+        batch_size=16,
+        max_steps=30,
+        epochs=1,
+        min_freq=1,
+        vocab_size=2000,
+        seed=7,
+        progress=False,
+    )
     train(config, corpora=[DEMO_CORPUS], out=out)
     return out
 

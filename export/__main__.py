@@ -1,0 +1,76 @@
+"""python -m export --checkpoint DIR --out artifacts/NAME [--quantize none|int8]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a training checkpoint to ONNX graphs (encoder + one decoder step), "
+        "check them against TensorFlow, and write a model folder with its manifest.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder from python -m training"
+    )
+    parser.add_argument(
+        "--out", required=True, help="model folder to write, e.g. artifacts/mymodel"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="int8",
+        help="onnxruntime dynamic quantization of the graphs' weights",
+    )
+    parser.add_argument(
+        "--name", default=None, help="model id served at /v1/models (default: the folder's name)"
+    )
+    parser.add_argument(
+        "--check-samples",
+        type=int,
+        default=200,
+        help="held-out questions on which the export checks itself",
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.opset < 17:
+        print("error: --opset must be 17 or newer", file=sys.stderr)
+        return 2
+    if args.check_samples < 1:
+        print("error: --check-samples must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from export.export import ExportError, export_model
+
+    command = "python -m export " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        manifest = export_model(
+            args.checkpoint,
+            args.out,
+            quantize=args.quantize,
+            name=args.name,
+            check_samples=args.check_samples,
+            opset=args.opset,
+            command=command,
+        )
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({manifest.quantization})")
+    for check, result in manifest.checks.items():
+        print(f"  {check}: {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
