@@ -1,0 +1,125 @@
+"""``python -m training --corpus FILE --out DIR``: train xiaoX's seq2seq from chat corpora.
+
+Settings come from, lowest first: the defaults, the saved run (with ``--resume``),
+``--config FILE.toml``, then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from training.config import ConfigError, TrainConfig, read_toml
+from training.corpus import FORMATS
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train the xiaoX attention seq2seq on question/answer corpora "
+                    "(xiaohuangji .conv, LCCC JSON, CDial TSV, plain question<TAB>answer TSV).",
+        epilog="Ctrl-C saves a checkpoint; run the same command with --resume to continue "
+               "exactly where it stopped.",
+    )
+    parser.add_argument("--corpus", action="append", type=Path, required=True, metavar="PATH",
+                        help="a corpus file (repeat for several)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="the checkpoint folder to write (export reads it)")
+    parser.add_argument("--config", type=Path, metavar="FILE.toml",
+                        help="TOML file of the settings below (top level or a [train] table)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out (step, optimizer, data order)")
+    parser.add_argument("--format", action="append", choices=FORMATS, dest="formats",
+                        help="force the corpus format (once for all, or once per --corpus; "
+                             "default: detected)")
+    group = parser.add_argument_group("settings (training.config.TrainConfig)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        text = f"{f.metadata.get('help', '')} (default: {default})"
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            metavar = {"int": "N", "float": "X"}.get(f.type, "VALUE")
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=metavar,
+                               help=text)
+    return parser
+
+
+def portable_command(argv: list[str]) -> str:
+    """The command line as recorded in config.json: absolute paths reduced to their names."""
+    def clean(arg: str) -> str:
+        if "=" in arg and arg.startswith("--"):
+            key, _, value = arg.partition("=")
+            return f"{key}={clean(value)}"
+        return Path(arg).name if os.path.isabs(arg) else arg
+
+    return " ".join(["python -m training", *(clean(a) for a in argv)])
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    from training.checkpoint import CONFIG_FILE, read_config
+
+    settings: dict = {}
+    if args.resume and (args.out / CONFIG_FILE).is_file():
+        settings.update(read_config(args.out)["train"])
+    if args.config is not None:
+        settings.update(read_toml(args.config))
+    settings.update({f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                     if getattr(args, f.name) is not None})
+    return TrainConfig.from_dict(settings, source=str(args.config or "settings"))
+
+
+def _log_to_stderr() -> None:
+    # Our logger only: the root logger at INFO would also print TensorFlow's chatter.
+    logger = logging.getLogger("training")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    # Before TensorFlow loads: oneDNN's reordered float sums would break exact resume.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _log_to_stderr()
+
+    from training.checkpoint import CheckpointError
+    from training.corpus import CorpusError
+
+    try:
+        config = resolve_config(args)
+        from training.train import TrainingInterrupted, train
+
+        out = train(config, args.corpus, args.out, resume=args.resume, formats=args.formats,
+                    command=portable_command(argv))
+    except (ConfigError, CorpusError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted (no checkpoint saved)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+    print(f"checkpoint: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

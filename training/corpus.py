@@ -1,0 +1,288 @@
+"""Corpus readers and cleaning: files of several formats -> clean (question, answer) pairs.
+
+Formats (detected from the name and the first lines, or forced):
+
+- ``conv``: xiaohuangji. ``E`` opens a session, ``M <utterance>`` lines follow; consecutive
+  ``M`` lines make pairs. A line that is neither continues the previous utterance (the
+  real file has multi-line answers).
+- ``lccc``: a JSON list of dialogues, each a list of utterances whose characters are
+  separated by spaces; consecutive utterances make pairs.
+- ``cdial``: ``question<TAB>answer`` with characters separated by spaces.
+- ``tsv``: plain ``question<TAB>answer``.
+
+Cleaning runs on normalised text (``serve.tokenizer.normalize``: Traditional ->
+Simplified, half-width, control characters removed) and counts what each rule dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve.tokenizer import normalize
+
+FORMATS = ("conv", "lccc", "cdial", "tsv")
+Pair = tuple[str, str]
+
+
+class CorpusError(ValueError):
+    """A corpus file is missing, malformed (the message names file and line) or empty."""
+
+
+# -- readers ---------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            for number, line in enumerate(f, 1):
+                yield number, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_conv(path: Path) -> Iterator[Pair]:
+    session: list[str] = []
+    seen_marker = False
+
+    def pairs() -> Iterator[Pair]:
+        yield from zip(session, session[1:], strict=False)
+
+    for number, line in _lines(path):
+        if line == "E" or line.startswith("E "):
+            yield from pairs()
+            session, seen_marker = [], True
+        elif line == "M" or line.startswith("M "):
+            session.append(line[2:])
+            seen_marker = True
+        elif not line.strip():
+            continue
+        elif session:
+            session[-1] += "\n" + line  # a multi-line utterance
+        else:
+            what = "a line" if seen_marker else "the first line"
+            raise CorpusError(
+                f"{path}:{number}: {what} of a .conv file must be 'E' or 'M <utterance>', "
+                f"got {line[:40]!r}"
+            )
+    yield from pairs()
+
+
+def _unspace(text: str) -> str:
+    # LCCC/CDial separate every character by a space; real spaces are lost (see the README).
+    return text.replace(" ", "")
+
+
+def read_lccc(path: Path) -> Iterator[Pair]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise CorpusError(f"{path}:1: an LCCC file is a JSON list of dialogues")
+    for index, dialogue in enumerate(data):
+        if not isinstance(dialogue, list) or not all(isinstance(u, str) for u in dialogue):
+            raise CorpusError(
+                f"{path}: dialogue {index + 1} is not a list of strings (LCCC format)"
+            )
+        utterances = [_unspace(u) for u in dialogue]
+        yield from zip(utterances, utterances[1:], strict=False)
+
+
+def _read_tab_pairs(path: Path, transform: Callable[[str], str]) -> Iterator[Pair]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            problem = "has no TAB" if len(parts) == 1 else f"has {len(parts) - 1} TABs"
+            raise CorpusError(
+                f"{path}:{number}: expected 'question<TAB>answer', the line {problem}"
+            )
+        yield transform(parts[0]), transform(parts[1])
+
+
+def read_tsv(path: Path) -> Iterator[Pair]:
+    return _read_tab_pairs(path, lambda text: text)
+
+
+def read_cdial(path: Path) -> Iterator[Pair]:
+    return _read_tab_pairs(path, _unspace)
+
+
+READERS: dict[str, Callable[[Path], Iterator[Pair]]] = {
+    "conv": read_conv,
+    "lccc": read_lccc,
+    "cdial": read_cdial,
+    "tsv": read_tsv,
+}
+
+_SPACED = re.compile(r"^\S( \S)+$")  # "我 饿 了 。"
+
+
+def detect_format(path: Path) -> str:
+    """Guess the format from the extension and the first non-empty lines."""
+    if path.suffix.lower() == ".conv":
+        return "conv"
+    if path.suffix.lower() == ".json":
+        return "lccc"
+    head: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            head.append(line)
+        if len(head) >= 20:
+            break
+    if not head:
+        return "tsv"  # empty: cleaning reports it
+    if head[0].lstrip().startswith("["):
+        return "lccc"
+    if head[0] in ("E", "M") or head[0].startswith(("E ", "M ")):
+        return "conv"
+    sides = [side for line in head if "\t" in line for side in line.split("\t")]
+    long_sides = [s for s in sides if len(s) >= 3]
+    if long_sides and sum(bool(_SPACED.match(s)) for s in long_sides) >= 0.8 * len(long_sides):
+        return "cdial"
+    return "tsv"
+
+
+def read_corpus(path: Path, fmt: str | None = None) -> tuple[str, list[Pair]]:
+    """(format, raw pairs) of one file; ``fmt`` forces the format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    if fmt is not None and fmt not in READERS:
+        raise CorpusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fmt = fmt or detect_format(path)
+    return fmt, list(READERS[fmt](path))
+
+
+# -- cleaning --------------------------------------------------------------------------
+
+
+@dataclass
+class Blocklist:
+    """Terms that drop a pair, and names replaced in place (``小通 -> 小X``).
+
+    File format: one term a line; ``term -> replacement`` for a replacement; ``#`` comments.
+    Matching is on normalised, lower-cased text, so 小黃雞 matches 小黄鸡 and SB matches sb.
+    """
+
+    terms: list[str] = field(default_factory=list)
+    replacements: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Blocklist:
+        if not path.is_file():
+            raise CorpusError(f"blocklist file not found: {path}")
+        blocklist = cls()
+        for number, raw in _lines(path):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "->" in line:
+                term, _, replacement = (part.strip() for part in line.partition("->"))
+                if not term:
+                    raise CorpusError(f"{path}:{number}: a replacement needs a term before '->'")
+                blocklist.replacements[normalize(term).lower()] = normalize(replacement)
+            else:
+                blocklist.terms.append(normalize(line).lower())
+        # Longest first, so that 小黄鸡 is replaced before a shorter overlapping name.
+        blocklist.replacements = dict(
+            sorted(blocklist.replacements.items(), key=lambda kv: -len(kv[0]))
+        )
+        return blocklist
+
+    def replace(self, text: str) -> str:
+        for term, replacement in self.replacements.items():
+            if term in text.lower():
+                text = re.sub(re.escape(term), replacement, text, flags=re.IGNORECASE)
+        return text
+
+    def blocks(self, text: str) -> bool:
+        lowered = text.lower()
+        return any(term in lowered for term in self.terms)
+
+
+def _garbled(text: str) -> bool:
+    # U+FFFD (decoding damage), private-use, unassigned and surrogate code points.
+    return any(
+        ch == "\ufffd" or unicodedata.category(ch) in ("Co", "Cn", "Cs") for ch in text
+    )
+
+
+@dataclass
+class CleaningReport:
+    read: int = 0
+    kept: int = 0
+    renamed: int = 0  # pairs where a blocklist replacement applied (kept, not dropped)
+    dropped: Counter = field(default_factory=Counter)
+
+    def line(self) -> str:
+        rules = ", ".join(f"{rule} {n}" for rule, n in self.dropped.items()) or "none"
+        return (f"cleaning: {self.read} pairs read, {self.kept} kept; dropped: {rules}; "
+                f"names replaced in {self.renamed}")
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "renamed": self.renamed,
+                **{rule: int(n) for rule, n in self.dropped.items()}}
+
+
+RULES = ("empty", "garbled", "blocklist", "duplicate", "too_long")
+
+
+def clean_pairs(
+    pairs: list[Pair],
+    segment: Callable[[str], list[str]],
+    *,
+    max_src_len: int,
+    max_tgt_len: int,
+    blocklist: Blocklist | None = None,
+) -> tuple[list[tuple[list[str], list[str]]], list[Pair], CleaningReport]:
+    """Normalise and filter pairs; return (segmented pairs, normalised text pairs, report).
+
+    Rules, in order: ``empty`` (a side is empty once normalised: control characters and
+    whitespace only), ``garbled`` (decoding damage), ``blocklist`` (a blocked term on either
+    side, after name replacement), ``duplicate`` (the same normalised pair seen before),
+    ``too_long`` (more jieba words than max_src_len / max_tgt_len).
+    """
+    report = CleaningReport(read=len(pairs), dropped=Counter({rule: 0 for rule in RULES}))
+    seen: set[Pair] = set()
+    segmented: list[tuple[list[str], list[str]]] = []
+    texts: list[Pair] = []
+    for question, answer in pairs:
+        q, a = normalize(question), normalize(answer)
+        if not q or not a:
+            report.dropped["empty"] += 1
+            continue
+        if _garbled(q) or _garbled(a):
+            report.dropped["garbled"] += 1
+            continue
+        if blocklist is not None:
+            q2, a2 = blocklist.replace(q), blocklist.replace(a)
+            report.renamed += (q2, a2) != (q, a)
+            q, a = q2, a2
+            if blocklist.blocks(q) or blocklist.blocks(a):
+                report.dropped["blocklist"] += 1
+                continue
+        if (q, a) in seen:
+            report.dropped["duplicate"] += 1
+            continue
+        seen.add((q, a))
+        q_words, a_words = segment(q), segment(a)
+        if not q_words or not a_words:
+            report.dropped["empty"] += 1
+            continue
+        if len(q_words) > max_src_len or len(a_words) > max_tgt_len:
+            report.dropped["too_long"] += 1
+            continue
+        segmented.append((q_words, a_words))
+        texts.append((q, a))
+    report.kept = len(texts)
+    return segmented, texts, report
