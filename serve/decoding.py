@@ -1,0 +1,396 @@
+"""Decoding options and the search algorithms (greedy, sampling, beam) in numpy.
+
+The options follow CTranslate2's ``translate_batch`` names and defaults, so whoever knows
+one knows the other. Everything here is a pure function of the model's log-probs and the
+request's own history (and its own seeded RNG), which is what lets the engine batch
+requests without changing any request's result.
+
+Scores: every chosen token adds its log-prob after the rules below (renormalized), and a
+hypothesis's score is that sum divided by ``length ** length_penalty``, where length
+counts the generated tokens including the final ``</s>``. Greedy and beam report the same
+kind of score, so they can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from serve.model import OnnxSeq2Seq
+
+MAX_SOURCE_LENGTH = 64  # longer messages keep their last tokens (the model saw short ones)
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode one request. Defaults are CTranslate2's ``translate_batch`` defaults,
+    except ``max_length`` (a chat reply, not a document)."""
+
+    beam_size: int = 1  # 1 = greedy or sampling; > 1 = beam search (final n-best, no streaming)
+    num_hypotheses: int = 1  # how many of the beam's hypotheses to return (<= beam_size)
+    length_penalty: float = 1.0  # score = sum(log p) / length ** length_penalty
+    repetition_penalty: float = 1.0  # > 1 makes already generated tokens less likely
+    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this size
+    min_length: int = 1  # </s> is forbidden before this many reply tokens
+    max_length: int = 40  # reply tokens at most (finish_reason "length" when reached)
+    sampling_temperature: float = 1.0  # > 1 flatter, < 1 sharper (sampling only)
+    sampling_topk: int = 1  # 1 = greedy (argmax), 0 = sample from the whole vocabulary
+    sampling_topp: float = 1.0  # nucleus: sample among the smallest set with this mass
+    seed: int | None = None  # sampling seed: the same seed gives the same reply
+    disable_unk: bool = True  # never produce <unk>
+    suppress_words: tuple[str, ...] = ()  # no token whose piece contains one of these
+    return_scores: bool = False  # fill GenerationResult.score and the hypotheses' scores
+
+    def __post_init__(self) -> None:
+        words = self.suppress_words
+        if isinstance(words, str):
+            words = (words,)
+        object.__setattr__(self, "suppress_words", tuple(sorted(set(words))))
+        self.validate()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> DecodingOptions:
+        """Options from keyword arguments; an unknown name is a ValueError that lists the
+        known ones (a misspelt option must not be silently ignored)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown decoding option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)
+
+    @property
+    def sampling(self) -> bool:
+        return self.sampling_topk != 1
+
+    def validate(self) -> None:
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            return float(value)
+
+        integer("beam_size", 1)
+        integer("num_hypotheses", 1)
+        integer("no_repeat_ngram_size", 0)
+        integer("min_length", 0)
+        integer("max_length", 1)
+        integer("sampling_topk", 0)
+        number("length_penalty")
+        if number("repetition_penalty") <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if number("sampling_temperature") <= 0:
+            raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
+        if not 0 < number("sampling_topp") <= 1:
+            raise ValueError(f"sampling_topp must be in (0, 1], got {self.sampling_topp!r}")
+        if self.min_length > self.max_length:
+            raise ValueError(
+                f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})"
+            )
+        if self.num_hypotheses > self.beam_size:
+            raise ValueError(
+                f"num_hypotheses ({self.num_hypotheses}) must not exceed beam_size "
+                f"({self.beam_size}): a beam of n keeps n hypotheses"
+            )
+        if self.beam_size > 1 and self.sampling:
+            raise ValueError("sampling (sampling_topk != 1) needs beam_size=1")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if not all(isinstance(w, str) for w in self.suppress_words):
+            raise ValueError("suppress_words must be strings")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    score: float | None  # None unless return_scores
+    finish_reason: str  # "stop" (</s>) or "length" (max_length reached)
+    hypotheses: list[tuple[str, float | None]] = field(default_factory=list)  # n-best, best first
+
+
+class DecodingCancelled(Exception):
+    """A decode stopped because its request was cancelled."""
+
+
+# -- logit rules: pure functions over one row of log-probs --------------------------------
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    top = np.max(x)
+    if not np.isfinite(top):
+        return x
+    shifted = x - top
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def apply_repetition_penalty(
+    log_probs: np.ndarray, previous: Sequence[int], penalty: float
+) -> np.ndarray:
+    """CTranslate2's rule on already generated tokens: negative scores are multiplied by
+    ``penalty``, positive ones divided (log-probs are <= 0, so > 1 lowers them)."""
+    if penalty == 1.0 or not previous:
+        return log_probs
+    ids = np.unique(np.asarray(previous, np.int64))
+    out = log_probs.copy()
+    values = out[ids]
+    out[ids] = np.where(values < 0, values * penalty, values / penalty)
+    return out
+
+
+def ngram_blocked_ids(previous: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in ``previous``."""
+    if n <= 0 or len(previous) < n - 1:
+        return []
+    if n == 1:
+        return list(set(previous))
+    prefix = tuple(previous[len(previous) - n + 1 :])
+    return [
+        previous[i + n - 1]
+        for i in range(len(previous) - n + 1)
+        if tuple(previous[i : i + n - 1]) == prefix
+    ]
+
+
+def suppress(log_probs: np.ndarray, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    if len(ids) == 0:
+        return log_probs
+    out = log_probs.copy()
+    out[np.asarray(ids, np.int64)] = -np.inf
+    return out
+
+
+@dataclass
+class TokenRules:
+    """The rules of one request, resolved once against the model's vocabulary."""
+
+    options: DecodingOptions
+    eos_id: int
+    banned: np.ndarray  # never produced: <pad>, <s>, <unk> if disabled, suppressed words
+
+    @classmethod
+    def for_model(cls, model: OnnxSeq2Seq, options: DecodingOptions) -> TokenRules:
+        banned = [model.pad_id, model.bos_id] + ([model.unk_id] if options.disable_unk else [])
+        if options.suppress_words:
+            banned.extend(model.ids_containing(options.suppress_words).tolist())
+        return cls(options, model.eos_id, np.unique(np.array(banned, np.int64)))
+
+    def process(self, log_probs: np.ndarray, previous: Sequence[int]) -> np.ndarray:
+        """Model log-probs of the next token -> the log-probs decoding chooses from."""
+        o = self.options
+        out = apply_repetition_penalty(log_probs, previous, o.repetition_penalty)
+        out = suppress(out, self.banned)
+        out = suppress(out, ngram_blocked_ids(previous, o.no_repeat_ngram_size))
+        if len(previous) < o.min_length:
+            out = suppress(out, [self.eos_id])
+        if not np.isfinite(out).any():  # every token ruled out: ending is the only way
+            out = np.full_like(log_probs, -np.inf)
+            out[self.eos_id] = 0.0
+        return log_softmax(out)
+
+
+def choose_token(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> int:
+    """Greedy argmax when ``sampling_topk == 1``; otherwise temperature, top-k, top-p and
+    one draw from ``rng`` (inverse CDF, so a seed reproduces across numpy versions)."""
+    if not options.sampling:
+        return int(np.argmax(log_probs))
+    logits = log_probs.astype(np.float64) / options.sampling_temperature
+    k = options.sampling_topk
+    if 0 < k < logits.shape[0]:
+        kept = np.argpartition(-logits, k - 1)[:k]
+        limited = np.full_like(logits, -np.inf)
+        limited[kept] = logits[kept]
+        logits = limited
+    probs = np.exp(logits - np.max(logits))
+    probs /= probs.sum()
+    if options.sampling_topp < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, options.sampling_topp)) + 1]
+        nucleus = np.zeros_like(probs)
+        nucleus[keep] = probs[keep]
+        probs = nucleus / nucleus.sum()
+    cdf = np.cumsum(probs)
+    draw = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, draw, side="right"), len(cdf) - 1))
+
+
+def normalized_score(total: float, length: int, length_penalty: float) -> float:
+    return float(total) / max(length, 1) ** length_penalty
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+class SequenceDecoder:
+    """One greedy or sampling reply, advanced one token per decoder step.
+
+    The engine keeps one per active request; ``decode_alone`` uses the same class, so a
+    request decoded in a batch and alone goes through exactly the same code.
+    """
+
+    def __init__(self, rules: TokenRules, rng: np.random.Generator):
+        self.rules = rules
+        self.options = rules.options
+        self.rng = rng
+        self.token_ids: list[int] = []
+        self.total = 0.0
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def advance(self, log_probs: np.ndarray) -> int:
+        """Choose the next token from the model's log-probs; returns it (``</s>`` ends)."""
+        processed = self.rules.process(log_probs, self.token_ids)
+        token = choose_token(processed, self.options, self.rng)
+        self.total += float(processed[token])
+        if token == self.rules.eos_id:
+            self.finish_reason = "stop"
+        else:
+            self.token_ids.append(token)
+            if len(self.token_ids) >= self.options.max_length:
+                self.finish_reason = "length"
+        return token
+
+    @property
+    def score(self) -> float:
+        length = len(self.token_ids) + (self.finish_reason == "stop")
+        return normalized_score(self.total, length, self.options.length_penalty)
+
+    def result(self, model: OnnxSeq2Seq) -> GenerationResult:
+        text = model.tokenizer.decode(self.token_ids)
+        score = self.score if self.options.return_scores else None
+        return GenerationResult(
+            text, list(self.token_ids), score, self.finish_reason or "length", [(text, score)]
+        )
+
+
+# -- whole decodes of one request ---------------------------------------------------------
+
+
+def source_ids(model: OnnxSeq2Seq, text: str, max_source_length: int = MAX_SOURCE_LENGTH):
+    """Token ids of a message; a message with nothing to encode is a ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("the message must be a string")
+    ids = model.tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the message is empty after normalization")
+    return ids[-max_source_length:]
+
+
+def decode_alone(
+    model: OnnxSeq2Seq, src_ids: list[int], options: DecodingOptions
+) -> GenerationResult:
+    """Greedy or sampling decode of one request with batch size 1 (the reference the
+    engine's batched result must equal)."""
+    state = model.encode([src_ids])
+    decoder = SequenceDecoder(TokenRules.for_model(model, options), make_rng(options.seed))
+    prev, h, c = np.array([model.bos_id], np.int64), state.h, state.c
+    while not decoder.done:
+        out = model.step(prev, h, c, state.memory, state.memory_keys, state.src_mask)
+        prev = np.array([decoder.advance(out.log_probs[0])], np.int64)
+        h, c = out.h, out.c
+    return decoder.result(model)
+
+
+def beam_search(
+    model: OnnxSeq2Seq,
+    src_ids: list[int],
+    options: DecodingOptions,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Beam search over its own batch of ``beam_size`` rows.
+
+    Each step ranks all extensions of the live hypotheses by their cumulative log-prob
+    and keeps the best ``beam_size`` that do not end; an ending among the top
+    ``beam_size`` ranks becomes a finished hypothesis. The search stops when the
+    top-ranked extension ends and ``num_hypotheses`` are finished (CTranslate2's and
+    OpenNMT's rule; with beam_size 1 this is exactly greedy), or at ``max_length``, where
+    the live hypotheses finish with reason "length". Finished hypotheses are ranked by
+    their length-normalized score.
+    """
+    k, eos = options.beam_size, model.eos_id
+    rules = TokenRules.for_model(model, options)
+    state = model.encode([src_ids])
+    memory = np.repeat(state.memory, k, axis=0)
+    keys = np.repeat(state.memory_keys, k, axis=0)
+    mask = np.repeat(state.src_mask, k, axis=0)
+    live: list[list[int]] = [[]]
+    live_scores = np.zeros(1)
+    prev, h, c = np.array([model.bos_id], np.int64), state.h, state.c
+    finished: list[tuple[list[int], float, str]] = []
+    for _ in range(options.max_length):
+        if should_stop is not None and should_stop():
+            raise DecodingCancelled()
+        n = len(live)
+        out = model.step(prev, h, c, memory[:n], keys[:n], mask[:n])
+        processed = np.stack([rules.process(out.log_probs[i], live[i]) for i in range(n)])
+        candidates = (live_scores[:, None] + processed).ravel()
+        ranked = np.argsort(-candidates, kind="stable")[: 2 * k]
+        kept: list[tuple[int, int, float]] = []
+        for rank, flat in enumerate(ranked):
+            score = float(candidates[flat])
+            if not math.isfinite(score):
+                break
+            row, token = divmod(int(flat), processed.shape[1])
+            if token == eos:
+                if rank < k:
+                    finished.append((live[row], score, "stop"))
+            elif len(kept) < k:
+                kept.append((row, token, score))
+        top_ends = int(ranked[0]) % processed.shape[1] == eos
+        if (top_ends and len(finished) >= options.num_hypotheses) or not kept:
+            break
+        rows = np.array([row for row, _, _ in kept])
+        live = [live[row] + [token] for row, token, _ in kept]
+        live_scores = np.array([score for _, _, score in kept])
+        prev = np.array([token for _, token, _ in kept], np.int64)
+        h, c = out.h[rows], out.c[rows]
+    else:
+        finished.extend(
+            (tokens, float(s), "length") for tokens, s in zip(live, live_scores, strict=True)
+        )
+
+    def final_score(item: tuple[list[int], float, str]) -> float:
+        tokens, total, reason = item
+        return normalized_score(total, len(tokens) + (reason == "stop"), options.length_penalty)
+
+    best = sorted(finished, key=final_score, reverse=True)[: options.num_hypotheses]
+    hypotheses = [
+        (model.tokenizer.decode(t), final_score((t, s, r)) if options.return_scores else None)
+        for t, s, r in best
+    ]
+    tokens, _, reason = best[0]
+    return GenerationResult(hypotheses[0][0], list(tokens), hypotheses[0][1], reason, hypotheses)
+
+
+def generate(
+    model: OnnxSeq2Seq,
+    text: str,
+    options: DecodingOptions | None = None,
+    *,
+    max_source_length: int = MAX_SOURCE_LENGTH,
+) -> GenerationResult:
+    """Answer one message without an engine (``python -m serve ask``, evaluation)."""
+    options = options or DecodingOptions()
+    src = source_ids(model, text, max_source_length)
+    if options.beam_size > 1:
+        return beam_search(model, src, options)
+    return decode_alone(model, src, options)

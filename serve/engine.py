@@ -1,0 +1,382 @@
+"""Continuous batching: concurrent requests share each decoder step.
+
+One asyncio task (the scheduler) owns the batch. Each loop iteration it
+
+1. admits waiting requests up to ``max_batch_size``; each newcomer's encoder runs alone
+   (batch 1, its own source length) and the request joins the batch at this step;
+2. runs one decoder step for every active row in a worker thread (onnxruntime releases
+   the GIL, so the event loop keeps serving while the step runs), padding ``memory`` and
+   ``memory_keys`` with zeros and ``src_mask`` with 0 to the batch's longest source;
+3. lets every row choose its token with its own rules and its own seeded RNG, sends the
+   text delta to its consumer, and drops finished and cancelled rows at once.
+
+Since every row's log-probs do not depend on the other rows (fp32 onnxruntime computes
+each row alone; the padding is masked out exactly) and a row's choice only depends on its
+own history and RNG, a request's result is identical to decoding it alone. An int8 model
+quantizes activations per tensor (over the whole batch), so there a batched row can
+differ from the same row alone in the last digits.
+
+Beam search requests do not join the shared batch: each runs its own decode (a batch of
+``beam_size`` rows) in a worker thread, one beam at a time, and returns its final n-best.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve.decoding import (
+    MAX_SOURCE_LENGTH,
+    DecodingCancelled,
+    DecodingOptions,
+    GenerationResult,
+    SequenceDecoder,
+    TokenRules,
+    beam_search,
+    make_rng,
+    source_ids,
+)
+from serve.model import OnnxSeq2Seq, pad_memory
+
+__all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Stream"]
+
+
+class Overloaded(Exception):
+    """The request queue is full: try again later (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running (not started yet, or stopped while the request waited)."""
+
+
+@dataclass
+class EngineStats:
+    """Live counters for metrics. Latencies go to ``Engine(on_metric=...)`` as they happen."""
+
+    queue_size: int = 0  # requests waiting to join the batch (beam requests included)
+    active: int = 0  # rows in the current decoder batch
+    beams_running: int = 0
+    requests_total: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_failed: int = 0
+    overloaded_total: int = 0
+    tokens_total: int = 0  # generated tokens (</s> included)
+    steps_total: int = 0  # batched decoder steps run
+
+
+MetricCallback = Callable[[str, float], None]
+"""``on_metric(name, seconds)`` with name one of ``time_to_first_token``,
+``inter_token_latency``, ``request_latency``."""
+
+
+class _Request:
+    def __init__(self, src_ids: list[int], options: DecodingOptions, decoder: SequenceDecoder):
+        self.src_ids = src_ids
+        self.options = options
+        self.decoder = decoder
+        self.events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.text = ""
+        # Per-row batch state, set when the encoder ran.
+        self.memory: np.ndarray | None = None
+        self.memory_keys: np.ndarray | None = None
+        self.src_mask: np.ndarray | None = None
+        self.h: np.ndarray | None = None
+        self.c: np.ndarray | None = None
+        self.prev_id = 0
+
+
+class Stream:
+    """``async for delta in engine.stream(...)``: the reply's text, piece by piece.
+
+    After the loop, ``result`` holds the GenerationResult. Leaving the loop early (break,
+    an exception, or the consumer task being cancelled) cancels the request.
+    """
+
+    def __init__(self, engine: Engine, text: str, options: DecodingOptions):
+        self._engine = engine
+        self._text = text
+        self._options = options
+        self.result: GenerationResult | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        if self._options.beam_size > 1:  # beam search has no partial text: one final delta
+            self.result = await self._engine.generate(self._text, options=self._options)
+            if self.result.text:
+                yield self.result.text
+            return
+        request = self._engine._submit(self._text, self._options)
+        try:
+            while True:
+                kind, value = await request.events.get()
+                if kind == "delta":
+                    yield value  # type: ignore[misc]
+                elif kind == "done":
+                    self.result = value  # type: ignore[assignment]
+                    return
+                else:
+                    raise value  # type: ignore[misc]
+        finally:
+            if self.result is None:
+                self._engine._cancel(request)
+
+
+class Engine:
+    """Continuous batching over one model. See the module docstring."""
+
+    def __init__(
+        self,
+        model: OnnxSeq2Seq,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_source_length: int = MAX_SOURCE_LENGTH,
+        on_metric: MetricCallback | None = None,
+    ):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_source_length = max_source_length
+        self.on_metric = on_metric
+        self.stats = EngineStats()
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._beams_waiting = 0
+        self._beam_lock: asyncio.Lock | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._batch_rows: list[_Request] = []  # the rows the padded memory below is for
+        self._batch_memory: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._wakeup = asyncio.Event()
+        self._beam_lock = asyncio.Lock()
+        # jieba loads its dictionary on first use (about a second): not on the event loop.
+        await asyncio.to_thread(self.model.tokenizer.encode, "你好")
+        self._task = asyncio.create_task(self._schedule(), name="xiaox-engine")
+
+    async def stop(self) -> None:
+        """Stop the scheduler; waiting and active requests end with ``EngineStopped``."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for request in [*self._waiting, *self._active]:
+            request.events.put_nowait(("error", EngineStopped("the engine stopped")))
+        self._waiting.clear()
+        self._active.clear()
+        self._batch_rows, self._batch_memory = [], None
+        self._update_sizes()
+
+    # -- public API -----------------------------------------------------------------------
+    def stream(self, text: str, options: DecodingOptions | None = None, **kwargs) -> Stream:
+        """Text deltas as tokens are decoded (greedy and sampling; beam yields its best
+        reply once at the end). Options as ``DecodingOptions`` or keyword arguments.
+
+        Overloaded, EngineStopped and ValueError (bad text or option) are raised when
+        iteration begins.
+        """
+        return Stream(self, text, _options(options, kwargs))
+
+    async def generate(
+        self, text: str, options: DecodingOptions | None = None, **kwargs
+    ) -> GenerationResult:
+        """The whole reply. Cancelling the awaiting task frees the request's slot."""
+        options = _options(options, kwargs)
+        if options.beam_size > 1:
+            return await self._generate_beam(text, options)
+        stream = Stream(self, text, options)
+        async for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    # -- requests -------------------------------------------------------------------------
+    def _check_capacity(self) -> None:
+        if not self.running:
+            raise EngineStopped("the engine is not running: await engine.start() first")
+        if len(self._waiting) + self._beams_waiting >= self.max_queue:
+            self.stats.overloaded_total += 1
+            raise Overloaded(f"the request queue is full ({self.max_queue} waiting)")
+
+    def _submit(self, text: str, options: DecodingOptions) -> _Request:
+        self._check_capacity()
+        src = source_ids(self.model, text, self.max_source_length)
+        rules = TokenRules.for_model(self.model, options)
+        request = _Request(src, options, SequenceDecoder(rules, make_rng(options.seed)))
+        self._waiting.append(request)
+        self.stats.requests_total += 1
+        self._update_sizes()
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return request
+
+    def _cancel(self, request: _Request) -> None:
+        """Called from the consumer's side: the row leaves before the next step."""
+        if request.cancelled or request.decoder.done:
+            return
+        request.cancelled = True
+        self.stats.requests_cancelled += 1
+        if request in self._waiting:
+            self._waiting.remove(request)
+        self._update_sizes()
+
+    async def _generate_beam(self, text: str, options: DecodingOptions) -> GenerationResult:
+        self._check_capacity()
+        src = source_ids(self.model, text, self.max_source_length)
+        self.stats.requests_total += 1
+        stop_flag = threading.Event()
+        started = time.perf_counter()
+        self._beams_waiting += 1
+        waiting = True
+        self._update_sizes()
+        try:
+            assert self._beam_lock is not None
+            async with self._beam_lock:  # one beam at a time: it already is a batch
+                self._beams_waiting -= 1
+                waiting = False
+                self.stats.beams_running += 1
+                self._update_sizes()
+                task = asyncio.ensure_future(
+                    asyncio.to_thread(beam_search, self.model, src, options, stop_flag.is_set)
+                )
+                try:
+                    result = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    stop_flag.set()  # the thread stops before its next step
+                    with contextlib.suppress(DecodingCancelled):
+                        await task  # hold the lock until the thread is really done
+                    raise
+                finally:
+                    self.stats.beams_running -= 1
+        except asyncio.CancelledError:
+            self.stats.requests_cancelled += 1
+            raise
+        except Exception:
+            self.stats.requests_failed += 1
+            raise
+        finally:
+            if waiting:
+                self._beams_waiting -= 1
+            self._update_sizes()
+        self.stats.requests_finished += 1
+        self.stats.tokens_total += len(result.token_ids) + (result.finish_reason == "stop")
+        self._metric("request_latency", time.perf_counter() - started)
+        return result
+
+    # -- the scheduler --------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            self._active = [r for r in self._active if not r.cancelled]
+            newcomers: list[_Request] = []
+            while self._waiting and len(self._active) + len(newcomers) < self.max_batch_size:
+                newcomers.append(self._waiting.popleft())
+            self._update_sizes(active=len(self._active) + len(newcomers))
+            if not self._active and not newcomers:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            rows = self._active + newcomers
+            try:
+                tokens = await asyncio.to_thread(self._step, newcomers, rows)
+            except Exception as e:  # a failing step fails its rows, never the scheduler
+                for request in rows:
+                    request.events.put_nowait(("error", e))
+                self.stats.requests_failed += len(rows)
+                self._active, self._batch_rows, self._batch_memory = [], [], None
+                continue
+            self.stats.steps_total += 1
+            self._active = []
+            now = time.perf_counter()
+            for request, token in zip(rows, tokens, strict=True):
+                self._deliver(request, token, now)
+                if not request.decoder.done and not request.cancelled:
+                    self._active.append(request)
+            self._update_sizes()
+
+    def _step(self, newcomers: list[_Request], rows: list[_Request]) -> list[int]:
+        """Worker thread: encoders of the newcomers, one batched step, token choices."""
+        model = self.model
+        for request in newcomers:
+            state = model.encode([request.src_ids])
+            request.memory, request.memory_keys = state.memory[0], state.memory_keys[0]
+            request.src_mask, request.h, request.c = state.src_mask[0], state.h[0], state.c[0]
+            request.prev_id = model.bos_id
+        if self._batch_rows != rows:  # membership changed: re-pad the shared memory
+            self._batch_memory = pad_memory(
+                [(r.memory, r.memory_keys, r.src_mask) for r in rows]  # type: ignore[misc]
+            )
+            self._batch_rows = list(rows)
+        memory, keys, mask = self._batch_memory  # type: ignore[misc]
+        h = np.stack([r.h for r in rows])
+        c = np.stack([r.c for r in rows])
+        prev = np.array([r.prev_id for r in rows], np.int64)
+        out = model.step(prev, h, c, memory, keys, mask)
+        tokens = []
+        for i, request in enumerate(rows):
+            token = request.decoder.advance(out.log_probs[i])
+            request.h, request.c, request.prev_id = out.h[i], out.c[i], token
+            tokens.append(token)
+        return tokens
+
+    def _deliver(self, request: _Request, token: int, now: float) -> None:
+        self.stats.tokens_total += 1
+        if request.cancelled:
+            return
+        decoder = request.decoder
+        if token != self.model.eos_id:
+            text = self.model.tokenizer.decode(decoder.token_ids)
+            delta = text[len(request.text) :] if text.startswith(request.text) else text
+            request.text = text
+            if request.last_token_at is None:
+                self._metric("time_to_first_token", now - request.submitted)
+            else:
+                self._metric("inter_token_latency", now - request.last_token_at)
+            request.last_token_at = now
+            if delta:
+                request.events.put_nowait(("delta", delta))
+        if decoder.done:
+            self.stats.requests_finished += 1
+            self._metric("request_latency", now - request.submitted)
+            request.events.put_nowait(("done", decoder.result(self.model)))
+
+    def _update_sizes(self, active: int | None = None) -> None:
+        self.stats.queue_size = len(self._waiting) + self._beams_waiting
+        self.stats.active = len(self._active) if active is None else active
+
+    def _metric(self, name: str, seconds: float) -> None:
+        if self.on_metric is not None:
+            try:
+                self.on_metric(name, seconds)
+            except Exception:  # a broken metrics hook must not break decoding
+                pass
+
+
+def _options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:
+    if options is not None and kwargs:
+        raise ValueError("pass either options= or keyword options, not both")
+    return options if options is not None else DecodingOptions.from_kwargs(**kwargs)

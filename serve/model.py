@@ -1,0 +1,226 @@
+"""The exported model on onnxruntime: two sessions, ``encode()`` and one decoder ``step()``.
+
+Nothing here knows about search; ``serve/decoding.py`` and ``serve/engine.py`` drive
+``step()``. Inputs and outputs are bound by name (tf2onnx orders a dict's outputs
+alphabetically), and the graphs' names are checked against the contract at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.manifest import (
+    DECODER_FILE,
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_FILE,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    Manifest,
+    ModelError,
+    load_manifest,
+)
+from serve.tokenizer import Tokenizer
+
+
+@dataclass
+class EncoderState:
+    """What the decoder attends to, for a batch of source rows.
+
+    ``memory``/``memory_keys`` are [B,S,H] with zeros at padding, ``src_mask`` [B,S] has
+    1 for real tokens, ``h``/``c`` [B,H] are the decoder's initial state.
+    """
+
+    memory: np.ndarray
+    memory_keys: np.ndarray
+    src_mask: np.ndarray
+    h: np.ndarray
+    c: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.src_mask.sum(axis=1).astype(np.int64)
+
+    def row(self, i: int) -> EncoderState:
+        """Row ``i`` alone, trimmed to its own source length."""
+        n = int(self.lengths[i])
+        return EncoderState(
+            self.memory[i : i + 1, :n].copy(),
+            self.memory_keys[i : i + 1, :n].copy(),
+            self.src_mask[i : i + 1, :n].copy(),
+            self.h[i : i + 1].copy(),
+            self.c[i : i + 1].copy(),
+        )
+
+
+@dataclass
+class StepOutput:
+    log_probs: np.ndarray  # [B,V]
+    h: np.ndarray  # [B,H]
+    c: np.ndarray  # [B,H]
+    attention: np.ndarray  # [B,S]
+
+
+def pad_memory(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack (memory [S_i,H], memory_keys [S_i,H], src_mask [S_i]) rows of different
+    source lengths into [B,S,H], [B,S,H], [B,S]: zeros and mask 0 at the padding,
+    which the attention ignores exactly (its weight there is exp(-1e9) = 0)."""
+    max_len = max(m.shape[0] for m, _, _ in rows)
+    hidden = rows[0][0].shape[1]
+    memory = np.zeros((len(rows), max_len, hidden), np.float32)
+    keys = np.zeros((len(rows), max_len, hidden), np.float32)
+    mask = np.zeros((len(rows), max_len), np.float32)
+    for i, (m, k, s) in enumerate(rows):
+        memory[i, : m.shape[0]] = m
+        keys[i, : k.shape[0]] = k
+        mask[i, : s.shape[0]] = s
+    return memory, keys, mask
+
+
+def _session(path: Path, intra: int, inter: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra
+    options.inter_op_num_threads = inter
+    # Several sessions (and processes) share few cores: spinning threads would steal them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+        raise ModelError(f"{path}: onnxruntime cannot load it ({e})") from e
+
+
+def _check_names(session: ort.InferenceSession, path: Path, inputs, outputs) -> None:
+    have_in = {i.name for i in session.get_inputs()}
+    have_out = {o.name for o in session.get_outputs()}
+    if have_in != set(inputs) or not set(outputs) <= have_out:
+        raise ModelError(
+            f"{path}: inputs {sorted(have_in)} / outputs {sorted(have_out)} do not match "
+            f"the contract (inputs {list(inputs)}, outputs {list(outputs)})"
+        )
+
+
+class OnnxSeq2Seq:
+    """The model folder loaded for inference: tokenizer, manifest and two ORT sessions."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: Manifest,
+        tokenizer: Tokenizer,
+        encoder: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+    ):
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.decoder = decoder
+        ids = manifest.special_ids
+        self.pad_id, self.unk_id = int(ids["pad"]), int(ids["unk"])
+        self.bos_id, self.eos_id = int(ids["bos"]), int(ids["eos"])
+        self.vocab_size = len(tokenizer.vocab)
+        self.hidden_dim = int(manifest.dims["hidden_dim"])
+        self._ids_containing: dict[tuple[str, ...], np.ndarray] = {}
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        intra_op_num_threads: int = 0,
+        inter_op_num_threads: int = 1,
+        verify: bool = True,
+    ) -> OnnxSeq2Seq:
+        """Load a model folder; ``verify`` checks every file's sha256 against the manifest.
+
+        ``intra_op_num_threads=0`` lets onnxruntime pick (one per core); set it to 1 or 2
+        when several server processes share a machine.
+        """
+        model_dir = Path(model_dir)
+        manifest = load_manifest(model_dir, verify=verify)
+        try:
+            tokenizer = Tokenizer.from_dir(model_dir, manifest.tokenizer)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"{model_dir}: unusable vocab.txt or tokenizer settings ({e})") from e
+        if len(tokenizer.vocab) != int(manifest.dims.get("vocab_size", len(tokenizer.vocab))):
+            raise ModelError(
+                f"{model_dir}: vocab.txt has {len(tokenizer.vocab)} tokens, "
+                f"the manifest says {manifest.dims['vocab_size']}"
+            )
+        sessions = []
+        for name, inputs, outputs in (
+            (ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS),
+            (DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS),
+        ):
+            path = model_dir / name
+            if not path.is_file():
+                raise ModelError(f"{model_dir}: {name} is missing")
+            session = _session(path, intra_op_num_threads, inter_op_num_threads)
+            _check_names(session, path, inputs, outputs)
+            sessions.append(session)
+        return cls(model_dir, manifest, tokenizer, *sessions)
+
+    def encode(self, src_ids: list[list[int]]) -> EncoderState:
+        """Run the encoder over rows of token ids (padded here with ``<pad>``).
+
+        An empty row is encoded as a lone ``<unk>``: the graph needs one position.
+        """
+        if not src_ids:
+            raise ValueError("encode() needs at least one row")
+        rows = [list(r) if len(r) else [self.unk_id] for r in src_ids]
+        max_len = max(len(r) for r in rows)
+        ids = np.full((len(rows), max_len), self.pad_id, np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        lengths = np.array([len(r) for r in rows], np.int64)
+        memory, keys, h0, c0 = self.encoder.run(
+            list(ENCODER_OUTPUTS), {"src_ids": ids, "src_len": lengths}
+        )
+        mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.float32)
+        return EncoderState(memory, keys, mask, h0, c0)
+
+    def step(
+        self,
+        prev_ids: np.ndarray,
+        h: np.ndarray,
+        c: np.ndarray,
+        memory: np.ndarray,
+        memory_keys: np.ndarray,
+        src_mask: np.ndarray,
+    ) -> StepOutput:
+        """One batched decoder step: prev_ids [B] -> log_probs [B,V] and the new state."""
+        feeds = {
+            "prev_ids": np.asarray(prev_ids, np.int64),
+            "h": h,
+            "c": c,
+            "memory": memory,
+            "memory_keys": memory_keys,
+            "src_mask": src_mask,
+        }
+        log_probs, h_out, c_out, attention = self.decoder.run(list(DECODER_OUTPUTS), feeds)
+        return StepOutput(log_probs, h_out, c_out, attention)
+
+    def ids_containing(self, words: tuple[str, ...]) -> np.ndarray:
+        """Every token id whose piece contains one of ``words`` (cached: the blocklist
+        is usually the same for every request)."""
+        cached = self._ids_containing.get(words)
+        if cached is None:
+            wanted = [w for w in words if w]
+            cached = np.array(
+                [
+                    i
+                    for i, piece in enumerate(self.tokenizer.vocab.tokens)
+                    if i >= 4 and any(w in piece for w in wanted)
+                ],
+                np.int64,
+            )
+            self._ids_containing[words] = cached
+        return cached
