@@ -1,0 +1,442 @@
+"""Chat events: a durable per-room log plus live fan-out to this process's listeners.
+
+Every event gets its id from the room's log (``<ms>-<seq>``, increasing per room), and
+that id is the SSE ``id:``. A listener subscribes first, then reads what it missed from
+the log, then de-duplicates the live events by id, so nothing published in between is
+lost or shown twice.
+
+``InProcessBroker`` serves one process. ``RedisBroker`` keeps the log in a bounded Redis
+Stream per room (``XADD MAXLEN ~N``) and a second stream of ``message`` events only (same
+ids) for ``/history``. Live delivery is ONE ``XREAD BLOCK`` reader per process over the
+rooms that have local listeners, fanned out to asyncio queues: a reader that lost Redis
+resumes from its last id, so a Redis restart or a network cut loses no stored event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("xiaox.broker")
+
+STORED_IN_HISTORY = "message"
+ZERO_ID = "0-0"
+
+
+class BrokerUnavailable(Exception):
+    """The event log cannot be reached (Redis down beyond the retry deadline)."""
+
+
+def parse_id(event_id: str) -> tuple[int, int]:
+    """``"<ms>-<seq>"`` as a sortable pair; ValueError for anything else."""
+    ms, sep, seq = event_id.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit() or len(event_id) > 41:
+        raise ValueError(f"not an event id: {event_id[:50]!r}")
+    return int(ms), int(seq)
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str  # message, typing, token, join, leave
+    data: dict[str, Any]  # includes id, room and ts
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return parse_id(self.id)
+
+    def sse(self) -> dict[str, str]:
+        """The keyword arguments of an SSE event (sse-starlette's dict form)."""
+        return {"id": self.id, "event": self.type,
+                "data": json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))}
+
+
+def _make_event(event_id: str, event_type: str, payload: dict[str, Any]) -> Event:
+    return Event(event_id, event_type, {"id": event_id, **payload})
+
+
+@dataclass(eq=False)
+class _Listener:
+    room: str
+    max_pending: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ended: bool = False
+
+    def offer(self, event: Event | None) -> None:
+        if self.ended:
+            return
+        if event is None or self.queue.qsize() >= self.max_pending:
+            # A listener too slow to keep up is ended; its client reconnects with
+            # Last-Event-ID and replays from the log instead of growing our memory.
+            self.ended = True
+            self.queue.put_nowait(None)
+            return
+        self.queue.put_nowait(event)
+
+
+class Broker:
+    """The shared part: local listeners and the subscribe-replay-dedupe iteration."""
+
+    max_pending = 2_000
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, set[_Listener]] = {}
+        self.closed = False
+
+    # The log, implemented by subclasses.
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        self.closed = True
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.offer(None)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.closed
+
+    @property
+    def problem(self) -> str | None:
+        """Why the broker is unhealthy, or None."""
+        return None if self.healthy else "broker closed"
+
+    async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
+                      timeout: float | None = 5.0) -> Event:
+        raise NotImplementedError
+
+    async def last_id(self, room: str) -> str:
+        raise NotImplementedError
+
+    async def history(self, room: str, limit: int) -> tuple[list[Event], str]:
+        """The last ``limit`` message events (oldest first) and the log's last id."""
+        raise NotImplementedError
+
+    async def replay(self, room: str, after_id: str) -> list[Event]:
+        """Every logged event after ``after_id``, in order."""
+        raise NotImplementedError
+
+    async def _watch(self, room: str) -> None:
+        """Make sure live delivery covers ``room`` from now on (before the log is read)."""
+
+    def _unwatch(self, room: str) -> None:
+        """Stop live delivery for a room without local listeners."""
+
+    def _fan_out(self, event: Event) -> None:
+        for listener in tuple(self._listeners.get(event.data["room"], ())):
+            listener.offer(event)
+
+    def listener_count(self, room: str | None = None) -> int:
+        if room is not None:
+            return len(self._listeners.get(room, ()))
+        return sum(len(v) for v in self._listeners.values())
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, room: str, last_id: str | None = None
+                        ) -> AsyncIterator[AsyncIterator[Event]]:
+        """Live events of ``room``; with ``last_id``, first every event after it."""
+        if last_id is not None:
+            parse_id(last_id)
+        listener = _Listener(room, self.max_pending)
+        if self.closed:
+            listener.offer(None)
+        self._listeners.setdefault(room, set()).add(listener)
+        try:
+            await self._watch(room)
+            # Registered before reading the log: whatever is published from now on is
+            # either in what we read next or arrives in the queue (or both: de-dup by id).
+            if last_id is not None:
+                backlog = await self.replay(room, last_id)
+            else:
+                backlog, last_id = [], await self.last_id(room)
+            yield self._iterate(listener, backlog, parse_id(last_id))
+        finally:
+            listeners = self._listeners.get(room)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._listeners[room]
+                    self._unwatch(room)
+
+    async def _iterate(self, listener: _Listener, backlog: list[Event],
+                       cursor: tuple[int, int]) -> AsyncIterator[Event]:
+        for event in backlog:
+            if event.key > cursor:
+                cursor = event.key
+                yield event
+        while True:
+            event = await listener.queue.get()
+            if event is None:
+                return
+            if event.key > cursor:
+                cursor = event.key
+                yield event
+
+
+class InProcessBroker(Broker):
+    """Rooms in this process's memory: the default for a single server process."""
+
+    def __init__(self, *, log_max_events: int = 10_000, history_max_messages: int = 1_000):
+        super().__init__()
+        self._logs: dict[str, deque[Event]] = {}
+        self._messages: dict[str, deque[Event]] = {}
+        self._log_max = log_max_events
+        self._history_max = history_max_messages
+        self._last = (0, 0)
+
+    def _next_id(self) -> str:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self._last
+        self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        return f"{self._last[0]}-{self._last[1]}"
+
+    async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
+                      timeout: float | None = 5.0) -> Event:
+        if self.closed:
+            raise BrokerUnavailable("the broker is closed")
+        payload = {**data, "room": room, "ts": data.get("ts", time.time())}
+        event = _make_event(self._next_id(), event_type, payload)
+        self._logs.setdefault(room, deque(maxlen=self._log_max)).append(event)
+        if event_type == STORED_IN_HISTORY:
+            self._messages.setdefault(room, deque(maxlen=self._history_max)).append(event)
+        self._fan_out(event)
+        return event
+
+    async def last_id(self, room: str) -> str:
+        room_log = self._logs.get(room)
+        return room_log[-1].id if room_log else ZERO_ID
+
+    async def history(self, room: str, limit: int) -> tuple[list[Event], str]:
+        messages = list(self._messages.get(room, ()))
+        return messages[-limit:] if limit > 0 else [], await self.last_id(room)
+
+    async def replay(self, room: str, after_id: str) -> list[Event]:
+        after = parse_id(after_id)
+        return [e for e in self._logs.get(room, ()) if e.key > after]
+
+
+# Atomic publish: append to the room's log, copy a message into the history stream
+# under the same id, and remember the publish's uid so a retried publish (the reply
+# was lost, not the write) returns the first id instead of writing twice.
+_PUBLISH_SCRIPT = """
+if ARGV[7] == '1' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return seen end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
+                      'type', ARGV[1], 'data', ARGV[2])
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'type', ARGV[1], 'data', ARGV[2])
+end
+if ARGV[7] == '1' then
+  redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
+end
+return id
+"""
+
+
+class RedisBroker(Broker):
+    """Rooms in Redis, shared by every process and host that uses the same Redis."""
+
+    block_ms = 300  # XREAD BLOCK: well under socket_timeout; also the wait for a new room
+    page = 1_000
+
+    def __init__(self, url: str, *, prefix: str = "xiaox", log_max_events: int = 10_000,
+                 history_max_messages: int = 1_000):
+        super().__init__()
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # Our own loops retry (with backoff and de-duplication); redis-py's default of
+        # ten jittered retries would hide an outage for many seconds.
+        options = dict(decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
+                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self.url = url
+        self._redis = Redis.from_url(url, **options)
+        self._reader_redis = Redis.from_url(url, max_connections=2, **options)
+        self._prefix = prefix
+        self._log_max = log_max_events
+        self._history_max = history_max_messages
+        self._cursors: dict[str, str] = {}  # watched room -> last id delivered
+        self._reader: asyncio.Task | None = None
+        self._rooms_changed = asyncio.Event()
+        self._watch_lock = asyncio.Lock()
+        self._healthy = False
+        self._problem: str | None = "not connected yet"
+        self._script = self._redis.register_script(_PUBLISH_SCRIPT)
+
+    def _log_key(self, room: str) -> str:
+        return f"{self._prefix}:{{{room}}}:log"  # {room}: one hash slot per room
+
+    def _messages_key(self, room: str) -> str:
+        return f"{self._prefix}:{{{room}}}:messages"
+
+    def _uid_key(self, room: str, uid: str) -> str:
+        return f"{self._prefix}:{{{room}}}:uid:{uid}"
+
+    def _room_of(self, key: str) -> str:
+        return key[len(self._prefix) + 2: key.rindex("}")]
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy and not self.closed
+
+    @property
+    def problem(self) -> str | None:
+        if self.closed:
+            return "broker closed"
+        return None if self._healthy else f"redis: {self._problem}"
+
+    def _mark(self, ok: bool, problem: str | None = None) -> None:
+        if ok != self._healthy:
+            if ok:
+                log.info("redis reachable at %s", _redact(self.url))
+            else:
+                log.warning("redis unreachable (%s); retrying with backoff", problem)
+        self._healthy, self._problem = ok, (None if ok else problem)
+
+    async def start(self) -> None:
+        try:
+            await self._redis.ping()
+            self._mark(True)
+        except Exception as e:  # the reader keeps trying: the server starts anyway
+            self._mark(False, _describe(e))
+        self._reader = asyncio.create_task(self._read_forever(), name="xiaox-redis-reader")
+
+    async def close(self) -> None:
+        await super().close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        await self._reader_redis.aclose()
+        await self._redis.aclose()
+
+    async def _call(self, what: str, coro_factory, timeout: float | None):
+        """Run a Redis command, retrying connection errors with backoff until ``timeout``."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            if self.closed:
+                raise BrokerUnavailable(f"{what}: the broker is closed")
+            try:
+                result = await coro_factory()
+                self._mark(True)
+                return result
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                self._mark(False, _describe(e))
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(f"{what}: redis unreachable ({_describe(e)})") from e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
+                      timeout: float | None = 5.0) -> Event:
+        payload = {**data, "room": room, "ts": data.get("ts", time.time())}
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        uid = secrets.token_hex(12)
+        is_message = event_type == STORED_IN_HISTORY
+        # Only messages need exactly-once; a doubled typing/token is harmless and cheap.
+        keys = [self._log_key(room), self._messages_key(room), self._uid_key(room, uid)]
+        args = [event_type, body, self._log_max, self._history_max,
+                "1" if is_message else "0", 3600, "1" if is_message else "0"]
+        event_id = await self._call(
+            "publish", lambda: self._script(keys=keys, args=args), timeout)
+        return _make_event(event_id, event_type, payload)
+
+    async def last_id(self, room: str) -> str:
+        entries = await self._call(
+            "last id", lambda: self._redis.xrevrange(self._log_key(room), count=1), 5.0)
+        return entries[0][0] if entries else ZERO_ID
+
+    async def history(self, room: str, limit: int) -> tuple[list[Event], str]:
+        # The cursor first, then messages up to it: a message published in between is
+        # neither missed (it comes after the cursor) nor shown twice.
+        cursor = await self.last_id(room)
+        if limit <= 0 or cursor == ZERO_ID:
+            return [], cursor
+        entries = await self._call("history", lambda: self._redis.xrevrange(
+            self._messages_key(room), max=cursor, min="-", count=limit), 5.0)
+        return [_decode(e) for e in reversed(entries)], cursor
+
+    async def replay(self, room: str, after_id: str) -> list[Event]:
+        parse_id(after_id)
+        events: list[Event] = []
+        start = "(" + after_id
+        while True:
+            entries = await self._call("replay", lambda s=start: self._redis.xrange(
+                self._log_key(room), min=s, max="+", count=self.page), 5.0)
+            events.extend(_decode(e) for e in entries)
+            if len(entries) < self.page:
+                return events
+            start = "(" + entries[-1][0]
+
+    async def _watch(self, room: str) -> None:
+        async with self._watch_lock:  # a second listener waits until the room is covered
+            if room not in self._cursors:
+                self._cursors[room] = await self.last_id(room)
+                self._rooms_changed.set()
+
+    def _unwatch(self, room: str) -> None:
+        self._cursors.pop(room, None)
+
+    async def _read_forever(self) -> None:
+        delay = 0.1
+        while not self.closed:
+            try:
+                if not self._cursors:
+                    # Nobody listens here: keep the health signal fresh and wait.
+                    await self._reader_redis.ping()
+                    self._mark(True)
+                    self._rooms_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._rooms_changed.wait(), 1.0)
+                    continue
+                streams = {self._log_key(room): cursor for room, cursor in self._cursors.items()}
+                response = await self._reader_redis.xread(
+                    streams, count=self.page, block=self.block_ms)
+                self._mark(True)
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._mark(False, _describe(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for key, entries in response or ():
+                room = self._room_of(key)
+                for entry in entries:
+                    event = _decode(entry)
+                    if room in self._cursors:
+                        self._cursors[room] = event.id
+                    self._fan_out(event)
+
+
+def _decode(entry: tuple[str, dict[str, str]]) -> Event:
+    event_id, fields = entry
+    return _make_event(event_id, fields.get("type", "message"), json.loads(fields["data"]))
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+def _redact(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -1,0 +1,66 @@
+"""``python -m serve``: check the options and the model, then run uvicorn.
+
+SIGTERM drains: uvicorn stops accepting, ends the SSE streams (sse-starlette watches for
+the shutdown), waits for open requests up to ``drain_seconds``, then the app's lifespan
+lets replies in flight finish before it stops the engine and the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from serve.settings import Settings, parse_settings
+
+
+def _check_model(settings: Settings) -> str | None:
+    from serve.manifest import ModelError, load_manifest
+
+    try:
+        load_manifest(settings.model_path, verify=False)  # the app verifies sha256 on load
+    except ModelError as e:
+        return str(e)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = parse_settings(argv)
+    except ValueError as e:
+        print(f"python -m serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = _check_model(settings)
+    if problem:
+        print(f"python -m serve: {problem}\n(use --model DIR or XIAOX_MODEL to choose another "
+              "model folder)", file=sys.stderr)
+        return 2
+    if not settings.secret_key:
+        from serve.security import load_or_create_secret_key
+
+        try:  # created here, once, before any worker starts
+            load_or_create_secret_key(settings.secret_key_file)
+        except (OSError, ValueError) as e:
+            print(f"python -m serve: cannot use the secret key file: {e}", file=sys.stderr)
+            return 2
+
+    import uvicorn
+
+    common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                  timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
+                  proxy_headers=True, server_header=False)
+    if settings.workers > 1:
+        # Workers are separate processes: they import the factory and read the settings
+        # from the environment we fill here.
+        os.environ.update(settings.to_env())
+        uvicorn.run("serve.app:create_app_from_env", factory=True, workers=settings.workers,
+                    **common)
+    else:
+        from serve.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+    return 0

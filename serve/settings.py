@@ -1,0 +1,154 @@
+"""The chat server's settings: one typed dataclass, from flags and ``XIAOX_*`` variables.
+
+A flag wins over its environment variable, which wins over the default. The server
+writes the resolved settings back into the environment (``to_env``) so that uvicorn's
+worker processes, which import the app from a factory string, see the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import serve
+
+DEFAULT_MODEL_DIR = Path(serve.__file__).resolve().parent.parent / "artifacts" / "xiaox"
+
+
+def default_secret_key_file() -> Path:
+    """``$XDG_STATE_HOME/xiaox/secret_key``, or ``~/.local/state/xiaox/secret_key``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "xiaox" / "secret_key"
+
+
+@dataclass
+class Settings:
+    model_dir: Path = DEFAULT_MODEL_DIR
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None  # None: the in-process broker (one process only)
+    workers: int = 1
+    secret_key: str | None = field(default=None, repr=False)  # None: read/create the file
+    secret_key_file: Path = field(default_factory=default_secret_key_file)
+    api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/*
+    cookie_secure: bool = False  # True behind HTTPS
+    allowed_origins: tuple[str, ...] = ()  # extra origins allowed to POST (besides same-origin)
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_body_bytes: int = 64 * 1024
+    max_message_chars: int = 500
+    max_username_chars: int = 32
+    rate_limit_messages: int = 20  # per user and rate_limit_window seconds
+    rate_limit_window: float = 60.0
+    history_limit: int = 50
+    log_max_events: int = 10_000  # the room's event log (approximate MAXLEN)
+    history_max_messages: int = 1_000
+    ping_seconds: float = 15.0
+    reply_max_tokens: int = 40
+    drain_seconds: float = 20.0
+    log_level: str = "info"
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model_dir)
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ``XIAOX_*`` variables (secrets included only when set)."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "1" if value else "0"
+            env[_env_name(f.name)] = str(value)
+        return env
+
+
+_ENV_ALIASES = {"model_dir": "XIAOX_MODEL"}
+
+
+def _env_name(name: str) -> str:
+    return _ENV_ALIASES.get(name, "XIAOX_" + name.upper())
+
+
+def _convert(name: str, default: object, raw: str) -> object:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{_env_name(name)}={raw!r}: expected 1/0, true/false")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, Path):
+        return Path(raw).expanduser()
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings from ``XIAOX_*`` variables, then ``overrides`` (flags) on top."""
+    env = os.environ if env is None else env
+    base = Settings()
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = env.get(_env_name(f.name))
+        if raw is None or (raw == "" and f.name in ("redis_url", "secret_key", "api_key")):
+            continue
+        try:
+            values[f.name] = _convert(f.name, getattr(base, f.name), raw)
+        except ValueError as e:
+            raise ValueError(f"{_env_name(f.name)}={raw!r}: {e}") from e
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if not 0 <= settings.port <= 65535:
+        raise ValueError(f"port {settings.port} is out of range")
+    if settings.workers < 1:
+        raise ValueError("workers must be at least 1")
+    if settings.workers > 1 and not settings.redis_url:
+        raise ValueError(
+            "--workers > 1 needs --redis-url: separate processes share chat rooms through Redis"
+        )
+    for name in ("max_body_bytes", "max_message_chars", "rate_limit_messages", "max_queue",
+                 "max_batch_size", "history_limit", "reply_max_tokens"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="The xiaoX chat server (every option also reads XIAOX_<OPTION>).",
+    )
+    p.add_argument("--model", dest="model_dir", type=Path,
+                   help="model folder (XIAOX_MODEL; default: the shipped artifacts/xiaox)")
+    p.add_argument("--host", help="bind address (XIAOX_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (XIAOX_PORT; default 8000)")
+    p.add_argument("--redis-url", help="Redis URL for rooms shared across processes "
+                   "(XIAOX_REDIS_URL; default: in-process, one process)")
+    p.add_argument("--workers", type=int, help="worker processes (XIAOX_WORKERS; needs Redis)")
+    p.add_argument("--secret-key-file", type=Path,
+                   help="where the session key is kept (XIAOX_SECRET_KEY_FILE)")
+    p.add_argument("--max-batch-size", type=int, help="XIAOX_MAX_BATCH_SIZE")
+    p.add_argument("--max-queue", type=int, help="XIAOX_MAX_QUEUE")
+    p.add_argument("--log-level", help="XIAOX_LOG_LEVEL (debug, info, warning)")
+    return p
+
+
+def parse_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
+    args = build_parser().parse_args(list(argv))
+    return settings_from_env(env, **vars(args))
