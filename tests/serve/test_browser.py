@@ -1,0 +1,410 @@
+"""The browser chat (serve/static) driven in Debian's Chromium against the real app.
+
+The app runs as ``python -m serve`` under uvicorn in a subprocess; Playwright's Python
+API drives /usr/bin/chromium (its own browser download does not work here).
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHIPPED_MODEL
+from tests.serve._browser_helpers import (
+    ARTIFACTS,
+    CHROMIUM_ARGS,
+    AppServer,
+    ChatClient,
+    chromium_path,
+)
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+expect = playwright_sync.expect
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+TIMEOUT_MS = 30_000  # a bot reply on a busy 2-core machine
+expect.set_options(timeout=TIMEOUT_MS)
+
+# Records every change of every bot bubble: did the reply grow token by token, and was
+# the typing indicator shown? (Runs in the page through DevTools, not subject to its CSP.)
+RECORD_BOT_BUBBLES = """() => {
+  window.__botFrames = [];
+  const record = () => {
+    for (const item of document.querySelectorAll('#messages .msg-bot')) {
+      const frame = {
+        replyId: item.dataset.replyId || '',
+        text: item.querySelector('.bubble').textContent,
+        typing: item.querySelector('.typing') !== null,
+        streaming: item.classList.contains('streaming'),
+      };
+      const last = window.__botFrames.filter(f => f.replyId === frame.replyId).pop();
+      if (!last || last.text !== frame.text || last.typing !== frame.typing
+          || last.streaming !== frame.streaming) window.__botFrames.push(frame);
+    }
+  };
+  new MutationObserver(record).observe(document.getElementById('messages'),
+    {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+def new_room() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def model_dir(request) -> Path:
+    """The shipped model when it exists, else the tiny one the suite trains."""
+    if (SHIPPED_MODEL / "manifest.json").is_file():
+        return SHIPPED_MODEL
+    return request.getfixturevalue("tiny_model_dir")
+
+
+@pytest.fixture(scope="module")
+def app(model_dir) -> Iterator[AppServer]:
+    """One app (in-process broker) for the module; each test uses its own room."""
+    server = AppServer(model_dir, secret=secrets.token_hex(16), log_dir=ARTIFACTS)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        pytest.fail("chromium is not installed (apt-get install chromium)")
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class PageProblems:
+    """JavaScript errors, CSP violations and dialogs seen by the pages of one test."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+
+    def watch(self, page) -> None:
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("console", self._console)
+        page.on("dialog", self._dialog)
+
+    def _console(self, message) -> None:
+        if "Content Security Policy" in message.text or "Content-Security-Policy" in message.text:
+            self.errors.append(f"CSP: {message.text}")
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+
+@pytest.fixture
+def open_page(browser) -> Iterator:
+    """``open_page(**context_options)``: a page in a fresh context (its own cookies)."""
+    problems = PageProblems()
+    contexts = []
+
+    def factory(**options):
+        context = browser.new_context(locale="zh-CN", **options)
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        problems.watch(page)
+        return page
+
+    factory.problems = problems
+    yield factory
+    for context in contexts:
+        context.close()
+    assert problems.errors == []
+    assert problems.dialogs == []
+
+
+def enter_room(page, base_url: str, user: str, room: str) -> None:
+    """Logs in through the login form, then opens ``room`` and waits for the live stream."""
+    page.goto(base_url + "/login")
+    page.fill("#username", user)
+    page.click("button[type=submit]")
+    page.wait_for_url(base_url + "/")
+    page.goto(f"{base_url}/?room={room}")
+    expect(page.locator("#me")).to_have_text(user)
+    expect(page.locator("body")).to_have_attribute("data-connection", "live")
+
+
+def user_bubble(page, text: str):
+    return page.locator("#messages .msg-user .bubble", has_text=text)
+
+
+def settled_bot_messages(page):
+    return page.locator("#messages .msg-bot[data-id]:not(.streaming)")
+
+
+def rendered_ids(page) -> list[str]:
+    return page.eval_on_selector_all("#messages [data-id]", "els => els.map(e => e.dataset.id)")
+
+
+def test_login_send_and_see_the_streamed_reply(app, open_page):
+    page = open_page()
+    room = new_room()
+    enter_room(page, app.url, "小明", room)
+    expect(page.locator("#room-name")).to_have_text("#" + room)
+    page.evaluate(RECORD_BOT_BUBBLES)
+
+    page.fill("#input", "你好")
+    page.press("#input", "Enter")
+
+    mine = page.locator("#messages .msg.mine")
+    expect(mine.locator(".bubble")).to_have_text("你好")
+    expect(mine.locator(".author")).to_have_text("小明")
+    expect(page.locator("#input")).to_have_value("")
+    expect(settled_bot_messages(page)).to_have_count(1)
+    bot = settled_bot_messages(page)
+    final = bot.locator(".bubble").text_content()
+    assert final
+    expect(bot.locator(".typing")).to_have_count(0)  # the indicator left with the final text
+    expect(page.locator("#messages .msg-bot")).to_have_count(1)  # settled in place
+
+    frames = page.evaluate("window.__botFrames")
+    reply_id = bot.get_attribute("data-reply-id")
+    frames = [f for f in frames if f["replyId"] == reply_id]
+    assert any(f["typing"] for f in frames), frames
+    partial = [f["text"] for f in frames if f["streaming"] and f["text"]]
+    assert partial, f"no token reached the page before the final message: {frames}"
+    assert any(final.startswith(t) and t != final for t in partial), (final, frames)
+    assert frames[-1] == {"replyId": reply_id, "text": final, "typing": False,
+                          "streaming": False}
+
+
+def test_two_browsers_see_each_other(app, open_page):
+    room = new_room()
+    alice, bob = open_page(), open_page()
+    enter_room(alice, app.url, "alice", room)
+    enter_room(bob, app.url, "bob", room)
+
+    alice.fill("#input", "bob 你好")
+    alice.press("#input", "Enter")
+    seen_by_bob = bob.locator("#messages .msg-user:not(.mine)", has_text="bob 你好")
+    expect(seen_by_bob.locator(".author")).to_have_text("alice")
+
+    bob.fill("#input", "alice 你好")
+    bob.click("#send")
+    seen_by_alice = alice.locator("#messages .msg-user:not(.mine)", has_text="alice 你好")
+    expect(seen_by_alice.locator(".author")).to_have_text("bob")
+    expect(alice.locator("#messages .msg.mine .bubble")).to_have_text(["bob 你好"])
+    # both replies reach both pages
+    expect(settled_bot_messages(alice)).to_have_count(2)
+    expect(settled_bot_messages(bob)).to_have_count(2)
+
+
+def test_reload_keeps_the_history(app, open_page):
+    page = open_page()
+    room = new_room()
+    enter_room(page, app.url, "carol", room)
+    for text in ("第一句", "第二句"):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        expect(user_bubble(page, text)).to_have_count(1)
+    expect(settled_bot_messages(page)).to_have_count(2)
+    before = rendered_ids(page)
+
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-connection", "live")
+    expect(page.locator("#messages .msg.mine .bubble")).to_have_text(["第一句", "第二句"])
+    expect(settled_bot_messages(page)).to_have_count(2)
+    assert rendered_ids(page) == before  # same messages, same order, nothing twice
+
+
+def test_ime_composition_enter_does_not_send_and_shift_enter_is_a_newline(app, open_page):
+    page = open_page()
+    room = new_room()
+    enter_room(page, app.url, "dave", room)
+    sends = []
+    page.on("request", lambda r: sends.append(r.url) if "/send" in r.url else None)
+
+    page.fill("#input", "zhong")
+    for init in ("{key: 'Enter', code: 'Enter', isComposing: true, keyCode: 229}",
+                 "{key: 'Enter', code: 'Enter', isComposing: true}",
+                 "{key: 'Enter', code: 'Enter', keyCode: 229}"):
+        prevented = page.evaluate(f"""() => {{
+            const e = new KeyboardEvent('keydown', {{bubbles: true, cancelable: true, ...{init}}});
+            document.getElementById('input').dispatchEvent(e);
+            return e.defaultPrevented;
+        }}""")
+        assert prevented is False, init  # the IME keeps its Enter
+    page.wait_for_timeout(500)
+    assert sends == []
+    expect(page.locator("#input")).to_have_value("zhong")
+    expect(page.locator("#messages .msg")).to_have_count(0)
+
+    page.fill("#input", "第一行")
+    page.press("#input", "Shift+Enter")
+    page.keyboard.type("第二行")
+    expect(page.locator("#input")).to_have_value("第一行\n第二行")
+    assert sends == []
+    page.press("#input", "Enter")
+    expect(page.locator("#messages .msg.mine .bubble")).to_have_text("第一行\n第二行")
+    assert len(sends) == 1
+
+
+def test_markup_in_a_message_shows_literally(app, open_page):
+    page = open_page()
+    room = new_room()
+    enter_room(page, app.url, "eve", room)
+    attack = "<img src=x onerror=alert(1)>"
+    page.fill("#input", attack)
+    page.press("#input", "Enter")
+    expect(page.locator("#messages .msg.mine .bubble")).to_have_text(attack)
+    expect(settled_bot_messages(page)).to_have_count(1)
+    page.reload()  # the same text through /history
+    expect(page.locator("#messages .msg.mine .bubble")).to_have_text(attack)
+    page.wait_for_timeout(300)
+    assert page.locator("img").count() == 0
+    assert open_page.problems.dialogs == []
+
+
+def test_pages_send_a_csp_and_obey_it(app, open_page):
+    page = open_page()
+    response = page.goto(app.url + "/login")
+    policy = response.headers.get("content-security-policy", "")
+    assert "script-src 'self'" in policy and "style-src 'self'" in policy, policy
+    assert "unsafe-inline" not in policy
+    expect(page.locator("h1")).to_have_text("小X 聊天室")
+    page.fill("#username", "frank")
+    page.click("text=登录")
+    page.wait_for_url(app.url + "/")
+    response = page.goto(app.url + "/?room=" + new_room())
+    assert "script-src 'self'" in response.headers.get("content-security-policy", "")
+    expect(page.locator("body")).to_have_attribute("data-connection", "live")
+    # the stylesheet applied (a blocked one would leave the banner's [hidden] rule unset)
+    assert page.eval_on_selector("#messages", "e => getComputedStyle(e).overflowY") == "auto"
+    # CSP violations would be reported by open_page's checks at teardown
+
+
+def test_logout(app, open_page):
+    page = open_page()
+    enter_room(page, app.url, "grace", new_room())
+    page.click("#logout")
+    page.wait_for_url(app.url + "/login")
+    page.goto(app.url + "/")
+    page.wait_for_url(app.url + "/login")
+
+
+def test_autoscroll_does_not_fight_a_reader(app, open_page):
+    page = open_page(viewport={"width": 390, "height": 500})
+    room = new_room()
+    enter_room(page, app.url, "heidi", room)
+    other = ChatClient(app.url, "ivan")
+    try:
+        for i in range(6):
+            other.send(room, f"第{i}条消息，" + "很长的一句话" * 6)
+        expect(settled_bot_messages(page)).to_have_count(6)
+        at_bottom = "e => e.scrollHeight - e.scrollTop - e.clientHeight < 5"
+        assert page.eval_on_selector("#messages", "e => e.scrollHeight > e.clientHeight * 2")
+        assert page.eval_on_selector("#messages", at_bottom)  # followed the newest
+        expect(page.locator("#new-messages")).to_be_hidden()
+
+        page.eval_on_selector("#messages", "e => { e.scrollTop = 0; }")
+        other.send(room, "你在看旧消息吗")
+        expect(user_bubble(page, "你在看旧消息吗")).to_have_count(1)
+        expect(page.locator("#new-messages")).to_be_visible()
+        assert page.eval_on_selector("#messages", "e => e.scrollTop") == 0  # left alone
+
+        page.click("#new-messages")
+        expect(page.locator("#new-messages")).to_be_hidden()
+        assert page.eval_on_selector("#messages", at_bottom)
+    finally:
+        other.close()
+
+
+def test_server_restart_mid_session(model_dir, redis_server, open_page, tmp_path):
+    """Kill the app, start it again: the page shows it is reconnecting, then catches up."""
+    app = AppServer(model_dir, secret=secrets.token_hex(16), log_dir=ARTIFACTS,
+                    redis_url=redis_server.url)
+    app.start()
+    other = None
+    try:
+        page = open_page()
+        room = new_room()
+        enter_room(page, app.url, "judy", room)
+        page.fill("#input", "重启之前")
+        page.press("#input", "Enter")
+        expect(settled_bot_messages(page)).to_have_count(1)
+        expect(page.locator("#banner")).to_be_hidden()
+
+        # Keep the page's stream down until the message below is stored, so that it is
+        # certainly sent while the page is disconnected.
+        page.route("**/stream?*", lambda route: route.abort())
+        app.kill()
+        expect(page.locator("#banner")).to_be_visible()
+        expect(page.locator("#banner")).to_have_text("重新连接中…")
+        expect(page.locator("body")).to_have_attribute("data-connection", "reconnecting")
+
+        app.start()
+        other = ChatClient(app.url, "kim")
+        other.send(room, "你掉线的时候我说了话")
+        other.wait_for_reply(room, "你掉线的时候我说了话")
+        expect(page.locator("#banner")).to_be_visible()
+
+        page.unroute("**/stream?*")
+        expect(page.locator("#banner")).to_be_hidden()
+        expect(page.locator("body")).to_have_attribute("data-connection", "live")
+        expect(user_bubble(page, "你掉线的时候我说了话")).to_have_count(1)
+        expect(settled_bot_messages(page)).to_have_count(2)
+        expect(user_bubble(page, "重启之前")).to_have_count(1)
+        ids = rendered_ids(page)
+        assert len(ids) == len(set(ids)) == 4
+
+        # still live after the restart, and the session cookie survived it
+        page.fill("#input", "重启之后")
+        page.press("#input", "Enter")
+        expect(user_bubble(page, "重启之后")).to_have_count(1)
+        expect(settled_bot_messages(page)).to_have_count(3)
+    finally:
+        if other:
+            other.close()
+        app.stop()
+
+
+def populate(app: AppServer, page, room: str) -> None:
+    friend = ChatClient(app.url, "小红")
+    try:
+        friend.send(room, "大家好！今天天气真不错。")
+        friend.wait_for_reply(room, "大家好！今天天气真不错。")
+    finally:
+        friend.close()
+    for text in ("你好，小X", "你喜欢做什么？"):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        expect(user_bubble(page, text)).to_have_count(1)
+        expect(page.locator("#messages .msg-bot.streaming")).to_have_count(0)
+    expect(settled_bot_messages(page)).to_have_count(3)
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param({"name": "phone", "viewport": {"width": 390, "height": 844},
+                  "device_scale_factor": 2, "is_mobile": True, "has_touch": True}, id="phone"),
+    pytest.param({"name": "desktop", "viewport": {"width": 1280, "height": 800}}, id="desktop"),
+])
+def test_screenshots(app, open_page, size):
+    options = {k: v for k, v in size.items() if k != "name"}
+    page = open_page(**options)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(app.url + "/login")
+    page.screenshot(path=ARTIFACTS / f"login-{size['name']}.png")
+    room = new_room()
+    enter_room(page, app.url, "小明", room)
+    populate(app, page, room)
+    page.fill("#input", "正在输入的一句话")
+    # the page fits the screen: no sideways scrolling, the composer is on screen
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    expect(page.locator("#send")).to_be_in_viewport()
+    path = ARTIFACTS / f"chat-{size['name']}.png"
+    page.screenshot(path=path)
+    assert path.stat().st_size > 10_000
