@@ -1,0 +1,89 @@
+"""TrainConfig: defaults, TOML, validation; the CLI's flags and their precedence."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from training.__main__ import build_parser, portable_command, resolve_config
+from training.config import PROJECT_ROOT, ConfigError, TrainConfig
+
+
+def test_the_fields_others_depend_on_exist():
+    config = TrainConfig(embed_dim=16, hidden_dim=32, batch_size=16, max_steps=30, epochs=1,
+                         min_freq=1, vocab_size=2000, seed=7, progress=False)
+    for name in ("bidirectional", "share_embedding", "tie_output", "dropout", "max_minutes",
+                 "learning_rate", "optimizer", "clip_norm", "max_src_len", "max_tgt_len",
+                 "valid_fraction", "valid_max", "patience", "checkpoint_every", "blocklist"):
+        assert hasattr(config, name)
+    assert config.blocklist_path().resolve() == PROJECT_ROOT / "data" / "blocklist.txt"
+    assert config.effective_learning_rate == 1e-3
+    assert TrainConfig(optimizer="sgd").effective_learning_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"hidden_dim": 33}, "hidden_dim must be even"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"valid_fraction": 0.0}, "valid_fraction"),
+        ({"vocab_size": 4}, "vocab_size must be > 4"),
+        ({"max_steps": -1}, "max_steps must be >= 0"),
+        ({"epochs": "3"}, "epochs must be of type int"),
+        ({"progress": 1}, "progress must be of type bool"),
+    ],
+)
+def test_out_of_range_values_raise_a_clear_error(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**settings)
+
+
+def test_toml_top_level_or_train_table(tmp_path):
+    (tmp_path / "a.toml").write_text("embed_dim = 32\nlearning_rate = 1\n", encoding="utf-8")
+    (tmp_path / "b.toml").write_text("[train]\noptimizer = 'sgd'\nblocklist = 'none'\n",
+                                     encoding="utf-8")
+    a = TrainConfig.from_toml(tmp_path / "a.toml")
+    assert a.embed_dim == 32 and a.learning_rate == 1.0
+    b = TrainConfig.from_toml(tmp_path / "b.toml")
+    assert b.optimizer == "sgd" and b.blocklist is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("epochs = 0\n", "epochs must be >= 1"), ("epoch = 3\n", "unknown setting"),
+     ("epochs = \n", "not valid TOML")],
+)
+def test_bad_toml_raises_a_clear_error(tmp_path, text, message):
+    (tmp_path / "c.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_toml(tmp_path / "c.toml")
+
+
+def test_every_setting_has_a_documented_flag_with_its_default():
+    help_text = " ".join(build_parser().format_help().split())
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in help_text
+    for flag in ("--corpus", "--out", "--config", "--epochs", "--max-minutes", "--resume",
+                 "--batch-size", "--embed-dim", "--hidden-dim", "--vocab-size", "--min-freq",
+                 "--learning-rate", "--optimizer", "--seed", "--checkpoint-every",
+                 "--max-steps", "--valid-max", "--format", "--blocklist", "--threads"):
+        assert flag in help_text
+    assert "(default: 64)" in help_text  # batch size
+
+
+def test_flags_override_the_toml_file(tmp_path):
+    (tmp_path / "c.toml").write_text("embed_dim = 32\nepochs = 4\n", encoding="utf-8")
+    args = build_parser().parse_args(["--corpus", "x.tsv", "--out", str(tmp_path / "o"),
+                                      "--config", str(tmp_path / "c.toml"), "--epochs", "2",
+                                      "--no-progress"])
+    config = resolve_config(args)
+    assert (config.embed_dim, config.epochs, config.progress) == (32, 2, False)
+
+
+def test_the_recorded_command_has_no_absolute_path():
+    command = portable_command(["--corpus", "/somewhere/data/x.tsv", "--out=/tmp/run",
+                                "--epochs", "2"])
+    assert command == "python -m training --corpus x.tsv --out=run --epochs 2"
