@@ -82,6 +82,7 @@ class _EngineCollector:
             ("xiaox_engine_overloaded", "Requests refused with a full queue", "overloaded_total"),
             ("xiaox_generated_tokens", "Tokens generated (</s> included)", "tokens_total"),
             ("xiaox_engine_steps", "Batched decoder steps", "steps_total"),
+            ("xiaox_engine_cancelled", "Requests cancelled (client gone)", "requests_cancelled"),
         ):
             yield CounterMetricFamily(name, doc, value=getattr(stats, attr, 0))
 

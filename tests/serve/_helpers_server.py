@@ -1,0 +1,278 @@
+"""Helpers for the server tests: the model, ``python -m serve`` processes, SSE clients.
+
+Test modules import the ``model_dir`` fixture from here (``_model_dir_fixture``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SHIPPED_MODEL = ROOT / "artifacts" / "xiaox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", name="model_dir")
+def _model_dir_fixture(request) -> Path:
+    """The shipped model when it is there, else the tiny one trained for the tests."""
+    if (SHIPPED_MODEL / "manifest.json").is_file():
+        return SHIPPED_MODEL
+    return request.getfixturevalue("tiny_model_dir")
+
+
+class ServerProcess:
+    """``python -m serve`` on a free port, in its own process, stopped with SIGTERM."""
+
+    def __init__(self, model_dir: Path, workdir: Path, *, redis_url: str | None = None,
+                 env: dict[str, str] | None = None, port: int | None = None):
+        self.model_dir = model_dir
+        self.workdir = workdir
+        self.redis_url = redis_url
+        self.port = port or free_port()
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> ServerProcess:
+        command = [sys.executable, "-m", "serve", "--model", str(self.model_dir),
+                   "--port", str(self.port)]
+        if self.redis_url:
+            command += ["--redis-url", self.redis_url]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOX_")}
+        env.update({"XIAOX_SECRET_KEY_FILE": str(self.workdir / "secret_key"),
+                    "XIAOX_LOG_LEVEL": "warning", "XIAOX_DRAIN_SECONDS": "5",
+                    "PYTHONUNBUFFERED": "1"})
+        env.update(self.extra_env)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def wait_healthy(self, timeout: float = 90.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the server is not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def start(self) -> ServerProcess:
+        return self.launch().wait_healthy()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.terminate()
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def start_servers(*servers: ServerProcess) -> None:
+    """Launch several at once (model loading overlaps), then wait for all."""
+    for server in servers:
+        server.launch()
+    for server in servers:
+        server.wait_healthy()
+
+
+# --- a strict SSE parser --------------------------------------------------------------
+
+class StrictSSEParser:
+    """The SSE wire format and nothing else: ``field: value`` lines, blank-line dispatch.
+
+    ``fields`` are the field names allowed; comments (``:`` lines, sse-starlette's pings)
+    only when ``comments``. Anything else raises AssertionError.
+    """
+
+    def __init__(self, fields: tuple[str, ...] = ("id", "event", "data", "retry"),
+                 comments: bool = True):
+        self.fields, self.comments = fields, comments
+        self.pending: dict[str, str] = {}
+        self.data: list[str] = []
+        self.comment_count = 0
+
+    def feed(self, line: str) -> dict[str, str] | None:
+        if line == "":
+            if not self.data and not self.pending:
+                return None
+            event = {**self.pending, "data": "\n".join(self.data)}
+            self.pending, self.data = {}, []
+            return event
+        if line.startswith(":"):
+            assert self.comments, f"comment line where none is allowed: {line!r}"
+            self.comment_count += 1
+            return None
+        name, colon, value = line.partition(":")
+        assert colon, f"not an SSE field line: {line!r}"
+        assert name in self.fields, f"unexpected SSE field {name!r} in {line!r}"
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self.data.append(value)
+        else:
+            assert name not in self.pending, f"field {name!r} twice in one event"
+            self.pending[name] = value
+        return None
+
+
+def split_lines(raw: str) -> list[str]:
+    """SSE line splitting: CRLF, LF or CR."""
+    return raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+class ChatStream:
+    """``GET /stream`` read in a background task; parsed events collected in order."""
+
+    def __init__(self, client: httpx.AsyncClient, room: str = "lobby",
+                 last_event_id: str | None = None, via_header: bool = True):
+        self.client, self.room = client, room
+        self.headers = {"Accept": "text/event-stream"}
+        self.params = {"room": room}
+        if last_event_id is not None:
+            if via_header:
+                self.headers["Last-Event-ID"] = last_event_id
+            else:
+                self.params["last_event_id"] = last_event_id
+        self.events: list[dict] = []  # {"id", "event", "data": parsed JSON}
+        self.status: int | None = None
+        self.response_headers: httpx.Headers | None = None
+        self.parser = StrictSSEParser()
+        self._changed = asyncio.Event()
+        self._opened = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.error: BaseException | None = None
+
+    async def __aenter__(self) -> ChatStream:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._opened.wait(), 20)
+        if self.error:
+            raise self.error
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        try:
+            async with self.client.stream("GET", "/stream", params=self.params,
+                                          headers=self.headers,
+                                          timeout=httpx.Timeout(10, read=None)) as response:
+                self.status = response.status_code
+                self.response_headers = response.headers
+                self._opened.set()
+                if response.status_code != 200:
+                    await response.aread()
+                    return
+                async for line in response.aiter_lines():
+                    event = self.parser.feed(line)
+                    if event is not None:
+                        event["data"] = json.loads(event["data"])
+                        self.events.append(event)
+                        self._changed.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # surfaced by wait_for
+            self.error = e
+            self._opened.set()
+            self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[list[dict]], bool],
+                       timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.events):
+            if self.error:
+                raise self.error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"events so far: {self.events}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.events
+
+    def of_type(self, *types: str) -> list[dict]:
+        return [e for e in self.events if e["event"] in types]
+
+
+def bot_reply_to(message_id: str) -> Callable[[list[dict]], bool]:
+    """Predicate: the final bot message answering ``message_id`` has arrived."""
+    return lambda events: any(e["event"] == "message" and e["data"].get("reply_to") == message_id
+                              for e in events)
+
+
+async def login(client: httpx.AsyncClient, name: str) -> None:
+    response = await client.post("/login", json={"username": name})
+    assert response.status_code == 200, response.text
+
+
+async def send(client: httpx.AsyncClient, text: str, room: str = "lobby") -> dict:
+    response = await client.post("/send", params={"room": room}, json={"message": text})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def id_key(event_id: str) -> tuple[int, int]:
+    """Event ids compare as (milliseconds, sequence), not as strings."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)
+
+
+def metric_value(text: str, name: str) -> float:
+    """One sample's value from a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

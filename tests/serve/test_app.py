@@ -1,0 +1,244 @@
+"""The chat app end to end: one ``python -m serve`` process (in-process broker), real model."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+
+import httpx
+import pytest
+
+from tests.serve._helpers_server import (  # noqa: F401  (_model_dir_fixture is the model_dir fixture)
+    ChatStream,
+    ServerProcess,
+    _model_dir_fixture,
+    bot_reply_to,
+    id_key,
+    login,
+    metric_value,
+    send,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("app")).start()
+    yield process
+    process.stop()
+
+
+def client(server: ServerProcess) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.url, timeout=30)
+
+
+def test_the_secret_key_is_generated_once_with_mode_0600(server):
+    key_file = server.workdir / "secret_key"
+    assert key_file.is_file()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(key_file.read_text().strip()) >= 32
+
+
+async def test_login_me_logout_and_the_pages(server):
+    async with client(server) as c:
+        page = await c.get("/")
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        assert (await c.get("/me")).status_code == 401
+        login_page = await c.get("/login")
+        assert login_page.status_code == 200 and "username" in login_page.text
+        assert "script-src 'self'" in login_page.headers["content-security-policy"]
+        await login(c, "阿明")
+        assert (await c.get("/me")).json() == {"user": "阿明"}
+        chat_page = await c.get("/", params={"room": "lobby"})
+        assert chat_page.status_code == 200 and "text/html" in chat_page.headers["content-type"]
+        assert chat_page.headers["x-content-type-options"] == "nosniff"
+        assert (await c.get("/static/chat.js")).status_code == 200
+        assert (await c.post("/logout")).status_code == 200
+        assert (await c.get("/me")).status_code == 401
+
+
+async def test_a_browser_form_login_redirects(server):
+    async with client(server) as c:
+        html = {"Accept": "text/html"}
+        ok = await c.post("/login", data={"username": "form user"}, headers=html)
+        assert ok.status_code == 303 and ok.headers["location"] == "/"
+        assert (await c.get("/me")).json() == {"user": "form user"}
+        bad = await c.post("/login", data={"username": "   "}, headers=html)
+        assert bad.status_code == 303 and bad.headers["location"].startswith("/login?error=")
+
+
+async def test_send_streams_the_message_then_the_bots_reply_token_by_token(server):
+    async with client(server) as watcher, client(server) as sender:
+        await login(watcher, "watcher")
+        await login(sender, "sender")
+        async with ChatStream(watcher, room="r-send") as stream:
+            assert stream.status == 200
+            assert stream.response_headers["content-type"].startswith("text/event-stream")
+            sent = await send(sender, "你好", room="r-send")
+            await stream.wait_for(bot_reply_to(sent["id"]))
+        events = stream.events
+        ids = [e["id"] for e in events]
+        assert all(e["id"] == e["data"]["id"] for e in events)
+        assert ids == sorted(ids, key=id_key)
+        assert len(set(ids)) == len(ids)
+        user_message = next(e for e in events if e["id"] == sent["id"])
+        assert user_message["event"] == "message"
+        assert user_message["data"] | {"ts": 0} == {
+            "id": sent["id"], "room": "r-send", "ts": 0, "role": "user", "user": "sender",
+            "text": "你好"}
+        reply = [e for e in events if e["data"].get("reply_id") == sent["reply_id"]]
+        kinds = [e["event"] for e in reply]
+        assert kinds[0] == "typing" and kinds[-1] == "message"
+        assert set(kinds[1:-1]) <= {"token"}
+        final = reply[-1]["data"]
+        assert final["role"] == "bot" and final["user"] == "小X"
+        assert final["text"] == "".join(e["data"]["delta"] for e in reply if e["event"] == "token")
+        assert ids.index(sent["id"]) < ids.index(reply[0]["id"])
+
+
+async def test_join_and_leave_notices(server):
+    async with client(server) as a, client(server) as b:
+        await login(a, "alice")
+        await login(b, "bob")
+        async with ChatStream(a, room="r-join") as stream_a:
+            await stream_a.wait_for(lambda ev: any(e["event"] == "join" for e in ev))
+            async with ChatStream(b, room="r-join"):
+                await stream_a.wait_for(lambda ev: any(
+                    e["event"] == "join" and e["data"]["user"] == "bob" for e in ev))
+            await stream_a.wait_for(lambda ev: any(
+                e["event"] == "leave" and e["data"]["user"] == "bob" for e in ev))
+
+
+async def test_history_returns_the_last_messages_and_a_cursor(server):
+    async with client(server) as c:
+        await login(c, "historian")
+        async with ChatStream(c, room="r-history") as stream:
+            sent = [await send(c, f"第{i}条", room="r-history") for i in range(3)]
+            for s in sent:
+                await stream.wait_for(bot_reply_to(s["id"]))
+        body = (await c.get("/history", params={"room": "r-history", "limit": 4})).json()
+        assert body["room"] == "r-history"
+        messages = body["messages"]
+        assert len(messages) == 4
+        assert all(m["room"] == "r-history" and "text" in m for m in messages)
+        everything = (await c.get("/history", params={"room": "r-history"})).json()["messages"]
+        assert [m["text"] for m in everything if m["role"] == "user"] == ["第0条", "第1条", "第2条"]
+        assert len(everything) == 6  # three messages and three replies, no typing/token
+        assert messages == everything[-4:]
+        # The cursor is the log's last id: replaying after it gives nothing old.
+        assert id_key(body["cursor"]) >= max(id_key(e["id"]) for e in stream.events[:-1])
+        assert (await c.get("/history", params={"room": "empty-room"})).json() == {
+            "room": "empty-room", "messages": [], "cursor": "0-0"}
+        assert (await c.get("/history", params={"limit": "-1"})).status_code == 400
+
+
+async def test_replay_after_a_reconnect_is_complete_in_order_and_without_duplicates(server):
+    async with client(server) as c, client(server) as other:
+        await login(c, "reconnecter")
+        await login(other, "talker")
+        async with ChatStream(other, room="r-replay") as witness:
+            async with ChatStream(c, room="r-replay") as first:
+                one = await send(other, "第一", room="r-replay")
+                await first.wait_for(bot_reply_to(one["id"]))
+            last_seen = first.events[-1]["id"]
+            # Gone: meanwhile two more exchanges happen.
+            two = await send(other, "第二", room="r-replay")
+            three = await send(other, "第三", room="r-replay")
+            await witness.wait_for(bot_reply_to(two["id"]))
+            await witness.wait_for(bot_reply_to(three["id"]))
+            for via_header in (True, False):
+                async with ChatStream(c, room="r-replay", last_event_id=last_seen,
+                                      via_header=via_header) as second:
+                    await second.wait_for(bot_reply_to(three["id"]))
+                    await asyncio.sleep(0.3)
+                end = next(e["id"] for e in witness.events
+                           if e["data"].get("reply_to") == three["id"])
+                window = (id_key(last_seen), id_key(end))
+                missed = [e["id"] for e in witness.events
+                          if window[0] < id_key(e["id"]) <= window[1]]
+                replayed = [e["id"] for e in second.events if id_key(e["id"]) <= window[1]]
+                assert replayed == missed  # complete, in order, nothing twice
+                assert [e["id"] for e in second.events[:len(replayed)]] == replayed
+                assert "第二" in [e["data"].get("text") for e in second.events]
+
+
+async def test_a_client_leaving_mid_reply_stops_nothing_and_leaks_nothing(server):
+    async with client(server) as metrics_client:
+        before = metric_value((await metrics_client.get("/metrics")).text, "xiaox_sse_clients")
+    async with client(server) as watcher:
+        await login(watcher, "stayer")
+        async with ChatStream(watcher, room="r-leave") as stream:
+            sender = client(server)
+            await login(sender, "leaver")
+            leaver_stream = await ChatStream(sender, room="r-leave").__aenter__()
+            sent = await send(sender, "说完就走", room="r-leave")
+            await leaver_stream.close()
+            await sender.aclose()  # the sender's connection is gone before the reply ends
+            await stream.wait_for(bot_reply_to(sent["id"]))
+    async with client(server) as metrics_client:
+        for _ in range(50):  # the server notices the disconnects
+            page = (await metrics_client.get("/metrics")).text
+            if metric_value(page, "xiaox_sse_clients") == before:
+                break
+            await asyncio.sleep(0.1)
+        assert metric_value(page, "xiaox_sse_clients") == before
+        assert metric_value(page, "xiaox_active_replies") == 0
+
+
+async def test_rooms_are_separate(server):
+    async with client(server) as c:
+        await login(c, "roomy")
+        async with ChatStream(c, room="r-a") as a, ChatStream(c, room="r-b") as b:
+            sent = await send(c, "只在A", room="r-a")
+            await a.wait_for(bot_reply_to(sent["id"]))
+            await asyncio.sleep(0.3)
+            assert all(e["data"]["room"] == "r-b" for e in b.events)
+            assert all(e["event"] in ("join", "leave") for e in b.events)
+
+
+async def test_messages_are_data_not_html(server):
+    async with client(server) as c:
+        await login(c, "<b>mallory</b>")
+        text = "<img src=x onerror=alert(1)>"
+        sent = await send(c, text, room="r-xss")
+        body = (await c.get("/history", params={"room": "r-xss"})).json()
+        mine = next(m for m in body["messages"] if m["id"] == sent["id"])
+        assert mine["text"] == text and mine["user"] == "<b>mallory</b>"
+        response = await c.get("/history", params={"room": "r-xss"})
+        assert response.headers["content-type"] == "application/json"
+
+
+async def test_stream_and_history_need_a_login_and_a_valid_room(server):
+    async with client(server) as c:
+        assert (await c.get("/stream")).status_code == 401
+        assert (await c.get("/history")).status_code == 401
+        assert (await c.post("/send", json={"message": "hi"})).status_code == 401
+        await login(c, "checker")
+        bad_room = await c.get("/history", params={"room": "a/b"})
+        assert bad_room.status_code == 400 and "room" in bad_room.json()["error"]
+        bad_id = await c.get("/stream", headers={"Last-Event-ID": "yesterday"})
+        assert bad_id.status_code == 400
+
+
+async def test_healthz_and_metrics(server):
+    async with client(server) as c:
+        health = await c.get("/healthz")
+        assert health.status_code == 200
+        assert health.json()["status"] == "ok" and health.json()["broker"] == "in-process"
+        await login(c, "measured")
+        await send(c, "量一量", room="r-metrics")
+        page = ""
+        for _ in range(50):
+            page = (await c.get("/metrics")).text
+            if metric_value(page, "xiaox_end_to_end_latency_seconds_count") > 0:
+                break
+            await asyncio.sleep(0.1)
+        for name in ("xiaox_http_requests_total", "xiaox_errors_total",
+                     "xiaox_engine_queue_size", "xiaox_engine_batch_size",
+                     "xiaox_time_to_first_token_seconds_count",
+                     "xiaox_inter_token_latency_seconds_count",
+                     "xiaox_end_to_end_latency_seconds_count", "xiaox_sse_clients"):
+            assert name in page, name
+        assert metric_value(page, "xiaox_end_to_end_latency_seconds_count") >= 1
+        assert metric_value(page, "xiaox_generated_tokens_total") >= 1
