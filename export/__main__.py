@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 
@@ -52,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from export.export import ExportError, export_model
 
-    command = "python -m export " + shlex.join(sys.argv[1:] if argv is None else argv)
+    from serve.manifest import portable_command
+
+    command = portable_command("python -m export", sys.argv[1:] if argv is None else argv)
     try:
         manifest = export_model(
             args.checkpoint,

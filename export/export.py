@@ -66,6 +66,12 @@ def _held_out_questions(checkpoint_dir: Path, limit: int) -> list[str]:
     return questions[:limit]
 
 
+def _training_seconds(metrics: list[dict]) -> float | None:
+    """Wall time from the first to the last metrics record (pauses between resumes included)."""
+    times = [m["time"] for m in metrics if "time" in m]
+    return round(times[-1] - times[0], 1) if len(times) > 1 else None
+
+
 def _training_record(checkpoint_dir: Path, config: dict) -> dict:
     metrics = []
     metrics_path = checkpoint_dir / "metrics.jsonl"
@@ -79,7 +85,7 @@ def _training_record(checkpoint_dir: Path, config: dict) -> dict:
         "cleaning": config.get("cleaning", {}),
         "command": config.get("command", ""),
         "metrics": validated[-1] if validated else (metrics[-1] if metrics else {}),
-        "training_seconds": (metrics[-1].get("elapsed_seconds") if metrics else None),
+        "training_seconds": _training_seconds(metrics),
     }
 
 

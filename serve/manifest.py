@@ -103,6 +103,19 @@ class Manifest:
                 )
 
 
+def portable_command(program: str, argv: list[str]) -> str:
+    """A command line fit for a manifest: absolute paths reduced to their names, so that no
+    path of the machine that trained or exported the model is recorded."""
+
+    def clean(arg: str) -> str:
+        if arg.startswith("--") and "=" in arg:
+            key, _, value = arg.partition("=")
+            return f"{key}={clean(value)}"
+        return Path(arg).name if Path(arg).is_absolute() else arg
+
+    return " ".join([program, *(clean(a) for a in argv)])
+
+
 def load_manifest(model_dir: str | Path, *, verify: bool = True) -> Manifest:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
