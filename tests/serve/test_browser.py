@@ -56,12 +56,41 @@ def new_room() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+# A few question/answer pairs a tiny model learns by heart in seconds, so that its replies
+# are several tokens long (the suite's 30-step tiny model answers a lone "。": no streaming).
+CHATTY_PAIRS = [
+    ("你好", "你好呀，我是小X，很高兴认识你！"),
+    ("今天天气怎么样", "今天天气真不错，我们出去走走吧。"),
+    ("你喜欢做什么", "我喜欢聊天，也喜欢听你说话。"),
+]
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory) -> Path:
+    """A tiny model (embed 16, hidden 32) that answers with whole sentences."""
+    pytest.importorskip("tensorflow")
+    from export import export_model
+    from training.config import TrainConfig
+    from training.train import train
+
+    work = tmp_path_factory.mktemp("chatty")
+    corpus = work / "chatty.tsv"
+    corpus.write_text("".join(f"{q}\t{a}\n" for _ in range(30) for q, a in CHATTY_PAIRS),
+                      encoding="utf-8")
+    config = TrainConfig(embed_dim=16, hidden_dim=32, batch_size=16, max_steps=150,
+                         epochs=1000, min_freq=1, vocab_size=2000, seed=7, learning_rate=0.02,
+                         dropout=0.0, patience=0, progress=False)
+    train(config, corpora=[corpus], out=work / "checkpoint")
+    export_model(work / "checkpoint", work / "model", quantize="none", check_samples=5)
+    return work / "model"
+
+
 @pytest.fixture(scope="module")
 def model_dir(request) -> Path:
-    """The shipped model when it exists, else the tiny one the suite trains."""
+    """The shipped model when it exists, else a tiny chatty one trained here."""
     if (SHIPPED_MODEL / "manifest.json").is_file():
         return SHIPPED_MODEL
-    return request.getfixturevalue("tiny_model_dir")
+    return request.getfixturevalue("chatty_model_dir")
 
 
 @pytest.fixture(scope="module")
