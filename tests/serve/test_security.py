@@ -1,0 +1,269 @@
+"""Each security rule, against a real server process; bad input is a 4xx JSON, never a 500."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import httpx
+import pytest
+
+from serve.security import RateLimiter, clean_text, load_or_create_secret_key
+from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+    ServerProcess,
+    _model_dir_fixture,
+    login,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+RATE = 3
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    env = {"XIAOX_RATE_LIMIT_MESSAGES": str(RATE), "XIAOX_RATE_LIMIT_WINDOW": "600",
+           "XIAOX_MAX_BODY_BYTES": "4096", "XIAOX_MAX_MESSAGE_CHARS": "100",
+           "XIAOX_ALLOWED_ORIGINS": "https://chat.example.org"}
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("security"), env=env).start()
+    yield process
+    process.stop()
+
+
+def client(server: ServerProcess) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.url, timeout=30)
+
+
+def assert_json_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+# --- the secret key --------------------------------------------------------------------
+
+def test_the_secret_key_file_is_created_once_with_mode_0600(tmp_path):
+    path = tmp_path / "state" / "xiaox" / "secret_key"
+    key = load_or_create_secret_key(path)
+    assert len(key) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_secret_key(path) == key  # read back, not regenerated
+    assert load_or_create_secret_key(tmp_path / "other") != key
+
+
+def test_a_too_short_key_file_is_refused(tmp_path):
+    path = tmp_path / "secret_key"
+    path.write_text("short\n")
+    with pytest.raises(ValueError, match="too short"):
+        load_or_create_secret_key(path)
+
+
+def test_the_key_from_the_environment_wins_and_no_file_is_written(model_dir, tmp_path):
+    process = ServerProcess(model_dir, tmp_path, env={"XIAOX_SECRET_KEY": "k" * 40})
+    try:
+        process.start()
+        assert not (tmp_path / "secret_key").exists()
+        with httpx.Client(base_url=process.url) as c:
+            assert c.post("/login", json={"username": "env"}).status_code == 200
+            assert c.get("/me").json() == {"user": "env"}
+    finally:
+        process.stop()
+
+
+def test_no_secret_in_the_code():
+    import serve.app
+    import serve.security
+    import serve.settings
+
+    for module in (serve.app, serve.security, serve.settings):
+        source = open(module.__file__, encoding="utf-8").read()
+        assert "secret_key=\"" not in source and "SECRET_KEY = \"" not in source
+
+
+# --- the session -----------------------------------------------------------------------
+
+async def test_the_session_cookie_is_signed_and_http_only(server):
+    async with client(server) as c:
+        response = await c.post("/login", json={"username": "signed"})
+        cookie = response.headers["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
+        value = c.cookies["xiaox_session"]
+        payload, _, signature = value.partition(".")
+        tampered = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + signature
+        c.cookies.set("xiaox_session", tampered)
+        assert_json_error(await c.get("/me"), 401)
+    async with client(server) as forger:
+        import base64
+
+        fake = base64.b64encode(json.dumps({"user": "admin"}).encode()).decode()
+        forger.cookies.set("xiaox_session", fake + ".x.y")
+        assert_json_error(await forger.get("/me"), 401)
+
+
+# --- origin check ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Origin": "http://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Sec-Fetch-Site": "same-site"}, 403),
+    ({"Origin": "https://chat.example.org"}, 202),  # XIAOX_ALLOWED_ORIGINS
+    ({"Sec-Fetch-Site": "same-origin"}, 202),
+    ({}, 202),  # not a browser: no ambient credentials to abuse
+])
+async def test_posts_from_another_origin_are_refused(server, headers, status):
+    async with client(server) as c:
+        await login(c, f"origin-{status}-{len(headers)}-{sorted(headers.items())}"[:32])
+        response = await c.post("/send", json={"message": "hello"}, headers=headers,
+                                params={"room": "origin"})
+        assert response.status_code == status, response.text
+        if status == 403:
+            assert response.json()["reason"] == "bad_origin"
+
+
+async def test_the_same_origin_passes_and_login_is_checked_too(server):
+    async with client(server) as c:
+        own = {"Origin": server.url}
+        assert (await c.post("/login", json={"username": "own"}, headers=own)).status_code == 200
+        assert_json_error(await c.post("/login", json={"username": "x"},
+                                       headers={"Origin": "http://evil.example"}), 403)
+        assert_json_error(await c.post("/logout", headers={"Origin": "http://evil.example"}), 403)
+        assert (await c.get("/me")).json() == {"user": "own"}
+
+
+# --- rate limit ------------------------------------------------------------------------
+
+async def test_each_user_has_a_rate_limit(server):
+    async with client(server) as c, client(server) as other:
+        await login(c, "chatty")
+        await login(other, "quiet")
+        for i in range(RATE):
+            sent = await c.post("/send", json={"message": f"第{i}条"}, params={"room": "rl"})
+            assert sent.status_code == 202
+        limited = await c.post("/send", json={"message": "one more"}, params={"room": "rl"})
+        body = assert_json_error(limited, 429)
+        assert body["reason"] == "rate_limited" and "retry-after" in limited.headers
+        # Another user is not affected.
+        sent = await other.post("/send", json={"message": "hi"}, params={"room": "rl"})
+        assert sent.status_code == 202
+
+
+def test_the_rate_limiter_refills_over_time():
+    limiter = RateLimiter(2, 10.0)
+    assert limiter.allow("a", now=0.0)[0] and limiter.allow("a", now=0.0)[0]
+    allowed, wait = limiter.allow("a", now=0.0)
+    assert not allowed and wait == pytest.approx(5.0)
+    assert limiter.allow("a", now=5.0)[0]
+    assert limiter.allow("b", now=5.0)[0]
+
+
+# --- caps and strict input -------------------------------------------------------------
+
+async def test_bodies_over_the_cap_get_413(server):
+    async with client(server) as c:
+        await login(c, "big")
+        megabyte = b'{"message": "' + b"x" * (1 << 20) + b'"}'
+        response = await c.post("/send", content=megabyte,
+                                headers={"content-type": "application/json"})
+        assert_json_error(response, 413)
+
+        async def chunks():  # no Content-Length: the cap holds while streaming too
+            for _ in range(64):
+                yield b"x" * 1024
+
+        response = await c.post("/send", content=chunks(),
+                                headers={"content-type": "application/json"})
+        assert_json_error(response, 413)
+        form = await c.post("/login", data={"username": "y" * 10_000})
+        assert_json_error(form, 413)
+
+
+BAD_SENDS = [
+    ("empty", {"json": {"message": ""}}, 400),
+    ("whitespace only", {"json": {"message": " \n\t\u3000 "}}, 400),
+    ("too long", {"json": {"message": "长" * 101}}, 400),
+    ("missing field", {"json": {"text": "hi"}}, 400),
+    ("not a string", {"json": {"message": 42}}, 400),
+    ("null", {"json": {"message": None}}, 400),
+    ("a list", {"json": ["message"]}, 400),
+    ("invalid JSON", {"content": b'{"message": ', "ct": "application/json"}, 400),
+    ("invalid UTF-8", {"content": b'{"message": "\xff\xfe"}', "ct": "application/json"}, 400),
+    ("lone surrogate", {"content": b'{"message": "a\\ud800b"}', "ct": "application/json"}, 400),
+    ("control char", {"json": {"message": "a\u0000b"}}, 400),
+    ("deep JSON", {"content": b"[" * 100_0 + b"]" * 100_0, "ct": "application/json"}, 400),
+    ("form with bad UTF-8", {"content": b"message=%ff%fe",
+                             "ct": "application/x-www-form-urlencoded"}, 400),
+    ("wrong content type", {"content": b"message=hi", "ct": "text/plain"}, 415),
+    ("no content type", {"content": b"hi", "ct": None}, 415),
+]
+
+
+@pytest.mark.parametrize(("case", "request_args", "status"), BAD_SENDS,
+                         ids=[c[0] for c in BAD_SENDS])
+async def test_bad_input_is_a_4xx_json_error(server, case, request_args, status):
+    async with client(server) as c:
+        await login(c, "bad input")
+        kwargs = {}
+        if "json" in request_args:
+            kwargs["json"] = request_args["json"]
+        else:
+            kwargs["content"] = request_args["content"]
+            kwargs["headers"] = ({"content-type": request_args["ct"]}
+                                 if request_args["ct"] else {})
+        assert_json_error(await c.post("/send", params={"room": "bad"}, **kwargs), status)
+
+
+async def test_a_form_message_is_accepted(server):
+    async with client(server) as c:
+        await login(c, "former")
+        response = await c.post("/send", data={"message": "表单"}, params={"room": "form"})
+        assert response.status_code == 202
+        history = (await c.get("/history", params={"room": "form"})).json()["messages"]
+        assert history[0]["text"] == "表单"
+
+
+@pytest.mark.parametrize("username", ["", "   ", "a" * 33, "小X", "xiaox", "a\nb", "\ud800"])
+async def test_bad_usernames_are_refused(server, username):
+    async with client(server) as c:
+        body = json.dumps({"username": username})  # ASCII escapes: "\ud800" survives
+        response = await c.post("/login", content=body,
+                                headers={"content-type": "application/json"})
+        assert_json_error(response, 400)
+        assert (await c.get("/me")).status_code == 401
+
+
+async def test_bad_queries_and_unknown_routes_are_json(server):
+    async with client(server) as c:
+        await login(c, "prober")
+        assert_json_error(await c.get("/history", params={"limit": "many"}), 400)
+        assert_json_error(await c.get("/history", params={"room": "x" * 40}), 400)
+        assert_json_error(await c.get("/stream", params={"last_event_id": "1-2-3"}), 400)
+        assert_json_error(await c.get("/nowhere"), 404)
+        assert_json_error(await c.get("/send"), 405)
+
+
+def test_clean_text_rules():
+    assert clean_text("  你好 \n", field="m", max_chars=5) == "你好"
+    for bad in ("", "  ", "\ud800", "x" * 6, "a\x07"):
+        with pytest.raises(ValueError):
+            clean_text(bad, field="m", max_chars=5)
+
+
+def test_pages_send_a_content_security_policy(server):
+    with httpx.Client(base_url=server.url) as c:
+        for path in ("/login", "/static/chat.js", "/healthz"):
+            response = c.get(path)
+            assert response.headers["x-content-type-options"] == "nosniff"
+        csp = c.get("/login").headers["content-security-policy"]
+        for directive in ("default-src 'self'", "script-src 'self'", "style-src 'self'",
+                          "connect-src 'self'"):
+            assert directive in csp
+        assert "unsafe-inline" not in csp
+
+
+def test_the_secret_key_file_of_the_server_is_private(server):
+    path = server.workdir / "secret_key"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
