@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from serve.tokenizer import VOCAB_FILE, Tokenizer, TokenizerSettings, Vocab
@@ -65,7 +66,9 @@ def save_weights(out: Path, model) -> Path:
     """Keras ``save_weights``, through a temporary file so a crash never leaves half a file."""
     path = Path(out) / WEIGHTS_FILE
     tmp = path.with_name("model.tmp.weights.h5")  # Keras insists on the .weights.h5 suffix
-    model.save_weights(tmp)
+    with warnings.catch_warnings():  # Keras 3.15's h5 writer trips numpy 2's copy= warning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model.save_weights(tmp)
     os.replace(tmp, path)
     return path
 

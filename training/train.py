@@ -144,7 +144,7 @@ def _setup_tensorflow(config: TrainConfig):
             log.warning("threads=%d ignored: TensorFlow is already initialised", config.threads)
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    return tf, keras
+    return keras
 
 
 def train(
@@ -182,7 +182,7 @@ def train(
     log.info("vocabulary %d tokens; %d training pairs, %d held out",
              len(vocab), len(train_data), len(valid_data))
 
-    tf, keras = _setup_tensorflow(config)
+    keras = _setup_tensorflow(config)
     from training.model import ModelConfig, build_model
 
     model_config = ModelConfig(
@@ -213,50 +213,57 @@ def train(
     ckpt.save_vocab(out, vocab)
     ckpt.save_valid_pairs(out, valid_texts)
 
-    loop = _Loop(config, model, optimizer, state, out, train_data, valid_data, tf)
+    loop = _Loop(config, model, optimizer, state, out, train_data, valid_data)
     loop.run()
     return out
+
+
+def compile_steps(model, optimizer, clip_norm: float):
+    """(train_step, eval_step) as tf.functions over padded int32 batches.
+
+    train_step(src, src_len, tgt_in, tgt_out) -> mean loss per target token;
+    eval_step(...) -> (summed loss, target tokens). The loss is the model's log_probs'
+    negative log-likelihood, padding weighted 0 like the original's target_weights.
+    """
+    import tensorflow as tf
+
+    spec = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32)]
+
+    def masked_nll(log_probs, tgt_out):
+        weights = tf.cast(tf.not_equal(tgt_out, PAD_ID), log_probs.dtype)
+        nll = -tf.gather(log_probs, tgt_out, batch_dims=2)
+        return tf.reduce_sum(nll * weights), tf.reduce_sum(weights)
+
+    @tf.function(input_signature=spec)
+    def train_step(src, src_len, tgt_in, tgt_out):
+        with tf.GradientTape() as tape:
+            log_probs = model((src, src_len, tgt_in), training=True)
+            loss_sum, n = masked_nll(log_probs, tgt_out)
+            loss = loss_sum / n
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        if clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return loss
+
+    @tf.function(input_signature=spec)
+    def eval_step(src, src_len, tgt_in, tgt_out):
+        return masked_nll(model((src, src_len, tgt_in), training=False), tgt_out)
+
+    return train_step, eval_step
 
 
 class _Loop:
     """The epoch/step loop; its state lives in ``TrainingState`` so that it can resume."""
 
-    def __init__(self, config, model, optimizer, state, out, train_data, valid_data, tf):
+    def __init__(self, config, model, optimizer, state, out, train_data, valid_data):
         self.config, self.model, self.optimizer, self.state = config, model, optimizer, state
-        self.out, self.train_data, self.valid_data, self.tf = out, train_data, valid_data, tf
+        self.out, self.train_data, self.valid_data = out, train_data, valid_data
         self.interrupted = False
         self.traced = False
-        self.train_step, self.eval_step = self._compile()
-
-    def _compile(self):
-        tf, model, optimizer, clip = self.tf, self.model, self.optimizer, self.config.clip_norm
-        spec = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32)]
-
-        def masked_nll(log_probs, tgt_out):
-            # Padding weighs 0, like the original's target_weights.
-            weights = tf.cast(tf.not_equal(tgt_out, PAD_ID), log_probs.dtype)
-            nll = -tf.gather(log_probs, tgt_out, batch_dims=2)
-            return tf.reduce_sum(nll * weights), tf.reduce_sum(weights)
-
-        @tf.function(input_signature=spec)
-        def train_step(src, src_len, tgt_in, tgt_out):
-            with tf.GradientTape() as tape:
-                log_probs = model((src, src_len, tgt_in), training=True)
-                loss_sum, n = masked_nll(log_probs, tgt_out)
-                loss = loss_sum / n
-            variables = model.trainable_variables
-            grads = tape.gradient(loss, variables)
-            if clip > 0:
-                grads, _ = tf.clip_by_global_norm(grads, clip)
-            optimizer.apply_gradients(zip(grads, variables, strict=True))
-            return loss
-
-        @tf.function(input_signature=spec)
-        def eval_step(src, src_len, tgt_in, tgt_out):
-            return masked_nll(model((src, src_len, tgt_in), training=False), tgt_out)
-
-        return train_step, eval_step
+        self.train_step, self.eval_step = compile_steps(model, optimizer, config.clip_norm)
 
     def validate(self) -> float:
         total, count = 0.0, 0.0
