@@ -44,6 +44,7 @@ from serve.decoding import (
     source_ids,
 )
 from serve.model import OnnxSeq2Seq, pad_memory
+from serve.tokenizer import detokenize
 
 __all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Stream"]
 
@@ -86,7 +87,7 @@ class _Request:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.last_token_at: float | None = None
-        self.text = ""
+        self.last_piece = ""
         # Per-row batch state, set when the encoder ran.
         self.memory: np.ndarray | None = None
         self.memory_keys: np.ndarray | None = None
@@ -349,9 +350,11 @@ class Engine:
             return
         decoder = request.decoder
         if token != self.model.eos_id:
-            text = self.model.tokenizer.decode(decoder.token_ids)
-            delta = text[len(request.text) :] if text.startswith(request.text) else text
-            request.text = text
+            # The reply's text grows by this piece (and a space between two Latin words):
+            # detokenize the last two pieces instead of the whole reply at every token.
+            piece = self.model.tokenizer.id_to_piece(token)
+            delta = detokenize([request.last_piece, piece])[len(request.last_piece) :]
+            request.last_piece = piece
             if request.last_token_at is None:
                 self._metric("time_to_first_token", now - request.submitted)
             else:

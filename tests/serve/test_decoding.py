@@ -1,0 +1,232 @@
+"""Decoding options, the logit rules and the three searches (greedy, sampling, beam)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.decoding import (
+    DecodingOptions,
+    TokenRules,
+    apply_repetition_penalty,
+    beam_search,
+    choose_token,
+    decode_alone,
+    generate,
+    ngram_blocked_ids,
+    source_ids,
+)
+from serve.model import OnnxSeq2Seq
+
+SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "xiaox"
+QUESTIONS = ["你好", "你叫什么名字", "今天天气怎么样", "我好累啊", "晚安", "你喜欢吃什么", "哈哈哈"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(request) -> Path:
+    """The shipped model (runs without TensorFlow); a tiny exported one until it exists."""
+    if (SHIPPED / "manifest.json").is_file():
+        return request.getfixturevalue("shipped_model_dir")
+    return request.getfixturevalue("tiny_model_dir")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> OnnxSeq2Seq:
+    return OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def test_defaults_are_ctranslate2s():
+    assert asdict(DecodingOptions()) == {
+        "beam_size": 1,
+        "num_hypotheses": 1,
+        "length_penalty": 1.0,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "min_length": 1,
+        "max_length": 40,
+        "sampling_temperature": 1.0,
+        "sampling_topk": 1,
+        "sampling_topp": 1.0,
+        "seed": None,
+        "disable_unk": True,
+        "suppress_words": (),
+        "return_scores": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beam_size": 0}, "beam_size must be an integer >= 1"),
+        ({"beam_size": 2.5}, "beam_size must be an integer"),
+        ({"max_length": 0}, "max_length must be an integer >= 1"),
+        ({"min_length": 5, "max_length": 4}, "must not exceed max_length"),
+        ({"num_hypotheses": 3, "beam_size": 2}, "must not exceed beam_size"),
+        ({"sampling_topp": 0.0}, "sampling_topp must be in"),
+        ({"sampling_topp": 1.5}, "sampling_topp must be in"),
+        ({"sampling_temperature": 0}, "sampling_temperature must be > 0"),
+        ({"sampling_topk": -1}, "sampling_topk must be an integer >= 0"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+        ({"length_penalty": float("nan")}, "length_penalty must be finite"),
+        ({"beam_size": 4, "sampling_topk": 0}, "sampling (sampling_topk != 1) needs beam_size=1"),
+        ({"seed": -3}, "seed must be"),
+        ({"no_repeat_ngram_size": True}, "no_repeat_ngram_size must be an integer"),
+    ],
+)
+def test_bad_options_are_clear_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DecodingOptions(**kwargs)
+
+
+def test_an_unknown_option_is_named():
+    with pytest.raises(ValueError, match="unknown decoding option.*beam_width.*known: .*beam_size"):
+        DecodingOptions.from_kwargs(beam_width=4)
+
+
+def test_suppress_words_accepts_one_string():
+    assert DecodingOptions(suppress_words="笨").suppress_words == ("笨",)
+
+
+# -- the logit rules ------------------------------------------------------------------------
+
+
+def test_repetition_penalty_lowers_only_generated_tokens():
+    log_probs = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
+    out = apply_repetition_penalty(log_probs, [2, 2, 3], 1.5)
+    np.testing.assert_allclose(out[[0, 1]], log_probs[[0, 1]])
+    np.testing.assert_allclose(out[[2, 3]], log_probs[[2, 3]] * 1.5)
+    assert apply_repetition_penalty(log_probs, [2], 1.0) is log_probs
+
+
+def test_ngram_blocking():
+    assert ngram_blocked_ids([5, 6, 7, 5], 2) == [6]  # "5 6" exists: after 5, 6 is banned
+    assert sorted(ngram_blocked_ids([5, 6, 7, 5, 6], 3)) == [7]
+    assert sorted(ngram_blocked_ids([5, 6, 5], 1)) == [5, 6]
+    assert ngram_blocked_ids([5, 6], 0) == []
+    assert ngram_blocked_ids([5], 3) == []
+
+
+def _rules(**options) -> TokenRules:
+    return TokenRules(DecodingOptions(**options), eos_id=3, banned=np.array([0, 1, 2]))
+
+
+def test_rules_ban_specials_and_early_end_and_renormalize():
+    log_probs = np.log(np.full(8, 1 / 8, np.float32))
+    out = _rules(min_length=2).process(log_probs, [5])
+    assert np.all(np.isneginf(out[[0, 1, 2, 3]]))  # <pad> <unk> <s> banned, </s> too early
+    assert np.isclose(np.exp(out).sum(), 1.0)
+    assert np.isfinite(_rules(min_length=2).process(log_probs, [5, 6])[3])  # long enough
+
+
+def test_rules_fall_back_to_ending_when_everything_is_banned():
+    log_probs = np.log(np.full(6, 1 / 6, np.float32))
+    out = _rules(no_repeat_ngram_size=1, min_length=0).process(log_probs, [4, 5])
+    assert int(np.argmax(out)) == 3
+
+
+def test_choose_token_greedy_top_k_and_top_p():
+    log_probs = np.log(np.array([0.05, 0.05, 0.5, 0.3, 0.1]))
+    rng = np.random.default_rng(0)
+    assert choose_token(log_probs, DecodingOptions(), rng) == 2
+    top2 = DecodingOptions(sampling_topk=2, seed=0)
+    assert {choose_token(log_probs, top2, rng) for _ in range(200)} == {2, 3}
+    nucleus = DecodingOptions(sampling_topk=0, sampling_topp=0.7)
+    assert {choose_token(log_probs, nucleus, rng) for _ in range(200)} == {2, 3}
+    tiny_p = DecodingOptions(sampling_topk=0, sampling_topp=0.01)
+    assert {choose_token(log_probs, tiny_p, rng) for _ in range(50)} == {2}
+    anything = DecodingOptions(sampling_topk=0, sampling_temperature=5.0)
+    assert {choose_token(log_probs, anything, rng) for _ in range(500)} == {0, 1, 2, 3, 4}
+
+
+# -- searches on a real exported model ------------------------------------------------------
+
+
+def test_source_ids_rejects_an_empty_message(model):
+    with pytest.raises(ValueError, match="empty"):
+        source_ids(model, "   ")
+    assert len(source_ids(model, "你好" * 200, max_source_length=10)) == 10
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2, "length_penalty": 0.0}],
+)
+def test_beam_1_equals_greedy(model, extra):
+    for question in QUESTIONS:
+        src = source_ids(model, question)
+        greedy = decode_alone(model, src, DecodingOptions(return_scores=True, **extra))
+        beam = beam_search(model, src, DecodingOptions(beam_size=1, return_scores=True, **extra))
+        assert beam.token_ids == greedy.token_ids
+        assert beam.finish_reason == greedy.finish_reason
+        assert beam.score == pytest.approx(greedy.score, abs=1e-9)
+
+
+def test_beam_best_score_is_at_least_greedys(model):
+    for question in QUESTIONS:
+        src = source_ids(model, question)
+        greedy = decode_alone(model, src, DecodingOptions(return_scores=True))
+        beam = beam_search(model, src, DecodingOptions(beam_size=5, return_scores=True))
+        assert beam.score >= greedy.score - 1e-9, question
+
+
+def test_n_best_is_sorted_and_distinct(model):
+    options = DecodingOptions(beam_size=5, num_hypotheses=4, return_scores=True)
+    result = generate(model, "你好", options)
+    assert len(result.hypotheses) == 4
+    scores = [score for _, score in result.hypotheses]
+    assert scores == sorted(scores, reverse=True)
+    assert result.hypotheses[0] == (result.text, result.score)
+    without = generate(model, "你好", DecodingOptions(beam_size=5, num_hypotheses=4))
+    assert without.score is None and [t for t, _ in without.hypotheses] == [
+        t for t, _ in result.hypotheses
+    ]
+
+
+def test_seeded_sampling_reproduces_and_seeds_differ(model):
+    def sample(seed):
+        options = DecodingOptions(sampling_topk=0, sampling_temperature=1.5, seed=seed)
+        return [generate(model, q, options).token_ids for q in QUESTIONS]
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+
+
+def test_length_limits(model):
+    for question in QUESTIONS[:3]:
+        short = generate(model, question, DecodingOptions(max_length=3))
+        assert len(short.token_ids) <= 3
+        assert short.finish_reason == "stop" or len(short.token_ids) == 3
+        forced = generate(model, question, DecodingOptions(min_length=12, max_length=12))
+        assert len(forced.token_ids) == 12 and forced.finish_reason == "length"
+        beam = generate(model, question, DecodingOptions(beam_size=3, min_length=6))
+        assert len(beam.token_ids) >= 6
+
+
+def test_suppressed_words_and_no_repeat_ngrams_never_appear(model):
+    reply = generate(model, "你好", DecodingOptions(min_length=10, max_length=10))
+    word = model.tokenizer.id_to_piece(reply.token_ids[0])[0]  # a character greedy produces
+    for beam_size in (1, 3):
+        options = DecodingOptions(
+            beam_size=beam_size, suppress_words=(word,), min_length=10, max_length=20
+        )
+        for question in QUESTIONS:
+            result = generate(model, question, options)
+            assert word not in result.text
+    options = DecodingOptions(no_repeat_ngram_size=2, min_length=20, max_length=20)
+    for question in QUESTIONS:
+        ids = generate(model, question, options).token_ids
+        bigrams = list(zip(ids, ids[1:], strict=False))
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_unk_only_when_allowed(model):
+    unk = model.unk_id
+    options = DecodingOptions(min_length=15, max_length=15, sampling_topk=0, seed=3)
+    for question in QUESTIONS:
+        assert unk not in generate(model, question, options).token_ids

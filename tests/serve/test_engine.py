@@ -1,0 +1,229 @@
+"""The engine: continuous batching, streaming, cancellation, overload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from pathlib import Path
+
+import pytest
+
+from serve.decoding import DecodingOptions, beam_search, decode_alone, source_ids
+from serve.engine import Engine, EngineStopped, Overloaded
+from serve.model import OnnxSeq2Seq
+
+SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "xiaox"
+QUESTIONS = [
+    "你好",
+    "你叫什么名字",
+    "今天天气怎么样",
+    "我好累啊，今天上了一整天的班，回家还要做饭",
+    "晚安",
+    "你喜欢吃什么水果",
+    "哈哈哈",
+    "周末一起去看电影吧，听说新上映的那部很好看",
+    "嗯",
+]
+ENDLESS = {"min_length": 100_000, "max_length": 100_000}  # only a cancel ends it
+
+
+@pytest.fixture(scope="module")
+def model_dir(request) -> Path:
+    """The shipped model (runs without TensorFlow); a tiny exported one until it exists."""
+    if (SHIPPED / "manifest.json").is_file():
+        return request.getfixturevalue("shipped_model_dir")
+    return request.getfixturevalue("tiny_model_dir")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> OnnxSeq2Seq:
+    return OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
+
+
+@contextlib.asynccontextmanager
+async def running(model: OnnxSeq2Seq, **kwargs):
+    # Not an async fixture: the engine's scheduler must live in the test's own event loop.
+    engine = Engine(model, **kwargs)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+async def _hog(engine: Engine, started: asyncio.Event) -> None:
+    async for _ in engine.stream("你好", **ENDLESS):
+        started.set()
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.tensorflow
+async def test_batched_equals_alone_for_50_mixed_concurrent_requests(tiny_model_dir):
+    # fp32: every row of a batched step is computed exactly as alone (int8 quantizes the
+    # activations over the whole batch, so only the fp32 model can promise bit equality).
+    model = OnnxSeq2Seq.load(tiny_model_dir, intra_op_num_threads=1)
+    rng = random.Random(5)
+    requests = []
+    for i in range(50):
+        options = {"max_length": rng.randint(3, 30), "return_scores": True}
+        if i % 2:
+            options |= {
+                "sampling_topk": rng.choice([0, 5]),
+                "sampling_topp": 0.9,
+                "sampling_temperature": 0.8,
+                "seed": i,
+            }
+        if i % 5 == 0:
+            options |= {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+        requests.append((rng.choice(QUESTIONS), DecodingOptions(**options)))
+    engine = Engine(model, max_batch_size=16)
+    await engine.start()
+    try:
+
+        async def one(i, text, options):
+            await asyncio.sleep(0.002 * (i % 7))  # arrive while others are mid-reply
+            return await engine.generate(text, options)
+
+        batched = await asyncio.gather(*(one(i, t, o) for i, (t, o) in enumerate(requests)))
+    finally:
+        await engine.stop()
+    alone = [decode_alone(model, source_ids(model, t), o) for t, o in requests]
+    assert batched == alone
+    assert engine.stats.steps_total < engine.stats.tokens_total / 4  # rows shared steps
+    assert engine.stats.requests_finished == 50 and engine.stats.active == 0
+
+
+async def test_stream_yields_the_reply_piece_by_piece(model):
+    seen = []
+    engine = Engine(model, on_metric=lambda name, seconds: seen.append(name))
+    await engine.start()
+    try:
+        stream = engine.stream("你好", min_length=5, max_length=8)
+        deltas = [delta async for delta in stream]
+    finally:
+        await engine.stop()
+    result = stream.result
+    assert result is not None and "".join(deltas) == result.text
+    assert len(deltas) == len(result.token_ids) >= 5
+    assert result == decode_alone(
+        model, source_ids(model, "你好"), DecodingOptions(min_length=5, max_length=8)
+    )
+    assert seen.count("time_to_first_token") == 1
+    assert seen.count("inter_token_latency") == len(deltas) - 1
+    assert seen.count("request_latency") == 1
+
+
+async def test_cancelling_a_stream_consumer_frees_its_slot(model):
+    engine = Engine(model, max_batch_size=1)
+    await engine.start()
+    try:
+        started = asyncio.Event()
+        hog = asyncio.create_task(_hog(engine, started))
+        await asyncio.wait_for(started.wait(), 10)
+        waiting = asyncio.create_task(engine.generate("晚安", max_length=5))
+        await _until(lambda: engine.stats.queue_size == 1)
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and engine.stats.active == 1  # the hog holds the only slot
+        hog.cancel()
+        result = await asyncio.wait_for(waiting, 10)
+        assert 1 <= len(result.token_ids) <= 5
+        assert engine.stats.requests_cancelled == 1
+        await _until(lambda: engine.stats.active == 0)
+    finally:
+        await engine.stop()
+
+
+async def test_cancelling_generate_or_leaving_the_loop_frees_the_slot(model):
+    async with running(model) as engine:
+        task = asyncio.create_task(engine.generate("你好", **ENDLESS))
+        await _until(lambda: engine.stats.active == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _until(lambda: engine.stats.active == 0)
+
+        async for _ in engine.stream("你好", **ENDLESS):
+            break
+        await _until(lambda: engine.stats.active == 0)
+        assert engine.stats.requests_cancelled == 2
+
+
+async def test_overloaded_past_the_queue_bound(model):
+    engine = Engine(model, max_batch_size=1, max_queue=2)
+    await engine.start()
+    try:
+        started = asyncio.Event()
+        hog = asyncio.create_task(_hog(engine, started))
+        await asyncio.wait_for(started.wait(), 10)
+        queued = [asyncio.create_task(engine.generate("晚安", max_length=3)) for _ in range(2)]
+        await _until(lambda: engine.stats.queue_size == 2)
+        with pytest.raises(Overloaded, match="queue is full"):
+            await engine.generate("你好")
+        with pytest.raises(Overloaded):
+            async for _ in engine.stream("你好"):
+                pass
+        assert engine.stats.overloaded_total == 2
+        hog.cancel()
+        for result in await asyncio.gather(*queued):
+            assert len(result.token_ids) <= 3
+    finally:
+        await engine.stop()
+
+
+async def test_seeded_sampling_reproduces_through_the_engine(model):
+    async with running(model) as engine:
+        options = DecodingOptions(sampling_topk=0, sampling_temperature=1.3, seed=42, max_length=20)
+        first, second = await asyncio.gather(
+            engine.generate("你好", options), engine.generate("你好", options)
+        )
+        assert first == second
+        third = await engine.generate("你好", options)
+        assert third == first
+
+
+async def test_beam_runs_beside_the_batch_and_returns_the_n_best(model):
+    async with running(model) as engine:
+        options = DecodingOptions(beam_size=4, num_hypotheses=3, return_scores=True)
+        greedy, beam = await asyncio.gather(
+            engine.generate("今天天气怎么样", max_length=10),
+            engine.generate("今天天气怎么样", options),
+        )
+        assert beam == beam_search(model, source_ids(model, "今天天气怎么样"), options)
+        assert len(beam.hypotheses) == 3
+        stream = engine.stream("今天天气怎么样", options)
+        assert [d async for d in stream] == [beam.text]
+        assert greedy.finish_reason in ("stop", "length")
+
+
+async def test_bad_requests_are_value_errors(model):
+    async with running(model) as engine:
+        with pytest.raises(ValueError, match="empty"):
+            await engine.generate("  ")
+        with pytest.raises(ValueError, match="unknown decoding option"):
+            await engine.generate("你好", temperature=0.7)
+        with pytest.raises(ValueError, match="sampling_topp"):
+            async for _ in engine.stream("你好", sampling_topp=3):
+                pass
+        assert engine.stats.active == 0 and engine.stats.queue_size == 0
+
+
+async def test_not_started_and_stopped_engines_refuse(model):
+    engine = Engine(model, max_batch_size=1)
+    with pytest.raises(EngineStopped, match="start"):
+        await engine.generate("你好")
+    await engine.start()
+    started = asyncio.Event()
+    hog = asyncio.create_task(_hog(engine, started))
+    await asyncio.wait_for(started.wait(), 10)
+    waiting = asyncio.create_task(engine.generate("晚安"))
+    await _until(lambda: engine.stats.queue_size == 1)
+    await engine.stop()
+    for task in (hog, waiting):
+        with pytest.raises(EngineStopped):
+            await task
