@@ -1,0 +1,206 @@
+"""The broker contract, for the in-process broker and for Redis (a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from serve.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def running(broker: Broker):
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@pytest.fixture(params=["in-process", "redis"])
+def make_broker(request):
+    if request.param == "in-process":
+        return lambda **kw: InProcessBroker(**kw)
+    url = request.getfixturevalue("redis_server").url
+    return lambda **kw: RedisBroker(url, **kw)
+
+
+async def take(events, n: int, timeout: float = 10.0) -> list:
+    out = []
+
+    async def collect():
+        async for event in events:
+            out.append(event)
+            if len(out) == n:
+                return
+
+    await asyncio.wait_for(collect(), timeout)
+    return out
+
+
+def test_event_ids_parse_and_order():
+    assert parse_id("1700000000000-2") == (1700000000000, 2)
+    assert parse_id("5-10") > parse_id("5-9")
+    for bad in ("", "5", "a-1", "1-b", "-1", "1--1", "1-2-3", "1" * 60 + "-0"):
+        with pytest.raises(ValueError):
+            parse_id(bad)
+
+
+async def test_publish_history_and_replay(make_broker):
+    async with running(make_broker()) as broker:
+        assert await broker.history("room", 10) == ([], "0-0")
+        published = [await broker.publish("room", "message", {"role": "user", "text": "一"}),
+                     await broker.publish("room", "typing", {"reply_id": "r"}),
+                     await broker.publish("room", "token", {"reply_id": "r", "delta": "好"}),
+                     await broker.publish("room", "message", {"role": "bot", "text": "好"}),
+                     await broker.publish("other", "message", {"role": "user", "text": "別"})]
+        keys = [e.key for e in published[:4]]
+        assert keys == sorted(keys) and len(set(keys)) == 4
+        assert all(e.data["id"] == e.id for e in published)
+        assert published[0].data["room"] == "room" and isinstance(published[0].data["ts"], float)
+        messages, cursor = await broker.history("room", 10)
+        assert [m.data["text"] for m in messages] == ["一", "好"]  # messages only
+        assert cursor == published[3].id  # the room's last id, of any type
+        assert [m.id for m in (await broker.history("room", 1))[0]] == [published[3].id]
+        assert (await broker.history("room", 0))[0] == []
+        replayed = await broker.replay("room", published[0].id)
+        assert [e.id for e in replayed] == [e.id for e in published[1:4]]
+        assert [e.type for e in replayed] == ["typing", "token", "message"]
+        assert await broker.replay("room", published[3].id) == []
+        assert len(await broker.replay("room", "0-0")) == 4
+        assert await broker.last_id("room") == published[3].id
+        assert await broker.last_id("nobody-here") == "0-0"
+
+
+async def test_subscribe_replays_then_goes_live_without_gaps_or_duplicates(make_broker):
+    async with running(make_broker()) as broker:
+        first = await broker.publish("room", "message", {"text": "0"})
+        before = [await broker.publish("room", "message", {"text": str(i)}) for i in (1, 2)]
+        async with broker.subscribe("room", last_id=first.id) as events:
+            after = [await broker.publish("room", "token", {"delta": str(i)}) for i in (3, 4)]
+            got = await take(events, 4)
+        assert [e.id for e in got] == [e.id for e in before + after]
+
+
+async def test_subscribe_without_last_id_starts_now(make_broker):
+    async with running(make_broker()) as broker:
+        await broker.publish("room", "message", {"text": "old"})
+        async with broker.subscribe("room") as events:
+            new = await broker.publish("room", "message", {"text": "new"})
+            got = await take(events, 1)
+        assert [e.id for e in got] == [new.id]
+
+
+async def test_every_listener_gets_every_event_of_its_room_only(make_broker):
+    async with running(make_broker()) as broker:
+        async with broker.subscribe("a") as a1, broker.subscribe("a") as a2, \
+                broker.subscribe("b") as b:
+            assert broker.listener_count("a") == 2 and broker.listener_count() == 3
+            sent = [await broker.publish("a", "token", {"delta": str(i)}) for i in range(20)]
+            other = await broker.publish("b", "token", {"delta": "b"})
+            got1, got2, got_b = await asyncio.gather(take(a1, 20), take(a2, 20), take(b, 1))
+        assert [e.id for e in got1] == [e.id for e in got2] == [e.id for e in sent]
+        assert [e.id for e in got_b] == [other.id]
+        assert broker.listener_count() == 0
+
+
+async def test_a_listener_too_slow_is_ended_not_buffered_forever(make_broker):
+    broker = make_broker()
+    broker.max_pending = 5
+    async with running(broker):
+        async with broker.subscribe("room") as events:
+            published = [await broker.publish("room", "token", {"delta": "x"}) for _ in range(20)]
+            await asyncio.sleep(0.5)  # the Redis reader delivers
+            got = [e async for e in events]  # ends by itself
+        assert 0 < len(got) <= 5
+        assert [e.id for e in got] == [e.id for e in published[:len(got)]]
+        # What it missed is in the log: a reconnect with its last id gets the rest.
+        rest = await broker.replay("room", got[-1].id)
+        assert [e.id for e in got + rest] == [e.id for e in published]
+
+
+async def test_closing_the_broker_ends_its_listeners(make_broker):
+    broker = make_broker()
+    await broker.start()
+    async with broker.subscribe("room") as events:
+        reader = asyncio.ensure_future(take(events, 1))
+        await asyncio.sleep(0.1)
+        await broker.close()
+        assert await asyncio.wait_for(reader, 5) == []  # ended, not hanging
+    with pytest.raises(BrokerUnavailable):
+        await broker.publish("room", "message", {"text": "late"})
+
+
+# --- Redis only ---------------------------------------------------------------------------
+
+@pytest.mark.redis
+async def test_two_brokers_on_one_redis_see_each_others_events(redis_server):
+    async with running(RedisBroker(redis_server.url)) as one, \
+            running(RedisBroker(redis_server.url)) as two:
+        async with one.subscribe("lobby") as events:
+            sent = await two.publish("lobby", "message", {"text": "from two"})
+            got = await take(events, 1)
+        assert got[0].id == sent.id and got[0].data["text"] == "from two"
+        assert (await one.history("lobby", 5))[0][0].id == sent.id
+
+
+@pytest.mark.redis
+async def test_one_redis_reader_per_process_however_many_listeners(redis_server):
+    import redis
+
+    async with running(RedisBroker(redis_server.url)) as broker:
+        async with contextlib.AsyncExitStack() as stack:
+            listeners = [await stack.enter_async_context(broker.subscribe(f"room-{i % 5}"))
+                         for i in range(60)]
+            await broker.publish("room-0", "message", {"text": "hello"})
+            await asyncio.gather(*(take(events, 1) for events in listeners[::5]))
+            clients = redis.Redis.from_url(redis_server.url).client_list()
+            # one blocking reader plus a command connection or two; never one per listener
+            assert len(clients) <= 4, clients
+
+
+@pytest.mark.redis
+async def test_a_redis_restart_loses_no_stored_message_and_live_events_resume(redis_server):
+    async with running(RedisBroker(redis_server.url)) as broker:
+        stored = await broker.publish("lobby", "message", {"text": "before"})
+        async with broker.subscribe("lobby", last_id=stored.id) as events:
+            redis_server.stop()
+            deadline = time.monotonic() + 10
+            while broker.healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not broker.healthy and "redis" in broker.problem
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish("lobby", "token", {"delta": "x"}, timeout=0.3)
+            # A stored message is retried until Redis is back, not dropped.
+            pending = asyncio.ensure_future(
+                broker.publish("lobby", "message", {"text": "during"}, timeout=None))
+            await asyncio.sleep(0.5)
+            assert not pending.done()
+            redis_server.start()
+            during = await asyncio.wait_for(pending, 20)
+            after = await broker.publish("lobby", "message", {"text": "after"})
+            got = await take(events, 2, timeout=20)
+        assert broker.healthy
+        assert [e.id for e in got] == [during.id, after.id]
+        messages, _ = await broker.history("lobby", 10)
+        assert [m.data["text"] for m in messages] == ["before", "during", "after"]
+
+
+@pytest.mark.redis
+async def test_the_log_is_bounded(redis_server):
+    async with running(RedisBroker(redis_server.url, log_max_events=100,
+                                   history_max_messages=50)) as broker:
+        for i in range(1000):
+            await broker.publish("busy", "message" if i % 2 else "token", {"i": i})
+        import redis
+
+        r = redis.Redis.from_url(redis_server.url)
+        assert r.xlen("xiaox:{busy}:log") < 300  # MAXLEN ~: approximately, cheaply
+        assert r.xlen("xiaox:{busy}:messages") < 200
+        messages, _ = await broker.history("busy", 10)
+        assert [m.data["i"] for m in messages] == list(range(981, 1000, 2))
