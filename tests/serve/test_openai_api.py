@@ -1,0 +1,227 @@
+"""The OpenAI-compatible API against a real server process and a real model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+    ServerProcess,
+    StrictSSEParser,
+    _model_dir_fixture,
+    metric_value,
+    split_lines,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY = "test-api-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("openai"),
+                            env={"XIAOX_API_KEY": KEY}).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def model_name(model_dir) -> str:
+    return json.loads((model_dir / "manifest.json").read_text())["name"]
+
+
+def parse_openai_stream(raw: str) -> list[str]:
+    """Strict: only ``data:`` fields and blank lines; returns each event's data."""
+    parser = StrictSSEParser(fields=("data",), comments=False)
+    assert raw.endswith("\n\n"), "the stream must end with a complete event"
+    events = []
+    for line in split_lines(raw)[:-1]:
+        event = parser.feed(line)
+        if event is not None:
+            assert set(event) == {"data"}
+            events.append(event["data"])
+    assert not parser.data, "data left without a dispatching blank line"
+    return events
+
+
+def post(c: httpx.Client, body: dict, headers: dict | None = None) -> httpx.Response:
+    return c.post("/v1/chat/completions", json=body, headers=AUTH if headers is None else headers)
+
+
+def ask(text: str = "你好", **extra) -> dict:
+    return {"model": extra.pop("model", None) or "xiaox",
+            "messages": [{"role": "system", "content": "你是小X"},
+                         {"role": "user", "content": text}], **extra}
+
+
+def test_models_lists_the_loaded_model_and_needs_the_key(server, model_name):
+    with httpx.Client(base_url=server.url) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        body = c.get("/v1/models", headers=AUTH).json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == [model_name]
+        assert body["data"][0]["object"] == "model"
+
+
+def test_the_shipped_model_is_called_xiaox(model_dir, model_name):
+    if model_dir.name == "xiaox":
+        assert model_name == "xiaox"
+    else:
+        pytest.skip("the shipped model is not built yet: tested with the tiny model")
+
+
+def test_a_completion(server, model_name):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        response = post(c, ask(model=model_name))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+        assert body["model"] == model_name
+        choice = body["choices"][0]
+        assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+        assert isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length")
+        usage = body["usage"]
+        assert usage["prompt_tokens"] >= 1 and usage["completion_tokens"] >= 1
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert post(c, ask(model=model_name), headers={}).status_code == 401
+
+
+def test_a_stream_parses_strictly_and_matches_the_completion(server, model_name):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        whole = post(c, ask("今天天气怎么样", model=model_name)).json()
+        response = post(c, ask("今天天气怎么样", model=model_name, stream=True,
+                               stream_options={"include_usage": True}))
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_openai_stream(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+    assert len({ch["id"] for ch in chunks}) == 1 and chunks[0]["model"] == model_name
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+    content_chunks = chunks[:-1]
+    finishes = [ch["choices"][0]["finish_reason"] for ch in content_chunks]
+    assert finishes[:-1] == [None] * (len(finishes) - 1)
+    assert finishes[-1] == whole["choices"][0]["finish_reason"]
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in content_chunks)
+    assert text == whole["choices"][0]["message"]["content"]  # greedy: the same reply
+
+
+def test_no_usage_chunk_unless_asked(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        events = parse_openai_stream(post(c, ask(stream=True)).text)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in ch for ch in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_max_tokens_ends_with_length(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = post(c, ask(max_tokens=3, min_tokens=3)).json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 3
+        events = parse_openai_stream(post(c, ask(max_tokens=3, min_tokens=3, stream=True)).text)
+        last = json.loads(events[-2])
+        assert last["choices"][0]["finish_reason"] == "length"
+
+
+def test_sampling_fields_and_extra_decoding_fields_are_accepted(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        sampled = [post(c, ask(temperature=1.2, top_p=0.95, seed=11, max_tokens=8)).json()
+                   for _ in range(2)]
+        assert sampled[0]["choices"][0]["message"] == sampled[1]["choices"][0]["message"]
+        extras = ask(beam_size=3, num_hypotheses=2, repetition_penalty=1.3,
+                     no_repeat_ngram_size=2, length_penalty=0.8, max_completion_tokens=10,
+                     user="someone", n=1, presence_penalty=0)
+        response = post(c, extras)
+        assert response.status_code == 200, response.text
+        topk = post(c, ask(top_k=5, temperature=0.7, seed=1))
+        assert topk.status_code == 200, topk.text
+        beam_stream = parse_openai_stream(post(c, ask(beam_size=2, stream=True)).text)
+        assert beam_stream[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"messages": []}, 400, "invalid_messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_messages"),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400, "invalid_content"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "invalid_content"),
+    ({"messages": "hi"}, 400, "invalid_messages"),
+    (ask(model="gpt-4"), 404, "model_not_found"),
+    (ask(beam_size=0), 400, "invalid_decoding_option"),
+    (ask(temperature=-1), 400, "invalid_decoding_option"),
+    (ask(top_p=2), 400, "invalid_decoding_option"),
+    (ask(max_tokens="many"), 400, "invalid_decoding_option"),
+    (ask(beam_size=2, top_k=5), 400, "invalid_decoding_option"),
+    (ask(colour="blue"), 400, "unknown_field"),
+    (ask(n=3), 400, "unsupported_n"),
+    (ask(stream="yes"), 400, "invalid_stream"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, code):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        response = post(c, body)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code and error["message"] and error["type"]
+
+
+def test_content_as_parts_and_bad_bodies(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "你好"}]}]}
+        assert post(c, parts).status_code == 200
+        for raw, ctype, status in ((b"{", "application/json", 400),
+                                   (b'{"messages": "\xff"}', "application/json", 400),
+                                   (b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+                                    "application/json", 400),
+                                   (b"[]", "application/json", 400),
+                                   (b"hi", "text/plain", 415)):
+            response = c.post("/v1/chat/completions", content=raw,
+                              headers={**AUTH, "content-type": ctype})
+            assert response.status_code == status, (raw, response.text)
+            assert "error" in response.json()
+
+
+async def test_a_client_leaving_a_stream_cancels_its_request(server):
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        before = metric_value((await c.get("/metrics")).text, "xiaox_engine_cancelled_total")
+        long = ask(min_tokens=400, max_tokens=400, stream=True)
+        async with c.stream("POST", "/v1/chat/completions", json=long, headers=AUTH) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data:") and '"content"' in line and '""' not in line:
+                    break  # leave after the first piece
+        page = ""
+        for _ in range(100):
+            page = (await c.get("/metrics")).text
+            if metric_value(page, "xiaox_engine_cancelled_total") > before:
+                break
+            await asyncio.sleep(0.05)
+        assert metric_value(page, "xiaox_engine_cancelled_total") == before + 1
+        assert metric_value(page, "xiaox_engine_batch_size") == 0
+
+
+def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
+    # max_queue 0: the engine takes nothing (a node out of service), so every request
+    # meets a full queue; the API must say 429, stream or not.
+    process = ServerProcess(model_dir, tmp_path, env={"XIAOX_MAX_QUEUE": "0"})
+    try:
+        process.start()
+        with httpx.Client(base_url=process.url, timeout=30) as c:
+            for stream in (False, True):
+                response = c.post("/v1/chat/completions", json=ask(stream=stream))
+                assert response.status_code == 429
+                assert response.json()["error"]["code"] == "overloaded"
+                assert "retry-after" in response.headers
+            page = c.get("/metrics").text
+            assert metric_value(page, 'xiaox_errors_total{reason="api_overloaded"}') == 2
+    finally:
+        process.stop()
