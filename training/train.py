@@ -132,6 +132,15 @@ def _check_resumable(config: TrainConfig, out: Path) -> None:
                           f"{', '.join(sorted(RESUMABLE_SETTINGS))} may change)")
 
 
+def _check_same_data(out: Path, corpora_info: list[dict], cleaning: dict) -> None:
+    # The split and the data order derive from the pairs: other pairs, another run.
+    saved = ckpt.read_config(out)
+    if saved.get("corpora") != corpora_info or saved.get("cleaning") != cleaning:
+        raise CorpusError(f"--resume needs the corpora and cleaning of the saved run: saved "
+                          f"{saved.get('corpora')} kept {saved.get('cleaning', {}).get('kept')}, "
+                          f"now {corpora_info} kept {cleaning['kept']}")
+
+
 def _setup_tensorflow(config: TrainConfig):
     import keras
     import tensorflow as tf
@@ -170,6 +179,7 @@ def train(
         config, corpora, formats
     )
     if resume:
+        _check_same_data(out, corpora_info, report.to_dict())
         vocab = Vocab.load(out)
     else:
         vocab = Vocab.build((side for pair in train_pairs for side in pair),

@@ -12,6 +12,7 @@ pytest.importorskip("tensorflow")
 from serve.tokenizer import BOS_ID, Vocab  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint, read_metrics  # noqa: E402
 from training.config import ConfigError, TrainConfig  # noqa: E402
+from training.corpus import CorpusError  # noqa: E402
 from training.train import make_batches, pad_batch, train  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
@@ -108,8 +109,20 @@ def test_resume_refuses_a_changed_model_and_a_folder_without_checkpoint(syntheti
         train(tiny_config(hidden_dim=64, max_steps=4), [synthetic_corpus], out, resume=True)
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
         train(tiny_config(max_steps=4), [synthetic_corpus], out)
+    fewer = tmp_path / "fewer.tsv"
+    fewer.write_text("".join(synthetic_corpus.read_text("utf-8").splitlines(True)[:100]), "utf-8")
+    with pytest.raises(CorpusError, match="corpora and cleaning of the saved run"):
+        train(tiny_config(max_steps=4), [fewer], out, resume=True)
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         train(tiny_config(), [synthetic_corpus], tmp_path / "empty", resume=True)
+
+
+def test_max_minutes_stops_and_saves(synthetic_corpus, tmp_path, caplog):
+    caplog.set_level("INFO", logger="training")
+    out = train(tiny_config(epochs=1000, max_minutes=0.03), [synthetic_corpus], tmp_path / "t")
+    assert "max_minutes 0.03 reached" in caplog.text
+    assert read_metrics(out)[-1]["step"] < 1000 * 10  # 10 batches an epoch
+    assert (out / "model.weights.h5").is_file()
 
 
 def test_batches_are_length_bucketed_and_a_function_of_seed_and_epoch():
