@@ -1,0 +1,216 @@
+"""``python -m serve evaluate --data FILE``: reply quality on held-out pairs, no TensorFlow.
+
+For each decoding mode (greedy, beam 5 with no-repeat-ngram, nucleus sampling) it reports
+perplexity of the references, BLEU-1/2 on characters (sacrebleu), distinct-1/2 on
+characters, average reply length, UNK rates, the share of all replies taken by the 10 most
+frequent replies (the generic-reply problem) and blocklist hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serve.blocklist import Blocklist, BlocklistError
+from serve.decoding import DecodingOptions, generate
+from serve.manifest import ModelError
+from serve.model import OnnxSeq2Seq
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PROJECT_ROOT / "artifacts" / "xiaox"
+DEFAULT_BLOCKLIST = PROJECT_ROOT / "data" / "blocklist.txt"
+MAX_REPLY_TOKENS = 30
+
+
+def decoding_modes(seed: int) -> dict[str, dict]:
+    """The three ways of answering that the report compares (CDial-GPT's sampling)."""
+    return {
+        "greedy": {},
+        "beam5": {"beam_size": 5, "no_repeat_ngram_size": 2, "length_penalty": 1.0},
+        "sampling": {"sampling_topk": 0, "sampling_topp": 0.9, "sampling_temperature": 0.7,
+                     "seed": seed},
+    }
+
+
+@dataclass
+class Pair:
+    question: str
+    answer: str
+
+
+def read_pairs(path: Path, limit: int) -> list[Pair]:
+    """question<TAB>answer lines (a checkpoint's valid.tsv, or any such file)."""
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"{path}:{number}: expected question<TAB>answer")
+        pairs.append(Pair(parts[0], parts[1]))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs[:limit] if limit else pairs
+
+
+def perplexity(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = 64) -> float:
+    """exp(mean negative log-likelihood) of the reference answers (and their </s>)."""
+    tok = model.tokenizer
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        sources = [tok.encode(p.question)[-64:] or [model.unk_id] for p in batch]
+        targets = [tok.encode(p.answer)[:MAX_REPLY_TOKENS] + [model.eos_id] for p in batch]
+        state = model.encode(sources)
+        width = max(len(t) for t in targets)
+        target = np.full((len(batch), width), model.pad_id, np.int64)
+        for i, t in enumerate(targets):
+            target[i, : len(t)] = t
+        prev = np.full(len(batch), model.bos_id, np.int64)
+        h, c = state.h, state.c
+        for step in range(width):
+            out = model.step(prev, h, c, state.memory, state.memory_keys, state.src_mask)
+            real = target[:, step] != model.pad_id
+            picked = out.log_probs[np.arange(len(batch)), target[:, step]]
+            total_nll -= float(picked[real].sum())
+            total_tokens += int(real.sum())
+            prev, h, c = target[:, step], out.h, out.c
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def distinct(replies: list[str], n: int) -> float:
+    grams = [tuple(r[i : i + n]) for r in replies for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bleu(replies: list[str], references: list[str], order: int) -> float:
+    from sacrebleu.metrics import BLEU  # "zh" splits Chinese into characters
+
+    metric = BLEU(tokenize="zh", max_ngram_order=order, effective_order=True)
+    return metric.corpus_score(replies, [references]).score
+
+
+def mode_report(
+    model: OnnxSeq2Seq, pairs: list[Pair], options: dict, blocklist: Blocklist
+) -> tuple[dict, list[str]]:
+    replies, tokens, unks = [], 0, 0
+    started = time.monotonic()
+    for i, pair in enumerate(pairs):
+        per_request = dict(options)
+        if "seed" in per_request:
+            per_request["seed"] = per_request["seed"] + i
+        result = generate(model, pair.question, DecodingOptions(
+            max_length=MAX_REPLY_TOKENS, suppress_words=blocklist.words, **per_request))
+        replies.append(result.text)
+        tokens += len(result.token_ids)
+        unks += sum(t == model.unk_id for t in result.token_ids)
+    top10 = sum(n for _, n in Counter(replies).most_common(10))
+    report = {
+        "bleu1": bleu(replies, [p.answer for p in pairs], 1),
+        "bleu2": bleu(replies, [p.answer for p in pairs], 2),
+        "distinct1": distinct(replies, 1),
+        "distinct2": distinct(replies, 2),
+        "avg_length": float(np.mean([len(r) for r in replies])),
+        "reply_unk_rate": unks / max(tokens, 1),
+        "top10_share": top10 / len(replies),
+        "blocklist_hits": sum(bool(blocklist.hits(r)) for r in replies),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return report, replies
+
+
+def source_unk_rate(model: OnnxSeq2Seq, pairs: list[Pair]) -> float:
+    ids = [t for p in pairs for t in model.tokenizer.encode(p.question)]
+    return sum(t == model.unk_id for t in ids) / max(len(ids), 1)
+
+
+def evaluate(
+    model: OnnxSeq2Seq, pairs: list[Pair], blocklist: Blocklist, *, seed: int = 0
+) -> tuple[dict, dict[str, list[str]]]:
+    """The whole report (one dict per mode, plus shared figures) and every reply."""
+    report: dict = {
+        "model": model.manifest.name,
+        "pairs": len(pairs),
+        "perplexity": perplexity(model, pairs),
+        "source_unk_rate": source_unk_rate(model, pairs),
+        "modes": {},
+    }
+    replies = {}
+    for name, options in decoding_modes(seed).items():
+        report["modes"][name], replies[name] = mode_report(model, pairs, options, blocklist)
+    return report, replies
+
+
+def markdown_table(report: dict) -> str:
+    columns = ["bleu1", "bleu2", "distinct1", "distinct2", "avg_length", "reply_unk_rate",
+               "top10_share", "blocklist_hits"]
+    lines = [
+        f"model `{report['model']}` on {report['pairs']} held-out pairs: perplexity "
+        f"{report['perplexity']:.1f}, source UNK rate {report['source_unk_rate']:.2%}",
+        "",
+        "| decoding | " + " | ".join(columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for mode, figures in report["modes"].items():
+        cells = [f"{figures[c]:.3f}" if isinstance(figures[c], float) else str(figures[c])
+                 for c in columns]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def samples_table(pairs: list[Pair], replies: dict[str, list[str]], n: int, seed: int) -> str:
+    """``n`` exchanges drawn at random with a fixed seed (not hand-picked)."""
+    picked = sorted(random.Random(seed).sample(range(len(pairs)), min(n, len(pairs))))
+    lines = ["| question | reference | " + " | ".join(replies) + " |",
+             "| --- | --- |" + " --- |" * len(replies)]
+    cell = lambda s: s.replace("|", "\\|") or "(empty)"  # noqa: E731
+    for i in picked:
+        row = [pairs[i].question, pairs[i].answer, *(r[i] for r in replies.values())]
+        lines.append("| " + " | ".join(cell(s) for s in row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True,
+                        help="held-out question<TAB>answer pairs, e.g. a checkpoint's valid.tsv")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder")
+    parser.add_argument("--limit", type=int, default=1000, help="pairs to use (0 = all)")
+    parser.add_argument("--blocklist", type=Path, default=DEFAULT_BLOCKLIST,
+                        help="words suppressed in replies and counted as hits")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="also print this many random exchanges")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here too")
+    args = parser.parse_args(argv)
+    try:
+        pairs = read_pairs(args.data, args.limit)
+        blocklist = Blocklist.load(args.blocklist)
+        model = OnnxSeq2Seq.load(args.model)
+    except (ModelError, BlocklistError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report, replies = evaluate(model, pairs, blocklist, seed=args.seed)
+    print(markdown_table(report))
+    if args.samples:
+        print()
+        print(samples_table(pairs, replies, args.samples, args.seed))
+    if args.json:
+        args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    return 0

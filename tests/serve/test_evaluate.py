@@ -1,0 +1,78 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from serve.blocklist import Blocklist
+from serve.evaluate import Pair, distinct, evaluate, perplexity, read_pairs
+from serve.model import OnnxSeq2Seq
+from tests.conftest import DEMO_CORPUS, ROOT
+
+PAIRS = [Pair(*line.split("\t")) for line in DEMO_CORPUS.read_text("utf-8").splitlines()[:12]]
+
+
+@pytest.fixture(scope="module")
+def model(shipped_model_dir):
+    return OnnxSeq2Seq.load(shipped_model_dir)
+
+
+def test_report_has_every_figure_for_every_mode(model):
+    blocklist = Blocklist(terms=["傻逼"], replacements={"小通": "小X"})
+    report, replies = evaluate(model, PAIRS, blocklist, seed=3)
+    assert report["pairs"] == len(PAIRS)
+    assert math.isfinite(report["perplexity"]) and report["perplexity"] > 1
+    assert set(report["modes"]) == {"greedy", "beam5", "sampling"}
+    for mode, figures in report["modes"].items():
+        assert len(replies[mode]) == len(PAIRS)
+        for key in ("bleu1", "bleu2", "distinct1", "distinct2", "avg_length",
+                    "reply_unk_rate", "top10_share", "blocklist_hits"):
+            assert key in figures
+        assert 0 <= figures["distinct2"] <= 1
+        assert 0 < figures["top10_share"] <= 1
+        assert figures["blocklist_hits"] == 0  # suppressed while decoding
+
+
+def test_perplexity_prefers_the_model_own_replies(model):
+    """The model's greedy reply must be likelier to it than an unrelated reference."""
+    report, replies = evaluate(model, PAIRS[:4], Blocklist(), seed=0)
+    own = [Pair(p.question, r or "。") for p, r in zip(PAIRS[:4], replies["greedy"], strict=True)]
+    odd = [Pair(p.question, "量子色动力学的渐近自由") for p in PAIRS[:4]]
+    assert perplexity(model, own) < perplexity(model, odd)
+
+
+def test_distinct_counts_character_ngrams():
+    assert distinct(["哈哈哈"], 1) == pytest.approx(1 / 3)
+    assert distinct(["你好", "你好"], 2) == pytest.approx(1 / 2)
+    assert distinct([""], 2) == 0.0
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("你好\t你好呀\n只有问题\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.tsv:2"):
+        read_pairs(bad, 0)
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, shipped_model_dir):
+    data = tmp_path / "held_out.tsv"
+    data.write_text("\n".join(f"{p.question}\t{p.answer}" for p in PAIRS[:6]) + "\n", "utf-8")
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "evaluate", "--data", str(data), "--model",
+         str(shipped_model_dir), "--json", str(out), "--samples", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| greedy |" in result.stdout and "| beam5 |" in result.stdout
+    assert json.loads(out.read_text())["pairs"] == 6
+
+
+def test_cli_missing_file_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "evaluate", "--data", str(tmp_path / "nope.tsv")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
