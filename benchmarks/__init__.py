@@ -1,0 +1,1 @@
+"""Speed and memory measurements, as ratios within one run: python -m benchmarks.NAME."""
