@@ -66,6 +66,8 @@ class Chat:
         self.send_limiter = RateLimiter(settings.rate_limit_messages, settings.rate_limit_window)
         self.replies: set[asyncio.Task] = set()
         self.closing = False
+        self.sse_shutdown: anyio.Event | None = None  # set by sse-starlette on shutdown
+        self._watcher: asyncio.Task | None = None
 
     @property
     def reply_options(self) -> dict[str, Any]:
@@ -92,6 +94,18 @@ class Chat:
             self.broker = InProcessBroker(log_max_events=s.log_max_events,
                                           history_max_messages=s.history_max_messages)
         await self.broker.start()
+        self.sse_shutdown = anyio.Event()
+        self._watcher = asyncio.create_task(self._end_streams_on_shutdown())
+
+    async def _end_streams_on_shutdown(self) -> None:
+        # sse-starlette sets the event when uvicorn begins to shut down; ending the
+        # subscriptions lets every stream finish cleanly (and say "leave") instead of
+        # being cancelled mid-response.
+        assert self.sse_shutdown is not None
+        await self.sse_shutdown.wait()
+        self.closing = True
+        if self.broker is not None:
+            self.broker.end_listeners()
 
     async def stop(self) -> None:
         """Drain: let replies in flight finish (up to drain_seconds), then stop everything."""
@@ -104,6 +118,8 @@ class Chat:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2)
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.engine is not None:
             await self.engine.stop()
         if self.broker is not None:
@@ -379,7 +395,8 @@ async def stream(request: Request) -> Response:
                 await _try_publish(broker, room, "leave", {"user": user})
 
     return EventSourceResponse(events(), ping=chat.settings.ping_seconds, send_timeout=30,
-                               headers={"Cache-Control": "no-store"})
+                               headers={"Cache-Control": "no-store"},
+                               shutdown_event=chat.sse_shutdown, shutdown_grace_period=2)
 
 
 async def healthz(request: Request) -> Response:

@@ -96,6 +96,10 @@ class Broker:
 
     async def close(self) -> None:
         self.closed = True
+        self.end_listeners()
+
+    def end_listeners(self) -> None:
+        """End every local subscription (their clients reconnect with Last-Event-ID)."""
         for listeners in self._listeners.values():
             for listener in listeners:
                 listener.offer(None)
