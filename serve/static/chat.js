@@ -130,6 +130,7 @@
         state.pending.delete(replyId);
         changeList(function () {
           pending.item.classList.remove("streaming");
+          if (data.error) pending.item.classList.add("failed");
           pending.item.dataset.id = String(data.id);
           setText(pending.item, data.text);
           const typing = pending.item.querySelector(".typing");
@@ -139,6 +140,7 @@
       }
     }
     const item = messageItem(data.role, data.user, data.ts);
+    if (data.error) item.classList.add("failed"); // "busy" or "failed" stand-in text
     item.dataset.id = String(data.id);
     if (data.reply_id != null) item.dataset.replyId = String(data.reply_id);
     setText(item, data.text);

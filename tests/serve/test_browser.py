@@ -331,11 +331,28 @@ def test_pages_send_a_csp_and_obey_it(app, open_page):
     # CSP violations would be reported by open_page's checks at teardown
 
 
+def test_login_errors_show_as_text(app, open_page):
+    page = open_page()
+    page.goto(app.url + "/login")
+    page.fill("#username", "小X")  # the bot's name is taken
+    page.click("button[type=submit]")
+    page.wait_for_url("**/login?error=*")
+    expect(page.locator("#login-error")).to_be_visible()
+    expect(page.locator("#login-error")).not_to_be_empty()
+    assert page.request.get(app.url + "/me").status == 401  # not logged in
+
+    attack = "<img src=x onerror=alert(1)>"
+    page.goto(app.url + "/login?error=" + attack)
+    expect(page.locator("#login-error")).to_have_text(attack)
+    assert page.locator("img").count() == 0
+
+
 def test_logout(app, open_page):
     page = open_page()
     enter_room(page, app.url, "grace", new_room())
     page.click("#logout")
     page.wait_for_url(app.url + "/login")
+    assert page.request.get(app.url + "/me").status == 401
     page.goto(app.url + "/")
     page.wait_for_url(app.url + "/login")
 
