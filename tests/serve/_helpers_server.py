@@ -73,7 +73,8 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"the server exited early ({code}):\n{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
