@@ -371,7 +371,8 @@ class _Loop:
                     )
                     loss_sum, loss_steps = 0.0, 0
             bar.close()
-            if stop_reason != "early stopping" and int(state.batch_in_epoch.numpy()) != 0:
+            partial_epoch = int(state.batch_in_epoch.numpy()) != 0
+            if partial_epoch and stop_reason != "interrupted":  # Ctrl-C must be quick
                 # The end of a partial epoch: measure, without touching early stopping.
                 self._metrics("end", loss_sum / loss_steps if loss_steps else None,
                               self.validate(), _rate(tokens, busy))
