@@ -384,6 +384,7 @@ def test_autoscroll_does_not_fight_a_reader(app, open_page):
         other.close()
 
 
+@pytest.mark.redis
 def test_server_restart_mid_session(model_dir, redis_server, open_page, tmp_path):
     """Kill the app, start it again: the page shows it is reconnecting, then catches up."""
     app = AppServer(model_dir, secret=secrets.token_hex(16), log_dir=ARTIFACTS,
