@@ -130,14 +130,6 @@ class DecodingCancelled(Exception):
 # -- logit rules: pure functions over one row of log-probs --------------------------------
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    top = np.max(x)
-    if not np.isfinite(top):
-        return x
-    shifted = x - top
-    return shifted - np.log(np.sum(np.exp(shifted)))
-
-
 def apply_repetition_penalty(
     log_probs: np.ndarray, previous: Sequence[int], penalty: float
 ) -> np.ndarray:
@@ -166,14 +158,6 @@ def ngram_blocked_ids(previous: Sequence[int], n: int) -> list[int]:
     ]
 
 
-def suppress(log_probs: np.ndarray, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    if len(ids) == 0:
-        return log_probs
-    out = log_probs.copy()
-    out[np.asarray(ids, np.int64)] = -np.inf
-    return out
-
-
 @dataclass
 class TokenRules:
     """The rules of one request, resolved once against the model's vocabulary."""
@@ -193,40 +177,66 @@ class TokenRules:
         """Model log-probs of the next token -> the log-probs decoding chooses from."""
         o = self.options
         out = apply_repetition_penalty(log_probs, previous, o.repetition_penalty)
-        out = suppress(out, self.banned)
-        out = suppress(out, ngram_blocked_ids(previous, o.no_repeat_ngram_size))
+        if out is log_probs:
+            out = log_probs.copy()
+        out[self.banned] = -np.inf
+        blocked = ngram_blocked_ids(previous, o.no_repeat_ngram_size)
+        if blocked:
+            out[blocked] = -np.inf
         if len(previous) < o.min_length:
-            out = suppress(out, [self.eos_id])
-        if not np.isfinite(out).any():  # every token ruled out: ending is the only way
-            out = np.full_like(log_probs, -np.inf)
+            out[self.eos_id] = -np.inf
+        top = np.max(out)
+        if not np.isfinite(top):  # every token ruled out: ending is the only way
+            out[:] = -np.inf
             out[self.eos_id] = 0.0
-        return log_softmax(out)
+            return out
+        out -= top
+        out -= np.log(np.sum(np.exp(out)))
+        return out
 
 
 def choose_token(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> int:
     """Greedy argmax when ``sampling_topk == 1``; otherwise temperature, top-k, top-p and
-    one draw from ``rng`` (inverse CDF, so a seed reproduces across numpy versions)."""
+    one draw from ``rng`` (inverse CDF over the kept tokens in id order, so a seed
+    reproduces across numpy versions)."""
     if not options.sampling:
         return int(np.argmax(log_probs))
-    logits = log_probs.astype(np.float64) / options.sampling_temperature
+    logits = log_probs.astype(np.float64)
+    if options.sampling_temperature != 1.0:
+        logits /= options.sampling_temperature
     k = options.sampling_topk
-    if 0 < k < logits.shape[0]:
-        kept = np.argpartition(-logits, k - 1)[:k]
-        limited = np.full_like(logits, -np.inf)
-        limited[kept] = logits[kept]
-        logits = limited
+    candidates = np.argpartition(-logits, k - 1)[:k] if 0 < k < logits.shape[0] else None
+    if candidates is not None:
+        logits = logits[candidates]
     probs = np.exp(logits - np.max(logits))
     probs /= probs.sum()
-    if options.sampling_topp < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, options.sampling_topp)) + 1]
-        nucleus = np.zeros_like(probs)
-        nucleus[keep] = probs[keep]
-        probs = nucleus / nucleus.sum()
+    kept = _nucleus(probs, options.sampling_topp) if options.sampling_topp < 1.0 else None
+    if kept is not None:
+        probs = probs[kept] / probs[kept].sum()
+        ids = kept if candidates is None else candidates[kept]
+    else:
+        ids = np.arange(len(probs)) if candidates is None else candidates
+    order = np.argsort(ids, kind="stable")  # id order: independent of partition internals
+    ids, probs = ids[order], probs[order]
     cdf = np.cumsum(probs)
     draw = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, draw, side="right"), len(cdf) - 1))
+    return int(ids[min(int(np.searchsorted(cdf, draw, side="right")), len(ids) - 1)])
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of most probable entries whose mass reaches ``top_p``
+    (ties broken by index). Looks at the head first: a full sort of a 20k vocabulary
+    costs milliseconds, and the nucleus is usually a few dozen tokens."""
+    size = min(64, len(probs))
+    while True:
+        head = np.argpartition(-probs, size - 1)[:size] if size < len(probs) else None
+        if head is None:
+            head = np.arange(len(probs))
+        head = head[np.lexsort((head, -probs[head]))]  # by probability, then by index
+        cumulative = np.cumsum(probs[head])
+        if cumulative[-1] >= top_p or size >= len(probs):
+            return head[: int(np.searchsorted(cumulative, top_p)) + 1]
+        size = min(size * 4, len(probs))
 
 
 def normalized_score(total: float, length: int, length_penalty: float) -> float:

@@ -167,12 +167,26 @@ def test_beam_1_equals_greedy(model, extra):
         assert beam.score == pytest.approx(greedy.score, abs=1e-9)
 
 
-def test_beam_best_score_is_at_least_greedys(model):
+def _beam_versus_greedy(model: OnnxSeq2Seq, slack: float) -> None:
     for question in QUESTIONS:
         src = source_ids(model, question)
         greedy = decode_alone(model, src, DecodingOptions(return_scores=True))
-        beam = beam_search(model, src, DecodingOptions(beam_size=5, return_scores=True))
-        assert beam.score >= greedy.score - 1e-9, question
+        for beam_size in (2, 5):
+            options = DecodingOptions(beam_size=beam_size, return_scores=True)
+            beam = beam_search(model, src, options)
+            assert beam.score >= greedy.score - slack, (question, beam_size)
+
+
+@pytest.mark.tensorflow
+def test_beam_best_score_is_at_least_greedys(tiny_model_dir):
+    _beam_versus_greedy(OnnxSeq2Seq.load(tiny_model_dir, intra_op_num_threads=1), slack=1e-9)
+
+
+def test_beam_best_score_is_at_least_greedys_on_the_shipped_model(model):
+    # An int8 graph quantizes activations over the whole batch, so the same hypothesis
+    # scores a little differently in a beam of 5 rows than alone (seen: 6e-8 .. 1e-3).
+    int8 = model.manifest.quantization != "none"
+    _beam_versus_greedy(model, slack=1e-2 if int8 else 1e-9)
 
 
 def test_n_best_is_sorted_and_distinct(model):
