@@ -232,10 +232,10 @@ async def read_fields(request: Request) -> dict[str, Any]:
     """A JSON object or a form as a dict, decoded strictly (invalid UTF-8 is a 400)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        body = await request.body()
+        text = decode_utf8(await request.body())
         try:
-            data = json.loads(decode_utf8(body))
-        except (json.JSONDecodeError, RecursionError):
+            data = json.loads(text)
+        except (ValueError, RecursionError):  # incl. ints over Python's digit limit
             raise InvalidInput("the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise InvalidInput("the body must be a JSON object")

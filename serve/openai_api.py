@@ -126,7 +126,7 @@ async def _read_body(request: Request) -> dict[str, Any]:
         body = json.loads(decode_utf8(await request.body()))
     except InvalidInput as e:
         raise ApiError(400, str(e), "invalid_utf8") from None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # incl. ints over Python's digit limit
         raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", "invalid_json")

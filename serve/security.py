@@ -95,9 +95,9 @@ def clean_username(value: object, *, max_chars: int = 32) -> str:
     return name
 
 
-def clean_room(value: str | None) -> str:
+def clean_room(value: object) -> str:
     room = value if value else "lobby"
-    if not ROOM_PATTERN.match(room):
+    if not isinstance(room, str) or not ROOM_PATTERN.match(room):
         raise InvalidInput("a room name is 1-32 letters, digits, '_' or '-'")
     return room
 

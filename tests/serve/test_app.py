@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
+import subprocess
+import sys
 
 import httpx
 import pytest
 
+from serve.settings import parse_settings, settings_from_env
 from tests.serve._helpers_server import (  # noqa: F401  (_model_dir_fixture is the model_dir fixture)
+    ROOT,
     ChatStream,
     ServerProcess,
     _model_dir_fixture,
@@ -242,3 +247,56 @@ async def test_healthz_and_metrics(server):
             assert name in page, name
         assert metric_value(page, "xiaox_end_to_end_latency_seconds_count") >= 1
         assert metric_value(page, "xiaox_generated_tokens_total") >= 1
+
+
+# --- the command line and settings -------------------------------------------------------
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("XIAOX_")}
+    return subprocess.run([sys.executable, "-m", "serve", *args], cwd=ROOT, timeout=60,
+                          env={**clean, **(env or {})}, capture_output=True, text=True)
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    missing = run_serve("--model", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no such model folder" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_env = run_serve(env={"XIAOX_PORT": "eighty"})
+    assert bad_env.returncode == 2 and "XIAOX_PORT" in bad_env.stderr
+    assert run_serve("--port", "x").returncode == 2
+    helped = run_serve("--help")
+    assert helped.returncode == 0 and "--redis-url" in helped.stdout
+
+
+def test_settings_come_from_flags_then_env_then_defaults(tmp_path):
+    env = {"XIAOX_PORT": "9001", "XIAOX_HOST": "0.0.0.0", "XIAOX_REDIS_URL": "redis://r:1/0",
+           "XIAOX_COOKIE_SECURE": "true", "XIAOX_ALLOWED_ORIGINS": "https://a, https://b",
+           "XIAOX_API_KEY": "k", "XIAOX_MODEL": str(tmp_path)}
+    settings = parse_settings(["--port", "9002", "--workers", "2"], env)
+    assert settings.port == 9002 and settings.host == "0.0.0.0" and settings.workers == 2
+    assert settings.redis_url == "redis://r:1/0" and settings.cookie_secure is True
+    assert settings.allowed_origins == ("https://a", "https://b")
+    assert settings.api_key == "k" and settings.model_dir == tmp_path
+    assert settings_from_env(settings.to_env()) == settings  # what workers read back
+    defaults = parse_settings([], {})
+    assert (defaults.host, defaults.port, defaults.redis_url) == ("127.0.0.1", 8000, None)
+    assert defaults.model_dir == ROOT / "artifacts" / "xiaox"
+    with pytest.raises(ValueError, match="redis"):
+        parse_settings(["--workers", "3"], {})
+
+
+def test_serving_never_imports_tensorflow(model_dir):
+    code = ("import asyncio, sys\n"
+            "from serve.app import create_app\n"
+            "from serve.settings import Settings\n"
+            "app = create_app(Settings(model_dir=sys.argv[1], secret_key='k' * 40))\n"
+            "async def run():\n"
+            "    await app.state.chat.start()\n"
+            "    await app.state.chat.engine.generate('你好')\n"
+            "    await app.state.chat.stop()\n"
+            "asyncio.run(run())\n"
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=ROOT, timeout=120,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

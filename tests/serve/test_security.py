@@ -8,6 +8,8 @@ import stat
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from serve.security import RateLimiter, clean_text, load_or_create_secret_key
 from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
@@ -267,3 +269,26 @@ def test_pages_send_a_content_security_policy(server):
 def test_the_secret_key_file_of_the_server_is_private(server):
     path = server.workdir / "secret_key"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+TEXT_BODIES = st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                           lambda kids: st.lists(kids) | st.dictionaries(st.text(), kids),
+                           max_leaves=10)
+JSON_BODIES = JSON_VALUES.map(lambda v: json.dumps({"message": v}).encode())
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(st.binary(max_size=300), TEXT_BODIES, JSON_BODIES),
+       content_type=st.sampled_from(["application/json", "application/x-www-form-urlencoded",
+                                     "multipart/form-data; boundary=x", "text/plain", ""]),
+       path=st.sampled_from(["/send", "/login", "/v1/chat/completions"]))
+def test_no_input_gets_a_500(server, body, content_type, path):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        c.post("/login", json={"username": "fuzzer"})
+        headers = {"content-type": content_type} if content_type else {}
+        response = c.post(path, content=body, headers=headers)
+        assert response.status_code < 500, (response.status_code, response.text)
+        if response.status_code >= 400:
+            assert "error" in response.json()
