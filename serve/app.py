@@ -51,6 +51,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_COOKIE = "xiaox_session"
 BUSY_REPLY = "（小X 现在太忙了，请稍后再试。）"
 FAILED_REPLY = "（小X 走神了，没能回答。）"
+UNREADABLE_REPLY = "（小X 没看懂这条消息。）"
 
 
 class Chat:
@@ -125,6 +126,17 @@ class Chat:
         if self.broker is not None:
             await self.broker.close()
 
+    async def allow_send(self, user: str) -> tuple[bool, float]:
+        """The per-user rate limit: shared through Redis when there is one."""
+        s = self.settings
+        if isinstance(self.broker, RedisBroker) and self.broker.healthy:
+            try:
+                return await self.broker.rate_hit(f"send:{user}", s.rate_limit_messages,
+                                                  s.rate_limit_window)
+            except BrokerUnavailable:
+                pass  # this process's own bucket below
+        return self.send_limiter.allow(user)
+
     def problems(self) -> list[str]:
         problems = []
         if self.closing:
@@ -162,6 +174,8 @@ class Chat:
                 await _try_publish(broker, room, "token", {"reply_id": reply_id, "delta": delta})
         except Overloaded:
             error = "overloaded"
+        except ValueError:  # nothing the tokenizer can read (emoji only, say)
+            error = "unreadable"
         except asyncio.CancelledError:
             error = "shutdown"
             raise
@@ -173,6 +187,8 @@ class Chat:
             reply = "".join(pieces)
             if error == "overloaded":
                 reply = BUSY_REPLY
+            elif error == "unreadable":
+                reply = UNREADABLE_REPLY
             elif error is not None and not reply:
                 reply = FAILED_REPLY
             if error:
@@ -331,9 +347,10 @@ async def send(request: Request) -> Response:
         raise InvalidInput("'message' is missing")
     text = clean_text(fields["message"], field="message",
                       max_chars=chat.settings.max_message_chars)
-    allowed, retry_after = chat.send_limiter.allow(user)
+    allowed, retry_after = await chat.allow_send(user)
     if not allowed:
-        raise InvalidInput("too many messages: slow down", status=429, reason="rate_limited")
+        raise InvalidInput(f"too many messages: wait {retry_after:.0f} s",
+                           status=429, reason="rate_limited")
     if chat.closing or chat.broker is None:
         raise InvalidInput("the server is shutting down", status=503, reason="shutting_down")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -247,6 +248,14 @@ return id
 """
 
 
+# A fixed-window counter shared by every process: the window starts with the first hit.
+_RATE_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+
 class RedisBroker(Broker):
     """Rooms in Redis, shared by every process and host that uses the same Redis."""
 
@@ -277,6 +286,7 @@ class RedisBroker(Broker):
         self._healthy = False
         self._problem: str | None = "not connected yet"
         self._script = self._redis.register_script(_PUBLISH_SCRIPT)
+        self._rate_script = self._redis.register_script(_RATE_SCRIPT)
 
     def _log_key(self, room: str) -> str:
         return f"{self._prefix}:{{{room}}}:log"  # {room}: one hash slot per room
@@ -359,6 +369,13 @@ class RedisBroker(Broker):
         event_id = await self._call(
             "publish", lambda: self._script(keys=keys, args=args), timeout)
         return _make_event(event_id, event_type, payload)
+
+    async def rate_hit(self, key: str, limit: int, window: float) -> tuple[bool, float]:
+        """Count one event for ``key`` across all processes: (allowed, seconds to wait)."""
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+        count, ttl_ms = await self._call("rate limit", lambda: self._rate_script(
+            keys=[f"{self._prefix}:rate:{digest}"], args=[max(1, int(window * 1000))]), 1.0)
+        return int(count) <= limit, 0.0 if int(count) <= limit else max(0, int(ttl_ms)) / 1000
 
     async def last_id(self, room: str) -> str:
         entries = await self._call(

@@ -75,7 +75,8 @@ def clean_text(value: object, *, field: str, max_chars: int) -> str:
     except UnicodeEncodeError:
         raise InvalidInput(f"'{field}' is not valid Unicode (lone surrogate)") from None
     text = value.strip()
-    if not text:
+    if not any(unicodedata.category(ch)[0] not in "CZ" for ch in text):
+        # nothing but spaces, zero-width or format characters: empty to a reader too
         raise InvalidInput(f"'{field}' is empty")
     if len(text) > max_chars:
         raise InvalidInput(f"'{field}' is longer than {max_chars} characters",

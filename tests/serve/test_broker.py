@@ -204,3 +204,17 @@ async def test_the_log_is_bounded(redis_server):
         assert r.xlen("xiaox:{busy}:messages") < 200
         messages, _ = await broker.history("busy", 10)
         assert [m.data["i"] for m in messages] == list(range(981, 1000, 2))
+
+
+@pytest.mark.redis
+async def test_the_rate_limit_is_shared_by_every_process(redis_server):
+    async with running(RedisBroker(redis_server.url)) as one, \
+            running(RedisBroker(redis_server.url)) as two:
+        results = [await broker.rate_hit("send:ann", 3, 60) for broker in (one, two, one, two)]
+        assert [allowed for allowed, _ in results] == [True, True, True, False]
+        assert 0 < results[-1][1] <= 60
+        assert (await two.rate_hit("send:bob", 3, 60))[0]
+        assert (await one.rate_hit("send:short", 1, 0.2))[0]
+        assert not (await one.rate_hit("send:short", 1, 0.2))[0]
+        await asyncio.sleep(0.3)
+        assert (await one.rate_hit("send:short", 1, 0.2))[0]  # a new window

@@ -186,6 +186,7 @@ async def test_bodies_over_the_cap_get_413(server):
 BAD_SENDS = [
     ("empty", {"json": {"message": ""}}, 400),
     ("whitespace only", {"json": {"message": " \n\t\u3000 "}}, 400),
+    ("zero-width only", {"json": {"message": "\u200b\ufeff\u00ad"}}, 400),
     ("too long", {"json": {"message": "长" * 101}}, 400),
     ("missing field", {"json": {"text": "hi"}}, 400),
     ("not a string", {"json": {"message": 42}}, 400),
