@@ -35,6 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=200,
         help="held-out questions on which the export checks itself",
     )
+    parser.add_argument(
+        "--weights",
+        choices=["best", "latest"],
+        default="best",
+        help="the checkpoint's weights of the best validation loss, or its latest",
+    )
+    parser.add_argument(
+        "--blocklist",
+        default=None,
+        help="words the served model must never say, copied into the folder "
+        "('none' = no blocklist; default: the project's data/blocklist.txt)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     return parser.parse_args(argv)
 
@@ -49,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from export.export import ExportError, export_model
+    from export.export import DEFAULT_BLOCKLIST, ExportError, export_model
     from serve.manifest import portable_command
 
     command = portable_command("python -m export", sys.argv[1:] if argv is None else argv)
@@ -62,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             check_samples=args.check_samples,
             opset=args.opset,
             command=command,
+            weights=args.weights,
+            blocklist=None if args.blocklist == "none" else (args.blocklist or DEFAULT_BLOCKLIST),
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,18 +18,20 @@ from export.graphs import (
     export_graphs,
     quantize_int8,
 )
+from serve.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
 from serve.manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest
 from serve.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, VOCAB_FILE
 
 CHECKPOINT_FORMAT_VERSION = 1
 MAX_FP32_LOG_PROB_DIFF = 1e-4
+DEFAULT_BLOCKLIST = Path(__file__).resolve().parent.parent / "data" / BLOCKLIST_FILE
 
 
 class ExportError(Exception):
     """A checkpoint that cannot be exported, or an export that failed its own checks."""
 
 
-def _load(checkpoint_dir: Path):
+def _load(checkpoint_dir: Path, weights: str):
     from training.checkpoint import load_checkpoint
 
     config_path = checkpoint_dir / "config.json"
@@ -47,7 +49,7 @@ def _load(checkpoint_dir: Path):
             f"this export reads format {CHECKPOINT_FORMAT_VERSION}"
         )
     try:
-        return load_checkpoint(checkpoint_dir)
+        return load_checkpoint(checkpoint_dir, weights=weights)
     except Exception as e:  # noqa: BLE001 - any failure to load is the same user error
         raise ExportError(f"{checkpoint_dir}: cannot load the checkpoint ({e})") from e
 
@@ -97,17 +99,26 @@ def export_model(
     name: str | None = None,
     check_samples: int = 200,
     opset: int = DEFAULT_OPSET,
+    weights: str = "best",
+    blocklist: str | Path | None = DEFAULT_BLOCKLIST,
     command: str = "",
 ) -> Manifest:
     """Export, check and write a model folder; return its manifest.
 
-    Raises ExportError when the checkpoint is unusable, or when fp32 ONNX disagrees with
-    TensorFlow (log-probs differ by more than 1e-4, or a greedy reply differs).
+    ``weights``: "best" (best validation loss) or "latest". ``blocklist`` is copied into
+    the folder: serving suppresses its words. Raises ExportError when the checkpoint is
+    unusable, or when fp32 ONNX disagrees with TensorFlow (log-probs differ by more than
+    1e-4, or a greedy reply differs).
     """
     if quantize not in ("none", "int8"):
         raise ExportError(f"--quantize must be none or int8, not {quantize!r}")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    model, tokenizer, config = _load(checkpoint_dir)
+    model, tokenizer, config = _load(checkpoint_dir, weights)
+    if blocklist is not None:
+        try:
+            Blocklist.load(blocklist)
+        except BlocklistError as e:
+            raise ExportError(str(e)) from e
     questions = _held_out_questions(checkpoint_dir, check_samples)
     train_cfg = config.get("train", {})
     src_ids, src_len = batch_sources(tokenizer, questions, int(train_cfg.get("max_src_len", 30)))
@@ -140,6 +151,11 @@ def export_model(
         for graph in (ENCODER_FILE, DECODER_FILE):
             shutil.copyfile(final_dir / graph, out_dir / graph)
     shutil.copyfile(checkpoint_dir / VOCAB_FILE, out_dir / VOCAB_FILE)
+    stale_blocklist = out_dir / BLOCKLIST_FILE
+    if blocklist is not None:
+        shutil.copyfile(blocklist, out_dir / BLOCKLIST_FILE)
+    elif stale_blocklist.exists():
+        stale_blocklist.unlink()
     checks["export_seconds"] = round(time.monotonic() - started, 1)
     checks["mean_source_tokens"] = float(np.mean(src_len))
 
@@ -159,6 +175,7 @@ def export_model(
         checks=checks,
         format_version=FORMAT_VERSION,
     )
+    manifest.training["weights"] = weights
     if command:
         manifest.training["export_command"] = command
     manifest.write(out_dir)

@@ -22,6 +22,7 @@ from serve.tokenizer import VOCAB_FILE, Tokenizer, TokenizerSettings, Vocab
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
+BEST_WEIGHTS_FILE = "best.weights.h5"  # the weights of the best validation loss so far
 STATE_DIR = "state"
 METRICS_FILE = "metrics.jsonl"
 VALID_FILE = "valid.tsv"
@@ -62,10 +63,10 @@ def save_vocab(out: Path, vocab: Vocab) -> Path:
     return vocab.save(Path(out) / VOCAB_FILE)
 
 
-def save_weights(out: Path, model) -> Path:
+def save_weights(out: Path, model, name: str = WEIGHTS_FILE) -> Path:
     """Keras ``save_weights``, through a temporary file so a crash never leaves half a file."""
-    path = Path(out) / WEIGHTS_FILE
-    tmp = path.with_name("model.tmp.weights.h5")  # Keras insists on the .weights.h5 suffix
+    path = Path(out) / name
+    tmp = path.with_name("tmp." + name)  # Keras insists on the .weights.h5 suffix
     with warnings.catch_warnings():  # Keras 3.15's h5 writer trips numpy 2's copy= warning
         warnings.simplefilter("ignore", DeprecationWarning)
         model.save_weights(tmp)
@@ -98,8 +99,9 @@ def truncate_metrics(out: Path, last_step: int) -> None:
                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def load_checkpoint(checkpoint_dir: str | Path):
-    """(model with the latest weights, tokenizer, config.json as a dict)."""
+def load_checkpoint(checkpoint_dir: str | Path, weights: str = "latest"):
+    """(model, tokenizer, config.json as a dict). ``weights``: "latest", or "best" (the
+    best validation loss; the latest where no validation improved yet)."""
     from training.model import ModelConfig, build_model  # TensorFlow only when needed
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -113,8 +115,13 @@ def load_checkpoint(checkpoint_dir: str | Path):
     if model_config.vocab_size != len(tokenizer.vocab):
         raise CheckpointError(f"{checkpoint_dir}: config.json says vocab_size "
                               f"{model_config.vocab_size}, vocab.txt has {len(tokenizer.vocab)}")
+    if weights not in ("latest", "best"):
+        raise CheckpointError(f"weights must be latest or best, not {weights!r}")
+    path = checkpoint_dir / WEIGHTS_FILE
+    if weights == "best" and (checkpoint_dir / BEST_WEIGHTS_FILE).is_file():
+        path = checkpoint_dir / BEST_WEIGHTS_FILE
     model = build_model(model_config)
-    model.load_weights(checkpoint_dir / WEIGHTS_FILE)
+    model.load_weights(path)
     return model, tokenizer, config
 
 

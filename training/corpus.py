@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.blocklist import Blocklist  # noqa: F401 - one implementation, in serve
 from serve.tokenizer import normalize
 
 FORMATS = ("conv", "lccc", "cdial", "tsv")
@@ -164,50 +165,6 @@ def read_corpus(path: Path, fmt: str | None = None) -> tuple[str, list[Pair]]:
 
 
 # -- cleaning --------------------------------------------------------------------------
-
-
-@dataclass
-class Blocklist:
-    """Terms that drop a pair, and names replaced in place (``小通 -> 小X``).
-
-    File format: one term a line; ``term -> replacement`` for a replacement; ``#`` comments.
-    Matching is on normalised, lower-cased text, so 小黃雞 matches 小黄鸡 and SB matches sb.
-    """
-
-    terms: list[str] = field(default_factory=list)
-    replacements: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> Blocklist:
-        if not path.is_file():
-            raise CorpusError(f"blocklist file not found: {path}")
-        blocklist = cls()
-        for number, raw in _lines(path):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if "->" in line:
-                term, _, replacement = (part.strip() for part in line.partition("->"))
-                if not term:
-                    raise CorpusError(f"{path}:{number}: a replacement needs a term before '->'")
-                blocklist.replacements[normalize(term).lower()] = normalize(replacement)
-            else:
-                blocklist.terms.append(normalize(line).lower())
-        # Longest first, so that 小黄鸡 is replaced before a shorter overlapping name.
-        blocklist.replacements = dict(
-            sorted(blocklist.replacements.items(), key=lambda kv: -len(kv[0]))
-        )
-        return blocklist
-
-    def replace(self, text: str) -> str:
-        for term, replacement in self.replacements.items():
-            if term in text.lower():
-                text = re.sub(re.escape(term), replacement, text, flags=re.IGNORECASE)
-        return text
-
-    def blocks(self, text: str) -> bool:
-        lowered = text.lower()
-        return any(term in lowered for term in self.terms)
 
 
 def _garbled(text: str) -> bool:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.blocklist import Blocklist, BlocklistError
 from serve.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer, TokenizerSettings, Vocab
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig
-from training.corpus import Blocklist, CorpusError, clean_pairs, read_corpus
+from training.corpus import CorpusError, clean_pairs, read_corpus
 
 log = logging.getLogger("training")
 
@@ -58,7 +59,10 @@ def prepare_data(config: TrainConfig, corpora: list[Path], formats: list[str] | 
         corpora_info.append({"file": Path(path).name, "format": fmt, "pairs": len(pairs)})
         log.info("read %d pairs from %s (%s)", len(pairs), Path(path).name, fmt)
     blocklist_path = config.blocklist_path()
-    blocklist = Blocklist.load(blocklist_path) if blocklist_path is not None else None
+    try:
+        blocklist = Blocklist.load(blocklist_path) if blocklist_path is not None else None
+    except BlocklistError as e:
+        raise CorpusError(str(e)) from None
     segmenter = Tokenizer(Vocab(list(SPECIAL_TOKENS)))
     segmented, texts, report = clean_pairs(
         raw, segmenter.segment, max_src_len=config.max_src_len,
@@ -401,6 +405,7 @@ class _Loop:
         if valid_loss < float(state.best_valid_loss.numpy()):
             state.best_valid_loss.assign(valid_loss)
             state.bad_epochs.assign(0)
+            ckpt.save_weights(self.out, self.model, ckpt.BEST_WEIGHTS_FILE)
         else:
             state.bad_epochs.assign_add(1)
             if cfg.optimizer == "sgd":

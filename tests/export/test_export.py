@@ -34,7 +34,7 @@ def test_manifest_schema_hashes_and_no_absolute_paths(tiny_model_dir, tiny_check
     assert data["format_version"] == FORMAT_VERSION
     assert data["opset"] >= 17
     assert data["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
-    assert set(data["files"]) == {"encoder.onnx", "decoder.onnx", "vocab.txt"}
+    assert set(data["files"]) == {"encoder.onnx", "decoder.onnx", "vocab.txt", "blocklist.txt"}
     for name, digest in data["files"].items():
         assert sha256_of(tiny_model_dir / name) == digest
     assert data["dims"]["vocab_size"] == len(
