@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint folder")
     p.add_argument("--questions", type=int, default=30, help="held-out questions to answer")
     p.add_argument("--max-length", type=int, default=30, help="reply tokens at most")
+    p.add_argument("--min-length", type=int, default=1, help="reply tokens at least")
     p.add_argument("--replies", type=int, default=96, help="replies per throughput point")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads, ORT and TF alike")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -149,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     questions = questions_of(args.checkpoint, args.questions)
-    greedy = DecodingOptions(max_length=args.max_length)
-    beam = DecodingOptions(beam_size=5, max_length=args.max_length)
+    lengths = {"min_length": args.min_length, "max_length": args.max_length}
+    greedy = DecodingOptions(**lengths)
+    beam = DecodingOptions(beam_size=5, **lengths)
 
     with tempfile.TemporaryDirectory() as tmp:
         models: dict[str, OnnxSeq2Seq] = {}
@@ -212,7 +214,7 @@ def report(args, model: OnnxSeq2Seq, questions, latency, throughput) -> str:
         f"{args.threads} intra-op thread(s) for both",
         f"- model: vocab {dims['vocab_size']}, embed {dims['embed_dim']}, "
         f"hidden {dims['hidden_dim']}; {len(questions)} held-out questions; "
-        f"max_length {args.max_length}",
+        f"min_length {args.min_length}, max_length {args.max_length}",
         f"- command: `{args.command}`",
         "",
         "Per reply, p50 ms (same search code, only the decoder step differs):",

@@ -353,7 +353,7 @@ def beam_search(
         out = model.step(prev, h, c, memory[:n], keys[:n], mask[:n])
         processed = np.stack([rules.process(out.log_probs[i], live[i]) for i in range(n)])
         candidates = (live_scores[:, None] + processed).ravel()
-        ranked = np.argsort(-candidates, kind="stable")[: 2 * k]
+        ranked = _top_ranked(candidates, 2 * k)
         kept: list[tuple[int, int, float]] = []
         for rank, flat in enumerate(ranked):
             score = float(candidates[flat])
@@ -389,6 +389,16 @@ def beam_search(
     ]
     tokens, _, reason = best[0]
     return GenerationResult(hypotheses[0][0], list(tokens), hypotheses[0][1], reason, hypotheses)
+
+
+def _top_ranked(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` best scores, best first, ties by lower index: exactly
+    ``np.argsort(-scores, kind="stable")[:n]`` without sorting all beam x vocab scores."""
+    if n >= scores.shape[0]:
+        return np.argsort(-scores, kind="stable")
+    threshold = scores[np.argpartition(-scores, n - 1)[n - 1]]
+    head = np.flatnonzero(scores >= threshold)  # every tie at the threshold, in index order
+    return head[np.argsort(-scores[head], kind="stable")][:n]
 
 
 def generate(

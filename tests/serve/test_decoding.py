@@ -244,3 +244,16 @@ def test_unk_only_when_allowed(model):
     options = DecodingOptions(min_length=15, max_length=15, sampling_topk=0, seed=3)
     for question in QUESTIONS:
         assert unk not in generate(model, question, options).token_ids
+
+
+def test_beam_ranking_equals_a_stable_full_sort():
+    from serve.decoding import _top_ranked
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        size = int(rng.integers(1, 300))
+        scores = rng.integers(-4, 4, size).astype(float) if trial % 2 else rng.normal(size=size)
+        scores[rng.random(size) < 0.1] = -np.inf
+        n = int(rng.integers(1, 12))
+        expected = np.argsort(-scores, kind="stable")[:n]
+        np.testing.assert_array_equal(_top_ranked(scores, n), expected)
