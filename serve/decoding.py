@@ -173,26 +173,46 @@ class TokenRules:
             banned.extend(model.ids_containing(options.suppress_words).tolist())
         return cls(options, model.eos_id, np.unique(np.array(banned, np.int64)))
 
-    def process(self, log_probs: np.ndarray, previous: Sequence[int]) -> np.ndarray:
-        """Model log-probs of the next token -> the log-probs decoding chooses from."""
+    def mask_row(self, row: np.ndarray, previous: Sequence[int]) -> None:
+        """Apply this request's rules to one row of log-probs, in place."""
         o = self.options
-        out = apply_repetition_penalty(log_probs, previous, o.repetition_penalty)
-        if out is log_probs:
-            out = log_probs.copy()
-        out[self.banned] = -np.inf
+        if o.repetition_penalty != 1.0 and previous:
+            row[:] = apply_repetition_penalty(row, previous, o.repetition_penalty)
+        row[self.banned] = -np.inf
         blocked = ngram_blocked_ids(previous, o.no_repeat_ngram_size)
         if blocked:
-            out[blocked] = -np.inf
+            row[blocked] = -np.inf
         if len(previous) < o.min_length:
-            out[self.eos_id] = -np.inf
-        top = np.max(out)
-        if not np.isfinite(top):  # every token ruled out: ending is the only way
-            out[:] = -np.inf
-            out[self.eos_id] = 0.0
-            return out
-        out -= top
-        out -= np.log(np.sum(np.exp(out)))
-        return out
+            row[self.eos_id] = -np.inf
+
+    def process(self, log_probs: np.ndarray, previous: Sequence[int]) -> np.ndarray:
+        """One row of model log-probs -> the log-probs decoding chooses from."""
+        return process_rows(log_probs[None, :], [self], [previous])[0]
+
+
+def process_rows(
+    log_probs: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Model log-probs [B,V] -> what decoding chooses from: each row's rules applied, then
+    renormalized (log-softmax per row).
+
+    Greedy, sampling and beam, alone or batched, all go through here: a row's result does
+    not depend on the other rows (per-row reductions), which the engine's promise that a
+    batched request equals the same request alone relies on.
+    """
+    out = np.array(log_probs, dtype=np.float32, copy=True)
+    for row, row_rules, previous in zip(out, rules, histories, strict=True):
+        row_rules.mask_row(row, previous)
+    top = np.max(out, axis=1, keepdims=True)
+    dead = ~np.isfinite(top[:, 0])
+    if dead.any():  # every token ruled out: ending is the only way
+        for i in np.flatnonzero(dead):
+            out[i] = -np.inf
+            out[i, rules[i].eos_id] = 0.0
+        top[dead] = 0.0
+    out -= top
+    out -= np.log(np.sum(np.exp(out), axis=1, keepdims=True))
+    return out
 
 
 def choose_token(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> int:
@@ -269,7 +289,10 @@ class SequenceDecoder:
     def advance(self, log_probs: np.ndarray) -> int:
         """Choose the next token from the model's log-probs; returns it (``</s>`` ends)."""
         processed = self.rules.process(log_probs, self.token_ids)
-        token = choose_token(processed, self.options, self.rng)
+        return self.accept(choose_token(processed, self.options, self.rng), processed)
+
+    def accept(self, token: int, processed: np.ndarray) -> int:
+        """Take ``token``, chosen from ``processed`` (this request's row of process_rows)."""
         self.total += float(processed[token])
         if token == self.rules.eos_id:
             self.finish_reason = "stop"
@@ -351,7 +374,7 @@ def beam_search(
             raise DecodingCancelled()
         n = len(live)
         out = model.step(prev, h, c, memory[:n], keys[:n], mask[:n])
-        processed = np.stack([rules.process(out.log_probs[i], live[i]) for i in range(n)])
+        processed = process_rows(out.log_probs, [rules] * n, live)
         candidates = (live_scores[:, None] + processed).ravel()
         ranked = _top_ranked(candidates, 2 * k)
         kept: list[tuple[int, int, float]] = []

@@ -40,7 +40,9 @@ from serve.decoding import (
     SequenceDecoder,
     TokenRules,
     beam_search,
+    choose_token,
     make_rng,
+    process_rows,
     source_ids,
 )
 from serve.model import OnnxSeq2Seq, pad_memory
@@ -337,9 +339,20 @@ class Engine:
         c = np.stack([r.c for r in rows])
         prev = np.array([r.prev_id for r in rows], np.int64)
         out = model.step(prev, h, c, memory, keys, mask)
+        decoders = [r.decoder for r in rows]
+        processed = process_rows(
+            out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders]
+        )
+        greedy = np.argmax(processed, axis=1)  # the same as each row's own argmax
         tokens = []
         for i, request in enumerate(rows):
-            token = request.decoder.advance(out.log_probs[i])
+            decoder = request.decoder
+            token = (
+                choose_token(processed[i], decoder.options, decoder.rng)
+                if decoder.options.sampling
+                else int(greedy[i])
+            )
+            decoder.accept(token, processed[i])
             request.h, request.c, request.prev_id = out.h[i], out.c[i], token
             tokens.append(token)
         return tokens

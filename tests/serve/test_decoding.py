@@ -257,3 +257,25 @@ def test_beam_ranking_equals_a_stable_full_sort():
         n = int(rng.integers(1, 12))
         expected = np.argsort(-scores, kind="stable")[:n]
         np.testing.assert_array_equal(_top_ranked(scores, n), expected)
+
+
+def test_rules_of_a_row_do_not_depend_on_the_other_rows():
+    from serve.decoding import process_rows
+
+    rng = np.random.default_rng(1)
+    vocab = 3000
+    rules = [
+        TokenRules(
+            DecodingOptions(repetition_penalty=1.0 + 0.2 * (i % 2), no_repeat_ngram_size=i % 3,
+                            min_length=i % 4),
+            eos_id=3, banned=np.array([0, 1, 2]),
+        )
+        for i in range(33)
+    ]  # fmt: skip
+    histories = [rng.integers(4, vocab, size=i % 7).tolist() for i in range(33)]
+    for size in (1, 2, 7, 33):
+        batch = np.log(rng.dirichlet(np.ones(vocab), size=size)).astype(np.float32)
+        together = process_rows(batch, rules[:size], histories[:size])
+        for i in range(size):
+            alone = process_rows(batch[i : i + 1], rules[i : i + 1], histories[i : i + 1])
+            np.testing.assert_array_equal(together[i], alone[0])
