@@ -81,7 +81,8 @@ class Chat:
 
         s = self.settings
         # Loading reads and hashes the model files: keep the event loop free meanwhile.
-        model = await asyncio.to_thread(OnnxSeq2Seq.load, s.model_path)
+        model = await asyncio.to_thread(OnnxSeq2Seq.load, s.model_path,
+                                        intra_op_num_threads=s.threads)
         self.model_name = model.manifest.name or "xiaox"
         self.engine = Engine(model, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                              on_metric=self.metrics.on_engine_metric)

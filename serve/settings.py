@@ -38,6 +38,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # extra origins allowed to POST (besides same-origin)
     max_batch_size: int = 32
     max_queue: int = 256
+    threads: int = 0  # onnxruntime intra-op threads; 0 = one per core (lower it per worker)
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 500
     max_username_chars: int = 32
@@ -127,6 +128,8 @@ def validate(settings: Settings) -> None:
                  "max_batch_size", "history_limit", "reply_max_tokens"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1")
+    if settings.threads < 0:
+        raise ValueError("threads must be at least 0")
     if settings.max_queue < 0:  # 0 refuses every request: a node taken out of service
         raise ValueError("max_queue must be at least 0")
 
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the session key is kept (XIAOX_SECRET_KEY_FILE)")
     p.add_argument("--max-batch-size", type=int, help="XIAOX_MAX_BATCH_SIZE")
     p.add_argument("--max-queue", type=int, help="XIAOX_MAX_QUEUE")
+    p.add_argument("--threads", type=int,
+                   help="onnxruntime threads per process (XIAOX_THREADS; 0 = one per core)")
     p.add_argument("--log-level", help="XIAOX_LOG_LEVEL (debug, info, warning)")
     return p
 

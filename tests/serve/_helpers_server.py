@@ -62,6 +62,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOX_")}
         env.update({"XIAOX_SECRET_KEY_FILE": str(self.workdir / "secret_key"),
                     "XIAOX_LOG_LEVEL": "warning", "XIAOX_DRAIN_SECONDS": "5",
+                    "XIAOX_THREADS": "1",  # several servers share two cores
                     "PYTHONUNBUFFERED": "1"})
         env.update(self.extra_env)
         self._log = open(self.log_path, "ab")
