@@ -182,7 +182,7 @@ async def test_a_client_leaving_mid_reply_stops_nothing_and_leaks_nothing(server
             await sender.aclose()  # the sender's connection is gone before the reply ends
             await stream.wait_for(bot_reply_to(sent["id"]))
     async with client(server) as metrics_client:
-        for _ in range(50):  # the server notices the disconnects
+        for _ in range(150):  # the server notices the disconnects
             page = (await metrics_client.get("/metrics")).text
             if metric_value(page, "xiaox_sse_clients") == before:
                 break
