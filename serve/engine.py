@@ -90,6 +90,7 @@ class _Request:
         self.submitted = time.perf_counter()
         self.last_token_at: float | None = None
         self.last_piece = ""
+        self.closed = False  # its "done" event was sent
         # Per-row batch state, set when the encoder ran.
         self.memory: np.ndarray | None = None
         self.memory_keys: np.ndarray | None = None
@@ -159,6 +160,7 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
+        self._in_flight: list[_Request] = []  # the rows of the step running now
         self._beams_waiting = 0
         self._beam_lock: asyncio.Lock | None = None
         self._wakeup: asyncio.Event | None = None
@@ -187,10 +189,12 @@ class Engine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for request in [*self._waiting, *self._active]:
-            request.events.put_nowait(("error", EngineStopped("the engine stopped")))
+        pending = {id(r): r for r in [*self._waiting, *self._active, *self._in_flight]}
+        for request in pending.values():
+            if not request.closed:
+                request.events.put_nowait(("error", EngineStopped("the engine stopped")))
         self._waiting.clear()
-        self._active.clear()
+        self._active, self._in_flight = [], []
         self._batch_rows, self._batch_memory = [], None
         self._update_sizes()
 
@@ -303,7 +307,7 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            rows = self._active + newcomers
+            rows = self._in_flight = self._active + newcomers
             try:
                 tokens = await asyncio.to_thread(self._step, newcomers, rows)
             except Exception as e:  # a failing step fails its rows, never the scheduler
@@ -379,6 +383,7 @@ class Engine:
             self.stats.requests_finished += 1
             self._metric("request_latency", now - request.submitted)
             request.events.put_nowait(("done", decoder.result(self.model)))
+            request.closed = True
 
     def _update_sizes(self, active: int | None = None) -> None:
         self.stats.queue_size = len(self._waiting) + self._beams_waiting
