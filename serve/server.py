@@ -19,7 +19,7 @@ def _check_model(settings: Settings) -> str | None:
     from serve.manifest import ModelError, load_manifest
 
     try:
-        load_manifest(settings.model_path, verify=False)  # the app verifies sha256 on load
+        load_manifest(settings.model_path, verify=True)  # a clear error, not a traceback
     except ModelError as e:
         return str(e)
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -257,10 +258,17 @@ def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
                           env={**clean, **(env or {})}, capture_output=True, text=True)
 
 
-def test_bad_options_are_clear_errors(tmp_path):
+def test_bad_options_are_clear_errors(model_dir, tmp_path):
     missing = run_serve("--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such model folder" in missing.stderr
     assert "Traceback" not in missing.stderr
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_dir, corrupt)
+    with open(corrupt / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    broken = run_serve("--model", str(corrupt))
+    assert broken.returncode == 2 and "sha256" in broken.stderr
+    assert "Traceback" not in broken.stderr
     bad_env = run_serve(env={"XIAOX_PORT": "eighty"})
     assert bad_env.returncode == 2 and "XIAOX_PORT" in bad_env.stderr
     assert run_serve("--port", "x").returncode == 2
