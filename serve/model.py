@@ -222,5 +222,7 @@ class OnnxSeq2Seq:
                 ],
                 np.int64,
             )
+            if len(self._ids_containing) >= 64:  # requests may bring their own word lists
+                self._ids_containing.clear()
             self._ids_containing[words] = cached
         return cached
