@@ -1,0 +1,225 @@
+"""Helpers of the reliability suite: a spec-exact SSE reader that reconnects, Redis and
+/proc counters. Servers are started with ``tests.serve._helpers_server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import os
+import time
+from collections.abc import Callable
+
+import httpx
+import redis
+
+from tests.serve._helpers_server import StrictSSEParser, id_key
+
+EVENT_TYPES = {"message", "typing", "token", "join", "leave"}
+
+
+def sse_lines(buffer: str) -> tuple[list[str], str]:
+    """Complete SSE lines of ``buffer`` (ended by CRLF, LF or CR, nothing else) and the rest.
+
+    Unlike ``str.splitlines`` (and httpx's ``aiter_lines``), U+2028, U+0085 or form
+    feeds inside a data line are data, as the SSE specification says.
+    """
+    lines: list[str] = []
+    start = 0
+    i = 0
+    n = len(buffer)
+    while i < n:
+        ch = buffer[i]
+        if ch == "\n":
+            lines.append(buffer[start:i])
+            start = i = i + 1
+        elif ch == "\r":
+            if i + 1 == n:
+                break  # a CR at the end may be the first half of a CRLF
+            lines.append(buffer[start:i])
+            i += 2 if buffer[i + 1] == "\n" else 1
+            start = i
+        else:
+            i += 1
+    return lines, buffer[start:]
+
+
+def parse_sse(raw: str) -> list[dict]:
+    """A whole chat stream, strictly: every event a known type with a JSON object whose
+    ``id`` equals the SSE ``id:``. AssertionError on anything else."""
+    parser = StrictSSEParser()
+    lines, rest = sse_lines(raw)
+    events = []
+    for line in lines:
+        event = parser.feed(line)
+        if event is not None:
+            events.append(check_event(event))
+    assert rest == "" or rest == "\r", f"a partial line at the end: {rest[:80]!r}"
+    return events
+
+
+def check_event(event: dict[str, str]) -> dict:
+    assert event.get("event") in EVENT_TYPES, f"unknown event type: {event}"
+    data = json.loads(event["data"])
+    assert isinstance(data, dict) and data.get("id") == event.get("id"), event
+    return {"id": event["id"], "event": event["event"], "data": data}
+
+
+class ReconnectingStream:
+    """``GET /stream`` read in a background task like a browser's EventSource would: on
+    any end or error it reconnects (to ``base_urls`` in turn) with ``Last-Event-ID``.
+
+    Nothing is de-duplicated here: ``events`` is exactly what the server sent, so the
+    tests can check that a replay repeats nothing and misses nothing.
+    """
+
+    def __init__(self, cookies: httpx.Cookies, base_urls: list[str], room: str,
+                 last_event_id: str | None = None, retry_seconds: float = 0.2):
+        self.cookies, self.base_urls, self.room = cookies, base_urls, room
+        self.last_event_id = last_event_id
+        self.retry_seconds = retry_seconds
+        self.events: list[dict] = []
+        self.connections = 0  # 200 responses
+        self.refusals: list[int] = []  # non-200 statuses met while reconnecting
+        self.failures: list[str] = []  # transport errors met while reconnecting
+        self.protocol_error: AssertionError | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self, wait_connected: bool = True) -> ReconnectingStream:
+        self._task = asyncio.create_task(self._run())
+        if wait_connected:
+            await self.wait_for(lambda _: self.connections > 0, 20)
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        attempt = 0
+        async with httpx.AsyncClient(cookies=self.cookies,
+                                     timeout=httpx.Timeout(10, read=None)) as client:
+            while True:
+                url = self.base_urls[attempt % len(self.base_urls)] + "/stream"
+                attempt += 1
+                headers = {"Accept": "text/event-stream"}
+                if self.last_event_id is not None:
+                    headers["Last-Event-ID"] = self.last_event_id
+                try:
+                    async with client.stream("GET", url, params={"room": self.room},
+                                             headers=headers) as response:
+                        if response.status_code != 200:
+                            self.refusals.append(response.status_code)
+                            await response.aread()
+                        else:
+                            self.connections += 1
+                            self._changed.set()
+                            await self._read(response)
+                except AssertionError as e:  # the stream broke the protocol: stop here
+                    self.protocol_error = e
+                    self._changed.set()
+                    return
+                except (httpx.HTTPError, OSError) as e:
+                    self.failures.append(type(e).__name__)
+                await asyncio.sleep(self.retry_seconds)
+
+    async def _read(self, response: httpx.Response) -> None:
+        parser = StrictSSEParser()
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        pending = ""
+        async for chunk in response.aiter_bytes():
+            lines, pending = sse_lines(pending + decoder.decode(chunk))
+            for line in lines:
+                event = parser.feed(line)
+                if event is not None:
+                    event = check_event(event)
+                    self.events.append(event)
+                    self.last_event_id = event["id"]
+                    self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[list[dict]], bool],
+                       timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.events):
+            if self.protocol_error is not None:
+                raise self.protocol_error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"waited {timeout}s; {len(self.events)} events, "
+                                   f"refusals {self.refusals[-5:]}, failures {self.failures[-5:]}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+        return self.events
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.events]
+
+
+def has_reply_to(message_id: str) -> Callable[[list[dict]], bool]:
+    return lambda events: any(e["event"] == "message" and e["data"].get("reply_to") == message_id
+                              for e in events)
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+def log_key(room: str) -> str:
+    """The broker's event log of a room (serve/broker.py ``RedisBroker._log_key``)."""
+    return f"xiaox:{{{room}}}:log"
+
+
+def stored_ids(redis_url: str, room: str) -> list[str]:
+    with redis.Redis.from_url(redis_url) as r:
+        return [entry_id.decode() for entry_id, _ in r.xrange(log_key(room))]
+
+
+def stored_events(redis_url: str, room: str) -> list[dict]:
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        return [{"id": entry_id, "event": fields["type"], "data": json.loads(fields["data"])}
+                for entry_id, fields in r.xrange(log_key(room))]
+
+
+def redis_client_count(redis_url: str) -> int:
+    """Connections to Redis, not counting the one asking."""
+    with redis.Redis.from_url(redis_url) as r:
+        me = r.client_id()
+        return sum(1 for c in r.client_list() if int(c["id"]) != me)
+
+
+def ids_after(ids: list[str], after: str | None) -> list[str]:
+    if after is None:
+        return list(ids)
+    return [i for i in ids if id_key(i) > id_key(after)]
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return predicate()

@@ -1,0 +1,268 @@
+"""Faults, survived: Redis SIGKILLed mid-reply, clients leaving mid-reply, SIGTERM mid-stream.
+
+Real ``python -m serve`` processes (the shipped model) share a real redis-server (AOF on,
+as the ``redis_server`` fixture runs it). The ground truth is the room's event log in
+Redis: every SSE client must have received exactly the stored events after the point it
+subscribed, once each and in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.reliability._support import (
+    ReconnectingStream,
+    fd_count,
+    has_reply_to,
+    redis_client_count,
+    stored_events,
+    stored_ids,
+    wait_until,
+)
+from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+    ServerProcess,
+    _model_dir_fixture,
+    id_key,
+    login,
+    metric_value,
+    start_servers,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
+
+# Many messages from one user in a few seconds: not what this suite tests.
+ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "10000"}
+
+
+@pytest.fixture
+def two_servers(model_dir, redis_server, tmp_path):
+    servers = [ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV)
+               for _ in range(2)]
+    start_servers(*servers)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+async def logged_in(server: ServerProcess, name: str) -> httpx.AsyncClient:
+    client = httpx.AsyncClient(base_url=server.url, timeout=30)
+    await login(client, name)
+    return client
+
+
+async def post_message(client: httpx.AsyncClient, text: str, room: str) -> dict:
+    response = await client.post("/send", params={"room": room}, json={"message": text})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+async def wait_health(server: ServerProcess, status: int, timeout: float = 30) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                code = (await c.get("/healthz")).status_code
+            except httpx.HTTPError:
+                code = None
+            if code == status:
+                return
+            assert time.monotonic() < deadline, f"/healthz is {code}, not {status}"
+            await asyncio.sleep(0.1)
+
+
+def assert_exactly_the_stored_events(stream: ReconnectingStream, stored: list[str]) -> None:
+    """What the client got == the log from its first event to the log's end: no gap, no
+    duplicate, same order (so also in id order)."""
+    assert stream.ids, "the stream received nothing"
+    assert stream.ids[0] in stored, "the client got an event that is not in the log"
+    start = stored.index(stream.ids[0])
+    expected = stored[start:]
+    assert len(stream.ids) == len(set(stream.ids)), "an event arrived twice"
+    missing = [i for i in expected if i not in set(stream.ids)]
+    assert not missing, f"{len(missing)} stored events never arrived: {missing[:5]}"
+    assert stream.ids == expected, "the events arrived out of order or with extras"
+
+
+async def settle(streams: list[ReconnectingStream], redis_url: str, room: str,
+                 timeout: float = 30) -> list[str]:
+    """Wait until every stream has caught up with the end of the room's log."""
+    async def caught_up() -> None:
+        while True:
+            stored = stored_ids(redis_url, room)
+            if all(s.ids and s.ids[-1] == stored[-1] for s in streams):
+                await asyncio.sleep(0.3)  # nothing more trickles in afterwards
+                if stored_ids(redis_url, room) == stored:
+                    return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(caught_up(), timeout)
+    return stored_ids(redis_url, room)
+
+
+async def test_redis_sigkilled_mid_reply_every_client_gets_every_stored_event_once(
+        two_servers, redis_server):
+    a, b = two_servers
+    room = "kill9"
+    on_a, on_b = await logged_in(a, "amy"), await logged_in(b, "ben")
+    streams = [ReconnectingStream(c.cookies, [s.url], room)
+               for c, s in ((on_a, a), (on_a, a), (on_b, b), (on_b, b))]
+    try:
+        for stream in streams:
+            await stream.start()
+        # A burst of messages: several replies stream at once when Redis dies.
+        burst = await asyncio.gather(*(post_message(on_a if i % 2 else on_b,
+                                                    f"你好呀，第{i}个问题", room)
+                                       for i in range(6)))
+        await streams[0].wait_for(lambda ev: any(e["event"] == "token" for e in ev), 20)
+        kill_ms = int(time.time() * 1000)
+        redis_server.proc.kill()  # SIGKILL: no shutdown, no final AOF rewrite
+        redis_server.proc.wait(10)
+        # A message sent during the outage is retried by the server until Redis is back.
+        during = asyncio.create_task(post_message(on_b, "停电的时候", room))
+        await wait_health(a, 503)
+        await asyncio.sleep(1.0)
+        redis_server.start()  # same port, same folder: the AOF is read back
+        sent_during = await during
+        await wait_health(a, 200)
+        await wait_health(b, 200)
+        after = await post_message(on_a, "恢复以后", room)
+        for message in [*burst, sent_during, after]:
+            for stream in streams:
+                await stream.wait_for(has_reply_to(message["id"]), 60)
+        stored = await settle(streams, redis_server.url, room)
+        for stream in streams:
+            assert stream.protocol_error is None
+            assert_exactly_the_stored_events(stream, stored)
+        # The kill did land mid-reply: some replies were finished only after Redis was back.
+        events = stored_events(redis_server.url, room)
+        late = [e for e in events if e["event"] == "message" and e["data"]["role"] == "bot"
+                and e["data"]["reply_to"] in {m["id"] for m in burst}
+                and id_key(e["id"])[0] > kill_ms]
+        assert late, "no reply was in flight when Redis was killed"
+        # History: every user message and exactly one reply to each.
+        history = (await on_b.get("/history", params={"room": room, "limit": 1000})).json()
+        messages = history["messages"]
+        user_texts = [m["text"] for m in messages if m["role"] == "user"]
+        assert "停电的时候" in user_texts and "恢复以后" in user_texts
+        assert len(user_texts) == 8
+        for message in [*burst, sent_during, after]:
+            replies = [m for m in messages if m.get("reply_to") == message["id"]]
+            assert len(replies) == 1, (message, replies)
+    finally:
+        for stream in streams:
+            await stream.close()
+        await on_a.aclose()
+        await on_b.aclose()
+
+
+async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
+        model_dir, redis_server, tmp_path):
+    server = ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV).start()
+    room = "leavers"
+    pid = server.proc.pid
+    stayer_client = await logged_in(server, "stayer")
+    stayer = await ReconnectingStream(stayer_client.cookies, [server.url], room).start()
+
+    async def one_round(n: int) -> list[dict]:
+        leaver = await logged_in(server, f"leaver{n}")
+        leavers = [await ReconnectingStream(leaver.cookies, [server.url], room).start()
+                   for _ in range(10)]
+        sent = await asyncio.gather(*(post_message(leaver, f"说完就走{n}-{i}", room)
+                                      for i in range(3)))
+        await leavers[0].wait_for(lambda ev: any(e["event"] == "token" for e in ev), 20)
+        for stream in leavers:  # gone mid-reply, the sender included
+            await stream.close()
+        await leaver.aclose()
+        for message in sent:
+            await stayer.wait_for(has_reply_to(message["id"]), 30)
+        return sent
+
+    async def gauges() -> dict[str, float]:
+        page = (await stayer_client.get("/metrics")).text
+        return {name: metric_value(page, name) for name in (
+            "xiaox_sse_clients", "xiaox_active_replies", "xiaox_engine_batch_size",
+            "xiaox_engine_queue_size")}
+
+    async def quiet() -> dict[str, float]:
+        # The server notices the disconnects (and the leave notices go out).
+        for _ in range(100):
+            values = await gauges()
+            if values == {"xiaox_sse_clients": 1, "xiaox_active_replies": 0,
+                          "xiaox_engine_batch_size": 0, "xiaox_engine_queue_size": 0}:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        return values
+
+    try:
+        await one_round(0)  # warm-up: pools and caches reach their working size
+        baseline = await quiet()
+        redis_before, fds_before = redis_client_count(redis_server.url), fd_count(pid)
+        sent = []
+        for n in range(1, 4):
+            sent += await one_round(n)
+        after = await quiet()
+        assert after == baseline == {"xiaox_sse_clients": 1, "xiaox_active_replies": 0,
+                                     "xiaox_engine_batch_size": 0, "xiaox_engine_queue_size": 0}
+        assert await wait_until(lambda: redis_client_count(redis_server.url) <= redis_before + 1,
+                                10), (redis_before, redis_client_count(redis_server.url))
+        assert await wait_until(lambda: fd_count(pid) <= fds_before + 2, 10), (
+            fds_before, fd_count(pid))
+        # Every reply completed and is in history, once.
+        history = (await stayer_client.get("/history",
+                                           params={"room": room, "limit": 1000})).json()
+        for message in sent:
+            replies = [m for m in history["messages"] if m.get("reply_to") == message["id"]]
+            assert len(replies) == 1 and "error" not in replies[0], replies
+        assert stayer.connections == 1 and stayer.protocol_error is None
+    finally:
+        await stayer.close()
+        await stayer_client.aclose()
+        server.stop()
+
+
+async def test_sigterm_mid_stream_clients_reconnect_to_the_restarted_server_and_miss_nothing(
+        two_servers, redis_server, tmp_path):
+    a, b = two_servers
+    room = "sigterm"
+    on_a, on_b = await logged_in(a, "ann"), await logged_in(b, "bob")
+    # Three clients of A (they come back to A's address), one witness on B.
+    streams = [ReconnectingStream(on_a.cookies, [a.url], room) for _ in range(3)]
+    streams.append(ReconnectingStream(on_b.cookies, [b.url], room))
+    restarted = None
+    try:
+        for stream in streams:
+            await stream.start()
+        burst = await asyncio.gather(*(post_message(on_a, f"晚安{i}", room) for i in range(4)))
+        await streams[0].wait_for(lambda ev: any(e["event"] == "token" for e in ev), 20)
+        code = await asyncio.to_thread(a.terminate, 30)
+        assert code in (0, -15), a.log_tail()
+        assert "Traceback" not in a.log_tail()
+        while_down = await post_message(on_b, "A不在的时候", room)
+        restarted = ServerProcess(a.model_dir, a.workdir, redis_url=redis_server.url, env=ENV,
+                                  port=a.port)
+        await asyncio.to_thread(restarted.start)
+        after = await post_message(on_a, "A回来了", room)  # the old cookie still works
+        for message in [*burst, while_down, after]:
+            for stream in streams:
+                await stream.wait_for(has_reply_to(message["id"]), 60)
+        stored = await settle(streams, redis_server.url, room)
+        for stream in streams[:3]:
+            assert stream.connections >= 2, "the client never had to reconnect"
+        for stream in streams:
+            assert stream.protocol_error is None
+            assert_exactly_the_stored_events(stream, stored)
+        history = (await on_b.get("/history", params={"room": room, "limit": 1000})).json()
+        for message in [*burst, while_down, after]:
+            assert sum(1 for m in history["messages"] if m.get("reply_to") == message["id"]) == 1
+    finally:
+        for stream in streams:
+            await stream.close()
+        await on_a.aclose()
+        await on_b.aclose()
+        if restarted is not None:
+            restarted.stop()
