@@ -227,3 +227,17 @@ async def test_not_started_and_stopped_engines_refuse(model):
     for task in (hog, waiting):
         with pytest.raises(EngineStopped):
             await task
+
+
+async def test_a_new_request_joins_the_running_batch(model):
+    async with running(model, max_batch_size=4) as engine:
+        started = asyncio.Event()
+        hog = asyncio.create_task(_hog(engine, started))
+        await asyncio.wait_for(started.wait(), 10)
+        steps_before = engine.stats.steps_total
+        result = await asyncio.wait_for(engine.generate("晚安", min_length=3, max_length=3), 10)
+        assert len(result.token_ids) == 3 and result.finish_reason == "length"
+        # Its 3 tokens rode on the hog's steps (give or take the step in flight on arrival).
+        assert engine.stats.steps_total - steps_before <= 5
+        assert not hog.done() and engine.stats.active == 1
+        hog.cancel()
