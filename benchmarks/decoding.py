@@ -127,6 +127,22 @@ async def replies_per_second(
         await engine.stop()
 
 
+async def identical_to_alone(
+    model: OnnxSeq2Seq, questions: list[str], options: DecodingOptions
+) -> tuple[int, int]:
+    """How many of len(questions) concurrent replies equal the same request decoded alone
+    (fp32: all of them; int8 quantizes activations over the whole batch)."""
+    engine = Engine(model, max_batch_size=32)
+    await engine.start()
+    try:
+        batched = await asyncio.gather(*(engine.generate(q, options) for q in questions))
+    finally:
+        await engine.stop()
+    alone = [decode_alone(model, source_ids(model, q), options) for q in questions]
+    same = sum(a.token_ids == b.token_ids for a, b in zip(batched, alone, strict=True))
+    return same, len(questions)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.decoding",
@@ -191,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for batch in (1, 32)
             ]
-        print(report(args, int8, questions, latency, throughput))
+        identical = {
+            name: asyncio.run(identical_to_alone(models[q], questions, greedy))
+            for name, q in (("int8", "int8"), ("fp32", "none"))
+        }
+        print(report(args, int8, questions, latency, throughput, identical))
     return 0
 
 
@@ -199,7 +219,7 @@ def _ms(seconds: list[float]) -> str:
     return f"{1000 * statistics.median(seconds):.1f}"
 
 
-def report(args, model: OnnxSeq2Seq, questions, latency, throughput) -> str:
+def report(args, model: OnnxSeq2Seq, questions, latency, throughput, identical) -> str:
     import onnxruntime
     import tensorflow as tf
 
@@ -237,6 +257,11 @@ def report(args, model: OnnxSeq2Seq, questions, latency, throughput) -> str:
     ]
     for concurrent, (serial, batched) in throughput.items():
         lines.append(f"| {concurrent} | {serial:.1f} | {batched:.1f} | {batched / serial:.1f}x |")
+    lines += [
+        "",
+        f"{len(questions)} concurrent greedy replies identical to the same request alone: "
+        + ", ".join(f"{name} {same}/{total}" for name, (same, total) in identical.items()),
+    ]
     return "\n".join(lines)
 
 
