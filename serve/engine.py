@@ -150,8 +150,8 @@ class Engine:
         max_source_length: int = MAX_SOURCE_LENGTH,
         on_metric: MetricCallback | None = None,
     ):
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue

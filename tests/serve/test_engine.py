@@ -241,3 +241,22 @@ async def test_a_new_request_joins_the_running_batch(model):
         assert engine.stats.steps_total - steps_before <= 5
         assert not hog.done() and engine.stats.active == 1
         hog.cancel()
+
+
+async def test_cancelling_a_beam_frees_the_beam_slot(model):
+    async with running(model) as engine:
+        endless_beam = asyncio.create_task(engine.generate("你好", beam_size=3, **ENDLESS))
+        await _until(lambda: engine.stats.beams_running == 1)
+        waiting = asyncio.create_task(engine.generate("晚安", beam_size=2, max_length=4))
+        await _until(lambda: engine.stats.queue_size == 1)
+        endless_beam.cancel()
+        result = await asyncio.wait_for(waiting, 10)
+        assert len(result.hypotheses) == 1 and len(result.token_ids) <= 4
+        assert engine.stats.requests_cancelled == 1 and engine.stats.beams_running == 0
+        with pytest.raises(asyncio.CancelledError):
+            await endless_beam
+
+
+def test_engine_limits_must_be_positive(model):
+    with pytest.raises(ValueError, match="max_queue must be >= 1"):
+        Engine(model, max_queue=0)
