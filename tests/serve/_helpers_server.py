@@ -37,6 +37,10 @@ def _model_dir_fixture(request) -> Path:
     return request.getfixturevalue("tiny_model_dir")
 
 
+class ServerDied(RuntimeError):
+    """The server process exited before it was healthy."""
+
+
 class ServerProcess:
     """``python -m serve`` on a free port, in its own process, stopped with SIGTERM."""
 
@@ -75,7 +79,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"the server exited early ({code}):\n{self.log_tail()}")
+                raise ServerDied(f"the server exited early ({code}):\n{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
@@ -85,7 +89,8 @@ class ServerProcess:
         raise TimeoutError(f"the server is not healthy after {timeout}s:\n{self.log_tail()}")
 
     def start(self) -> ServerProcess:
-        return self.launch().wait_healthy()
+        start_servers(self)
+        return self
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the exit code."""
@@ -112,11 +117,27 @@ class ServerProcess:
 
 
 def start_servers(*servers: ServerProcess) -> None:
-    """Launch several at once (model loading overlaps), then wait for all."""
+    """Launch several at once (model loading overlaps), then wait for all.
+
+    A server that dies while starting is relaunched once on a new port: on a shared
+    machine a free port can be taken between ``free_port()`` and uvicorn's bind.
+    """
+    ports = set()
     for server in servers:
+        while server.port in ports:
+            server.port = free_port()
+        ports.add(server.port)
         server.launch()
     for server in servers:
-        server.wait_healthy()
+        try:
+            server.wait_healthy()
+        except ServerDied as first:
+            server.port = free_port()
+            server.log_path = server.workdir / f"server-{server.port}.log"
+            try:
+                server.launch().wait_healthy()
+            except ServerDied as second:
+                raise second from first
 
 
 # --- a strict SSE parser --------------------------------------------------------------
