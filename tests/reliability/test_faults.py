@@ -199,18 +199,25 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         return values
 
     try:
-        await one_round(0)  # warm-up: pools and caches reach their working size
+        # Warm-up: redis-py's pool keeps idle connections up to the peak concurrency it
+        # has met (measured: it plateaus after one or two rounds), so count after it.
+        for n in range(2):
+            await one_round(n)
         baseline = await quiet()
         redis_before, fds_before = redis_client_count(redis_server.url), fd_count(pid)
         sent = []
-        for n in range(1, 4):
+        rounds = 4
+        for n in range(2, 2 + rounds):
             sent += await one_round(n)
         after = await quiet()
         assert after == baseline == {"xiaox_sse_clients": 1, "xiaox_active_replies": 0,
                                      "xiaox_engine_batch_size": 0, "xiaox_engine_queue_size": 0}
-        assert await wait_until(lambda: redis_client_count(redis_server.url) <= redis_before + 1,
-                                10), (redis_before, redis_client_count(redis_server.url))
-        assert await wait_until(lambda: fd_count(pid) <= fds_before + 2, 10), (
+        # 40 clients came and went: a leak of one per client would be +40.
+        slack = 5  # the pool may still meet a new concurrency peak
+        assert await wait_until(
+            lambda: redis_client_count(redis_server.url) <= redis_before + slack, 10), (
+            redis_before, redis_client_count(redis_server.url))
+        assert await wait_until(lambda: fd_count(pid) <= fds_before + slack, 10), (
             fds_before, fd_count(pid))
         # Every reply completed and is in history, once.
         history = (await stayer_client.get("/history",
