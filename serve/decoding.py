@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from serve.model import OnnxSeq2Seq
+from serve.tokenizer import detokenize
 
 MAX_SOURCE_LENGTH = 64  # longer messages keep their last tokens (the model saw short ones)
 
@@ -158,6 +159,38 @@ def ngram_blocked_ids(previous: Sequence[int], n: int) -> list[int]:
     ]
 
 
+@dataclass(frozen=True)
+class WordGuard:
+    """Bans the tokens that would finish a suppressed word spelled across several tokens
+    (傻 then 逼): for each way of splitting a word, when the reply so far ends with the
+    first part, every token whose piece begins the rest (or is its start) is banned."""
+
+    pieces: list[str]
+    splits: tuple[tuple[str, np.ndarray], ...]  # (the reply ends with, ids to ban)
+
+    @classmethod
+    def build(cls, pieces: list[str], words: tuple[str, ...]) -> WordGuard:
+        lowered = [p.lower() for p in pieces]
+        splits = []
+        for word in words:
+            for k in range(1, len(word)):
+                rest = word[k:]
+                ids = [
+                    i
+                    for i, piece in enumerate(lowered)
+                    if i >= 4 and piece and (piece.startswith(rest) or rest.startswith(piece))
+                ]
+                if ids:
+                    splits.append((word[:k], np.array(ids, np.int64)))
+        return cls(pieces, tuple(splits))
+
+    def banned(self, previous: Sequence[int]) -> list[np.ndarray]:
+        if not previous or not self.splits:
+            return []
+        tail = detokenize([self.pieces[t] for t in previous[-8:]]).lower()
+        return [ids for ending, ids in self.splits if tail.endswith(ending)]
+
+
 @dataclass
 class TokenRules:
     """The rules of one request, resolved once against the model's vocabulary."""
@@ -165,13 +198,18 @@ class TokenRules:
     options: DecodingOptions
     eos_id: int
     banned: np.ndarray  # never produced: <pad>, <s>, <unk> if disabled, suppressed words
+    guard: WordGuard | None = None  # suppressed words spelled across tokens
 
     @classmethod
     def for_model(cls, model: OnnxSeq2Seq, options: DecodingOptions) -> TokenRules:
+        """The request's rules; the model folder's blocklist is always among them."""
         banned = [model.pad_id, model.bos_id] + ([model.unk_id] if options.disable_unk else [])
-        if options.suppress_words:
-            banned.extend(model.ids_containing(options.suppress_words).tolist())
-        return cls(options, model.eos_id, np.unique(np.array(banned, np.int64)))
+        words = tuple(sorted({*options.suppress_words, *model.blocklist_words}))
+        guard = None
+        if words:
+            banned.extend(model.ids_containing(words).tolist())
+            guard = model.word_guard(words)
+        return cls(options, model.eos_id, np.unique(np.array(banned, np.int64)), guard)
 
     def mask_row(self, row: np.ndarray, previous: Sequence[int]) -> None:
         """Apply this request's rules to one row of log-probs, in place."""
@@ -179,6 +217,9 @@ class TokenRules:
         if o.repetition_penalty != 1.0 and previous:
             row[:] = apply_repetition_penalty(row, previous, o.repetition_penalty)
         row[self.banned] = -np.inf
+        if self.guard is not None:
+            for ids in self.guard.banned(previous):
+                row[ids] = -np.inf
         blocked = ngram_blocked_ids(previous, o.no_repeat_ngram_size)
         if blocked:
             row[blocked] = -np.inf

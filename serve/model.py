@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serve.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
 from serve.manifest import (
     DECODER_FILE,
     DECODER_INPUTS,
@@ -117,6 +118,7 @@ class OnnxSeq2Seq:
         tokenizer: Tokenizer,
         encoder: ort.InferenceSession,
         decoder: ort.InferenceSession,
+        blocklist_words: tuple[str, ...] = (),
     ):
         self.model_dir = model_dir
         self.manifest = manifest
@@ -128,7 +130,9 @@ class OnnxSeq2Seq:
         self.bos_id, self.eos_id = int(ids["bos"]), int(ids["eos"])
         self.vocab_size = len(tokenizer.vocab)
         self.hidden_dim = int(manifest.dims["hidden_dim"])
+        self.blocklist_words = blocklist_words
         self._ids_containing: dict[tuple[str, ...], np.ndarray] = {}
+        self._word_guards: dict[tuple[str, ...], object] = {}
 
     @classmethod
     def load(
@@ -166,7 +170,13 @@ class OnnxSeq2Seq:
             session = _session(path, intra_op_num_threads, inter_op_num_threads)
             _check_names(session, path, inputs, outputs)
             sessions.append(session)
-        return cls(model_dir, manifest, tokenizer, *sessions)
+        blocklist_words: tuple[str, ...] = ()
+        if BLOCKLIST_FILE in manifest.files:
+            try:
+                blocklist_words = Blocklist.load(model_dir / BLOCKLIST_FILE).words
+            except BlocklistError as e:
+                raise ModelError(f"{model_dir}: {e}") from e
+        return cls(model_dir, manifest, tokenizer, *sessions, blocklist_words=blocklist_words)
 
     def encode(self, src_ids: list[list[int]]) -> EncoderState:
         """Run the encoder over rows of token ids (padded here with ``<pad>``).
@@ -208,6 +218,15 @@ class OnnxSeq2Seq:
         log_probs, h_out, c_out, attention = self.decoder.run(list(DECODER_OUTPUTS), feeds)
         return StepOutput(log_probs, h_out, c_out, attention)
 
+    def word_guard(self, words: tuple[str, ...]):
+        """serve.decoding.WordGuard for ``words`` (built once: it scans the vocabulary)."""
+        from serve.decoding import WordGuard
+
+        guard = self._word_guards.get(words)
+        if guard is None:
+            guard = self._word_guards[words] = WordGuard.build(self.tokenizer.vocab.tokens, words)
+        return guard
+
     def ids_containing(self, words: tuple[str, ...]) -> np.ndarray:
         """Every token id whose piece contains one of ``words`` (cached: the blocklist
         is usually the same for every request)."""
@@ -218,7 +237,7 @@ class OnnxSeq2Seq:
                 [
                     i
                     for i, piece in enumerate(self.tokenizer.vocab.tokens)
-                    if i >= 4 and any(w in piece for w in wanted)
+                    if i >= 4 and any(w in piece.lower() for w in wanted)
                 ],
                 np.int64,
             )

@@ -27,3 +27,32 @@ def test_errors_name_the_file_and_line(tmp_path):
     bad.write_text("ok\n -> 小X\n", encoding="utf-8")
     with pytest.raises(BlocklistError, match=r"bad.txt:2"):
         Blocklist.load(bad)
+
+
+def test_word_guard_bans_words_spelled_across_tokens():
+    from serve.decoding import WordGuard
+
+    pieces = ["<pad>", "<unk>", "<s>", "</s>", "傻", "逼", "瓜", "小", "黄鸡", "黄"]
+    guard = WordGuard.build(pieces, ("傻逼", "小黄鸡"))
+    banned = lambda previous: sorted(int(i) for ids in guard.banned(previous) for i in ids)  # noqa: E731
+    assert banned([4]) == [5]  # after 傻: not 逼, but 瓜 is fine
+    assert banned([7]) == [8, 9]  # after 小: neither 黄鸡 nor 黄
+    assert banned([6]) == []
+
+
+def test_model_folder_blocklist_is_always_suppressed(shipped_model_dir):
+    import numpy as np
+
+    from serve.decoding import DecodingOptions, TokenRules
+    from serve.model import OnnxSeq2Seq
+
+    model = OnnxSeq2Seq.load(shipped_model_dir)
+    vocab = model.tokenizer.vocab
+    first, second = (t for t in ("你", "好") if t in vocab)
+    model.blocklist_words = ("你好",)  # as if the folder's blocklist.txt listed it
+    rules = TokenRules.for_model(model, DecodingOptions())
+    row = np.zeros(len(vocab), np.float32)
+    rules.mask_row(row, [vocab.id(first)])
+    assert row[vocab.id(second)] == -np.inf
+    if "你好" in vocab:
+        assert vocab.id("你好") in rules.banned
