@@ -50,8 +50,9 @@ def machine_lines() -> list[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu_flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
-                         if x in cpu_flags)
+        flags = " ".join(
+            x for x in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if x in cpu_flags
+        )
     except OSError:
         pass
     return [
@@ -75,16 +76,17 @@ def random_batch(rng, batch_size: int, vocab_size: int):
     tgt_out = np.full_like(tgt_in, PAD_ID)
     for row in range(batch_size):
         words = rng.integers(4, vocab_size, size=src_len[row] + tgt_len[row])
-        src[row, :src_len[row]] = words[:src_len[row]]
-        answer = words[src_len[row]:]
-        tgt_in[row, :len(answer) + 1] = [BOS_ID, *answer]
-        tgt_out[row, :len(answer) + 1] = [*answer, EOS_ID]
+        src[row, : src_len[row]] = words[: src_len[row]]
+        answer = words[src_len[row] :]
+        tgt_in[row, : len(answer) + 1] = [BOS_ID, *answer]
+        tgt_out[row, : len(answer) + 1] = [*answer, EOS_ID]
     tokens = int(src_len.sum() + tgt_len.sum() + batch_size)  # + </s>
     return (src, src_len, tgt_in, tgt_out), tokens
 
 
-def measure(embed_dim: int, hidden_dim: int, vocab_size: int, batch_size: int,
-            steps: int, seed: int = 0) -> dict:
+def measure(
+    embed_dim: int, hidden_dim: int, vocab_size: int, batch_size: int, steps: int, seed: int = 0
+) -> dict:
     import keras
     import numpy as np
 
@@ -92,8 +94,9 @@ def measure(embed_dim: int, hidden_dim: int, vocab_size: int, batch_size: int,
     from training.train import compile_steps
 
     keras.utils.set_random_seed(seed)
-    model = build_model(ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim,
-                                    hidden_dim=hidden_dim))
+    model = build_model(
+        ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, hidden_dim=hidden_dim)
+    )
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
     train_step, _ = compile_steps(model, optimizer, clip_norm=5.0)
@@ -115,16 +118,23 @@ def measure(embed_dim: int, hidden_dim: int, vocab_size: int, batch_size: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_throughput", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per size")
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per step")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow intra/inter-op threads (0 = TensorFlow's choice)")
-    parser.add_argument("--sizes", default=",".join(name for name, *_ in SIZES),
-                        help="comma-separated subset of: "
-                             + ", ".join(f"{n} (embed {e}, hidden {h}, vocab {v})"
-                                         for n, e, h, v in SIZES))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="TensorFlow intra/inter-op threads (0 = TensorFlow's choice)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(name for name, *_ in SIZES),
+        help="comma-separated subset of: "
+        + ", ".join(f"{n} (embed {e}, hidden {h}, vocab {v})" for n, e, h, v in SIZES),
+    )
     args = parser.parse_args(argv)
     import tensorflow as tf
 
@@ -137,19 +147,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown size(s): {', '.join(unknown)}")
 
     print("\n".join(machine_lines()))
-    print(f"batch {args.batch_size}, {args.steps} timed steps, source and target "
-          f"{SRC_LEN[0]}-{TGT_LEN[1]} words, Adam, clip 5, threads {args.threads or 'auto'}")
-    print(f"{'size':<8} {'embed':>5} {'hidden':>6} {'vocab':>6} {'params':>10} "
-          f"{'tokens/s':>9} {'step ms':>8} {'ratio':>6}")
+    print(
+        f"batch {args.batch_size}, {args.steps} timed steps, source and target "
+        f"{SRC_LEN[0]}-{TGT_LEN[1]} words, Adam, clip 5, threads {args.threads or 'auto'}"
+    )
+    print(
+        f"{'size':<8} {'embed':>5} {'hidden':>6} {'vocab':>6} {'params':>10} "
+        f"{'tokens/s':>9} {'step ms':>8} {'ratio':>6}"
+    )
     base = None
     for name, embed, hidden, vocab in SIZES:
         if name not in wanted:
             continue
         result = measure(embed, hidden, vocab, args.batch_size, args.steps)
         base = base or result["tokens_per_s"]
-        print(f"{name:<8} {embed:>5} {hidden:>6} {vocab:>6} {result['params']:>10,} "
-              f"{result['tokens_per_s']:>9.0f} {result['step_ms_median']:>8.1f} "
-              f"{result['tokens_per_s'] / base:>6.2f}", flush=True)
+        print(
+            f"{name:<8} {embed:>5} {hidden:>6} {vocab:>6} {result['params']:>10,} "
+            f"{result['tokens_per_s']:>9.0f} {result['step_ms_median']:>8.1f} "
+            f"{result['tokens_per_s'] / base:>6.2f}",
+            flush=True,
+        )
     return 0
 
 
