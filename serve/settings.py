@@ -124,14 +124,12 @@ def validate(settings: Settings) -> None:
         raise ValueError(
             "--workers > 1 needs --redis-url: separate processes share chat rooms through Redis"
         )
-    for name in ("max_body_bytes", "max_message_chars", "rate_limit_messages",
+    for name in ("max_body_bytes", "max_message_chars", "rate_limit_messages", "max_queue",
                  "max_batch_size", "history_limit", "reply_max_tokens"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1")
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
-    if settings.max_queue < 0:  # 0 refuses every request: a node taken out of service
-        raise ValueError("max_queue must be at least 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

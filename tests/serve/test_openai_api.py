@@ -210,19 +210,41 @@ async def test_a_client_leaving_a_stream_cancels_its_request(server):
         assert metric_value(page, "xiaox_engine_batch_size") == 0
 
 
-def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
-    # max_queue 0: the engine takes nothing (a node out of service), so every request
-    # meets a full queue; the API must say 429, stream or not.
-    process = ServerProcess(model_dir, tmp_path, env={"XIAOX_MAX_QUEUE": "0"})
+async def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
+    # One row in the batch and one place in the queue: a long reply takes the row, a
+    # second request takes the place, and a third finds the queue full.
+    process = ServerProcess(model_dir, tmp_path,
+                            env={"XIAOX_MAX_BATCH_SIZE": "1", "XIAOX_MAX_QUEUE": "1"})
+    long = ask(min_tokens=5000, max_tokens=5000, stream=True)
     try:
         process.start()
-        with httpx.Client(base_url=process.url, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=process.url, timeout=60) as c:
+            first_piece = asyncio.Event()
+
+            async def occupy():
+                async with c.stream("POST", "/v1/chat/completions", json=long) as response:
+                    async for line in response.aiter_lines():
+                        if '"content"' in line:
+                            first_piece.set()
+
+            running = asyncio.create_task(occupy())
+            await asyncio.wait_for(first_piece.wait(), 30)
+            waiting = asyncio.create_task(c.post("/v1/chat/completions", json=long))
+            for _ in range(200):
+                page = (await c.get("/metrics")).text
+                if metric_value(page, "xiaox_engine_queue_size") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert metric_value(page, "xiaox_engine_queue_size") == 1
             for stream in (False, True):
-                response = c.post("/v1/chat/completions", json=ask(stream=stream))
-                assert response.status_code == 429
+                response = await c.post("/v1/chat/completions", json=ask(stream=stream))
+                assert response.status_code == 429, response.text
                 assert response.json()["error"]["code"] == "overloaded"
                 assert "retry-after" in response.headers
-            page = c.get("/metrics").text
+            page = (await c.get("/metrics")).text
             assert metric_value(page, 'xiaox_errors_total{reason="api_overloaded"}') == 2
+            for task in (running, waiting):
+                task.cancel()
+            await asyncio.gather(running, waiting, return_exceptions=True)
     finally:
         process.stop()
