@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("app")).start()
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("app"),
+                            env={"XIAOX_PING_SECONDS": "0.3"}).start()
     yield process
     process.stop()
 
@@ -190,6 +191,15 @@ async def test_a_client_leaving_mid_reply_stops_nothing_and_leaks_nothing(server
             await asyncio.sleep(0.1)
         assert metric_value(page, "xiaox_sse_clients") == before
         assert metric_value(page, "xiaox_active_replies") == 0
+
+
+async def test_a_quiet_stream_gets_keepalive_pings(server):
+    async with client(server) as c:
+        await login(c, "quiet one")
+        async with ChatStream(c, room="r-quiet") as stream:
+            await asyncio.sleep(1.0)
+            assert stream.parser.comment_count >= 2  # ": ping" comment lines
+            assert [e["event"] for e in stream.events] == ["join"]
 
 
 async def test_rooms_are_separate(server):
