@@ -106,5 +106,9 @@ async def test_events_stream_through_nginx_unbuffered_from_both_processes(stack)
             assert time.monotonic() - started < 15
         types = [e["event"] for e in stream.events]
         assert "typing" in types and "message" in types
-    access = (a.workdir / "access.log").read_text()
-    assert "GET /stream" in access and "POST /send" in access
+    # nginx logs a request when it ends: the stream's line comes after the disconnect.
+    deadline = time.monotonic() + 10
+    while "GET /stream" not in (access := (a.workdir / "access.log").read_text()):
+        assert time.monotonic() < deadline, access
+        time.sleep(0.1)
+    assert "POST /send" in access
