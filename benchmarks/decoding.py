@@ -1,27 +1,24 @@
 """Decoding speed, as ratios measured in one run on the same weights and inputs.
 
-    python -m benchmarks.decoding --checkpoint CHECKPOINT_DIR
+    python -m benchmarks decoding [--profile quick|full] [--checkpoint DIR]
 
-1. Per-reply latency, greedy and beam 5: onnxruntime int8 vs onnxruntime fp32 vs a
-   TensorFlow step loop (the model's ``decode_step`` under ``tf.function``). All three
-   go through the same numpy search code (``serve/decoding.py``); only the step differs.
-2. Replies per second with continuous batching (``Engine(max_batch_size=32)``) vs one
+1. Per decoder step (batch 1 and 32) and per reply (greedy and beam 5, replies forced to
+   one length): onnxruntime int8 vs onnxruntime fp32 vs a TensorFlow step loop (the
+   model's ``decode_step`` under ``tf.function``). The three share the numpy search code
+   (``serve/decoding.py``); only the step differs.
+2. The bound for one step, measured in the same run: bytes of decoder weights read per
+   step / memory bandwidth (numpy sum of a large array), and FLOPs per step (the
+   decoder's MatMul/Gemm shapes) / GEMM throughput (onnxruntime MatMul fp32 and
+   MatMulInteger int8 at the same thread count; numpy's fp32 matmul for reference).
+3. Replies per second with continuous batching (``Engine(max_batch_size=32)``) vs one
    request at a time (``Engine(max_batch_size=1)``), at 1, 8 and 32 concurrent requests.
-
-The checkpoint is exported to fp32 and int8 in a temporary folder first. Prints a
-markdown table with the machine and the command.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import platform
-import shlex
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +28,7 @@ import numpy as np
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.common import fmt, log, questions_of  # noqa: E402
 from serve.decoding import (  # noqa: E402
     DecodingOptions,
     GenerationResult,
@@ -41,6 +39,9 @@ from serve.decoding import (  # noqa: E402
 from serve.engine import Engine  # noqa: E402
 from serve.model import EncoderState, OnnxSeq2Seq, StepOutput  # noqa: E402
 
+BACKENDS = ("onnxruntime int8", "onnxruntime fp32", "TensorFlow step loop")
+STEP_BATCHES = (1, 32)
+
 
 class TensorFlowSteps:
     """The checkpoint's TensorFlow model behind OnnxSeq2Seq's interface (encode, step),
@@ -50,13 +51,16 @@ class TensorFlowSteps:
         from export.graphs import decoder_function, encoder_function
         from training.checkpoint import load_checkpoint
 
-        tf_model, _, _ = load_checkpoint(checkpoint)
+        tf_model, _, _ = load_checkpoint(checkpoint, weights="best")  # what export exports
         self._encode = encoder_function(tf_model)
         self._step = decoder_function(tf_model)
-        for name in ("tokenizer", "pad_id", "unk_id", "bos_id", "eos_id", "vocab_size"):
-            setattr(self, name, getattr(onnx_model, name))
-        self.hidden_dim = onnx_model.hidden_dim
-        self.ids_containing = onnx_model.ids_containing
+        self._onnx = onnx_model
+
+    def __getattr__(self, name: str):
+        # Vocabulary, tokenizer and blocklist (what the search code reads): the ONNX model's.
+        if name == "_onnx":
+            raise AttributeError(name)
+        return getattr(self._onnx, name)
 
     def encode(self, src_ids: list[list[int]]) -> EncoderState:
         longest = max(len(r) for r in src_ids)
@@ -74,28 +78,152 @@ class TensorFlowSteps:
         return StepOutput(out["log_probs"], out["h_out"], out["c_out"], out["attention"])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+# --- what the machine can do -------------------------------------------------------------
+
+def _best_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
-def questions_of(checkpoint: Path, limit: int) -> list[str]:
-    lines = (checkpoint / "valid.tsv").read_text(encoding="utf-8").splitlines()
-    questions = [line.split("\t", 1)[0] for line in lines if line.strip()]
-    return questions[:limit]
+def read_bandwidth(megabytes: float, repeats: int) -> float:
+    """GB/s of one thread reading an array of this size again and again (a max over its
+    64-bit words: every byte is read, the arithmetic is trivial). Arrays that fit in the
+    caches read faster: measure at the size of what a step reads."""
+    words = np.ones(max(1024, int(megabytes * 2**20) // 8), np.uint64)
+    return words.nbytes / _best_seconds(lambda: words.max(), repeats) / 1e9
 
 
-def time_replies(
-    decode: Callable[[list[int]], GenerationResult], sources: list[list[int]]
-) -> tuple[list[float], list[int]]:
-    for src in sources[:2]:  # warm-up: graph optimisation, tf.function tracing
+def _matmul_session(threads: int, int8: bool, m: int, k: int, n: int):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    if int8:
+        weight = rng.integers(-127, 128, (k, n), dtype=np.int8)
+        node = helper.make_node("MatMulInteger", ["a", "w"], ["y"])
+        a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+    else:
+        weight = rng.standard_normal((k, n)).astype(np.float32)
+        node = helper.make_node("MatMul", ["a", "w"], ["y"])
+        a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+    graph = helper.make_graph(
+        [node], "gemm", [helper.make_tensor_value_info("a", a_type, [m, k])],
+        [helper.make_tensor_value_info("y", y_type, [m, n])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    a = (rng.integers(0, 256, (m, k), dtype=np.uint8) if int8
+         else rng.standard_normal((m, k)).astype(np.float32))
+    return session, a
+
+
+def gemm_throughput(threads: int, size: int, repeats: int) -> dict[str, float | None]:
+    """GFLOP/s (GOP/s for int8) of a size x size x size matrix product."""
+    flops = 2 * size**3
+    result: dict[str, float | None] = {"size": size}
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    result["numpy_fp32_gflops"] = flops / _best_seconds(lambda: a @ a, repeats) / 1e9
+    for name, int8 in (("ort_fp32_gflops", False), ("ort_int8_gops", True)):
+        try:
+            session, x = _matmul_session(threads, int8, size, size, size)
+            result[name] = flops / _best_seconds(
+                lambda s=session, x=x: s.run(None, {"a": x}), repeats) / 1e9
+        except Exception as e:  # an onnxruntime build without the kernel
+            log(f"{name}: not measured ({e})")
+            result[name] = None
+    return result
+
+
+# --- what one decoder step costs ---------------------------------------------------------
+
+def initializer_bytes(model_path: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
+
+
+def matmul_flops(model_path: Path, feeds: dict[str, np.ndarray]) -> int:
+    """2 x multiply-adds of every MatMul/Gemm/MatMulInteger/Einsum of the graph, with the
+    shapes of one real run on ``feeds`` (every operand is fetched as an extra output)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {t.name: list(t.dims) for t in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type in ("MatMul", "MatMulInteger", "Gemm", "Einsum")]
+    wanted = sorted({name for n in nodes for name in n.input[:2] if name not in initializers})
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    values = session.run(wanted, {k: v for k, v in feeds.items() if k in names})
+    shapes = {**initializers, **{name: list(v.shape) for name, v in zip(wanted, values,
+                                                                         strict=True)}}
+    total = 0
+    for node in nodes:
+        a, b = shapes[node.input[0]], shapes[node.input[1]]
+        if node.op_type == "Einsum":
+            equation = next(x.s.decode() for x in node.attribute if x.name == "equation")
+            left = equation.split("->")[0].replace(" ", "").split(",")
+            sizes = {}
+            for letters, shape in zip(left, (a, b), strict=True):
+                sizes.update(zip(letters, shape, strict=False))
+            total += 2 * int(np.prod(list(sizes.values())))
+        elif node.op_type == "Gemm":
+            trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+            trans_b = any(x.name == "transB" and x.i for x in node.attribute)
+            m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+            n = b[0] if trans_b else b[1]
+            total += 2 * m * k * n
+        else:
+            a2, b2 = ([1, *a] if len(a) == 1 else a), ([*b, 1] if len(b) == 1 else b)
+            outer = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+            total += 2 * int(np.prod(outer or (1,))) * a2[-2] * a2[-1] * b2[-1]
+    return total
+
+
+def step_inputs(state: EncoderState, batch: int, bos_id: int) -> dict[str, np.ndarray]:
+    """The decoder's inputs for ``batch`` rows (the first encoded question repeated)."""
+    def rows(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.repeat(x[:1], batch, axis=0))
+
+    return {"prev_ids": np.full(batch, bos_id, np.int64), "h": rows(state.h),
+            "c": rows(state.c), "memory": rows(state.memory),
+            "memory_keys": rows(state.memory_keys), "src_mask": rows(state.src_mask)}
+
+
+def step_seconds(model, state: EncoderState, batch: int, steps: int) -> list[float]:
+    """Latency of one decoder step at this batch size (the encoded question repeated)."""
+    x = step_inputs(state, batch, model.bos_id)
+    prev, h, c = x["prev_ids"], x["h"], x["c"]
+    memory, keys, mask = x["memory"], x["memory_keys"], x["src_mask"]
+    for _ in range(3):  # warm-up: graph optimisation, tf.function tracing
+        model.step(prev, h, c, memory, keys, mask)
+    seconds = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        out = model.step(prev, h, c, memory, keys, mask)
+        seconds.append(time.perf_counter() - started)
+        h, c = out.h, out.c
+        prev = out.log_probs.argmax(axis=1).astype(np.int64)
+    return seconds
+
+
+def time_replies(decode: Callable[[list[int]], GenerationResult],
+                 sources: list[list[int]]) -> tuple[list[float], list[int]]:
+    for src in sources[:2]:  # warm-up
         decode(src)
     seconds, tokens = [], []
     for src in sources:
@@ -106,10 +234,9 @@ def time_replies(
     return seconds, tokens
 
 
-async def replies_per_second(
-    model: OnnxSeq2Seq, questions: list[str], options: DecodingOptions, *,
-    concurrent: int, batch: int, replies: int,
-) -> float:  # fmt: skip
+async def replies_per_second(model: OnnxSeq2Seq, questions: list[str],
+                             options: DecodingOptions, *, concurrent: int, batch: int,
+                             replies: int) -> float:
     engine = Engine(model, max_batch_size=batch, max_queue=max(256, concurrent))
     await engine.start()
     pending = iter(range(replies))
@@ -127,11 +254,10 @@ async def replies_per_second(
         await engine.stop()
 
 
-async def identical_to_alone(
-    model: OnnxSeq2Seq, questions: list[str], options: DecodingOptions
-) -> tuple[int, int]:
-    """How many of len(questions) concurrent replies equal the same request decoded alone
-    (fp32: all of them; int8 quantizes activations over the whole batch)."""
+async def identical_to_alone(model: OnnxSeq2Seq, questions: list[str],
+                             options: DecodingOptions) -> tuple[int, int]:
+    """How many concurrent replies equal the same request decoded alone (fp32: all of
+    them; int8 quantizes activations over the whole batch)."""
     engine = Engine(model, max_batch_size=32)
     await engine.start()
     try:
@@ -143,127 +269,174 @@ async def identical_to_alone(
     return same, len(questions)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.decoding",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint folder")
-    p.add_argument("--questions", type=int, default=30, help="held-out questions to answer")
-    p.add_argument("--max-length", type=int, default=30, help="reply tokens at most")
-    p.add_argument("--min-length", type=int, default=1, help="reply tokens at least")
-    p.add_argument("--replies", type=int, default=96, help="replies per throughput point")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads, ORT and TF alike")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args.command = "python -m benchmarks.decoding " + shlex.join(argv)
+# --- the run -------------------------------------------------------------------------------
 
+def run(args, weights, command: str) -> tuple[str, dict]:
+    """Measure everything; (markdown, data)."""
     import tensorflow as tf
-
-    from export import export_model
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    questions = questions_of(args.checkpoint, args.questions)
-    lengths = {"min_length": args.min_length, "max_length": args.max_length}
-    greedy = DecodingOptions(**lengths)
-    beam = DecodingOptions(beam_size=5, **lengths)
+    quick = args.profile == "quick"
+    questions = questions_of(weights.checkpoint, args.questions)
+    forced = {"min_length": args.reply_tokens, "max_length": args.reply_tokens}
+    greedy, beam = DecodingOptions(**forced), DecodingOptions(beam_size=5, **forced)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        models: dict[str, OnnxSeq2Seq] = {}
-        for quantize in ("int8", "none"):
-            out = Path(tmp, quantize)
-            print(f"exporting {quantize} ...", file=sys.stderr)
-            export_model(args.checkpoint, out, quantize=quantize, check_samples=20)
-            models[quantize] = OnnxSeq2Seq.load(out, intra_op_num_threads=args.threads)
-        int8 = models["int8"]
-        backends = {
-            "onnxruntime int8": int8,
-            "onnxruntime fp32": models["none"],
-            "TensorFlow step loop": TensorFlowSteps(int8, args.checkpoint),
+    repeats = 5 if quick else 10
+    log("measuring GEMM throughput ...")
+    gemm = gemm_throughput(args.threads, 512 if quick else 1024, repeats)
+
+    int8 = OnnxSeq2Seq.load(weights.int8_dir, intra_op_num_threads=args.threads)
+    fp32 = OnnxSeq2Seq.load(weights.fp32_dir, intra_op_num_threads=args.threads)
+    backends = {BACKENDS[0]: int8, BACKENDS[1]: fp32,
+                BACKENDS[2]: TensorFlowSteps(int8, weights.checkpoint)}
+    sources = [source_ids(int8, q) for q in questions]
+    src_len = max(1, round(statistics.mean(len(s) for s in sources)))
+    typical = min(sources, key=lambda s: abs(len(s) - src_len))
+
+    # FLOPs from the fp32 graph (int8 does the same products); weight bytes of each graph.
+    state = fp32.encode([typical])
+    flops = {b: matmul_flops(weights.fp32_dir / "decoder.onnx",
+                             step_inputs(state, b, fp32.bos_id)) for b in STEP_BATCHES}
+    weight_bytes = {BACKENDS[0]: initializer_bytes(weights.int8_dir / "decoder.onnx"),
+                    BACKENDS[1]: initializer_bytes(weights.fp32_dir / "decoder.onnx")}
+    weight_bytes[BACKENDS[2]] = weight_bytes[BACKENDS[1]]
+    log("measuring memory bandwidth ...")
+    dram_mb = 256 if quick else 1024
+    bandwidth = {"dram_array_mb": dram_mb,
+                 "dram_gb_s": read_bandwidth(dram_mb, repeats),
+                 # The step reads the same weights every time: they stay in the caches
+                 # when they fit, so the bound uses the bandwidth at their size.
+                 "at_weights_gb_s": {name: read_bandwidth(size / 2**20, 5 * repeats)
+                                     for name, size in weight_bytes.items()}}
+    rates = {BACKENDS[0]: gemm["ort_int8_gops"] or gemm["ort_fp32_gflops"],
+             BACKENDS[1]: gemm["ort_fp32_gflops"], BACKENDS[2]: gemm["ort_fp32_gflops"]}
+
+    steps, replies = {}, {}
+    for name, model in backends.items():
+        log(f"timing {name} ...")
+        state = model.encode([typical])
+        steps[name] = {b: step_seconds(model, state, b, args.steps) for b in STEP_BATCHES}
+        replies[name] = {
+            "greedy": time_replies(lambda s, m=model: decode_alone(m, s, greedy), sources),
+            "beam 5": time_replies(lambda s, m=model: beam_search(m, s, beam), sources),
         }
-        sources = [source_ids(int8, q) for q in questions]
-        latency = {}
-        for name, model in backends.items():
-            print(f"timing {name} ...", file=sys.stderr)
-            latency[name] = (
-                time_replies(lambda s, m=model: decode_alone(m, s, greedy), sources),  # type: ignore[arg-type]
-                time_replies(lambda s, m=model: beam_search(m, s, beam), sources),  # type: ignore[arg-type]
-            )
-        throughput = {}
-        for concurrent in (1, 8, 32):
-            print(f"throughput at {concurrent} concurrent ...", file=sys.stderr)
-            throughput[concurrent] = [
-                asyncio.run(
-                    replies_per_second(
-                        int8,
-                        questions,
-                        greedy,
-                        concurrent=concurrent,
-                        batch=batch,
-                        replies=args.replies,
-                    )
-                )
-                for batch in (1, 32)
-            ]
-        identical = {
-            name: asyncio.run(identical_to_alone(models[q], questions, greedy))
-            for name, q in (("int8", "int8"), ("fp32", "none"))
-        }
-        print(report(args, int8, questions, latency, throughput, identical))
-    return 0
+    throughput = {}
+    for concurrent in (1, 8, 32):
+        log(f"engine replies/s at {concurrent} concurrent ...")
+        throughput[concurrent] = {
+            batch: asyncio.run(replies_per_second(int8, questions, greedy,
+                                                  concurrent=concurrent, batch=batch,
+                                                  replies=args.replies))
+            for batch in (1, 32)}
+    identical = {name: asyncio.run(identical_to_alone(model, questions[:32], greedy))
+                 for name, model in (("int8", int8), ("fp32", fp32))}
+
+    data = {"command": command, "weights": weights.origin, "dims": weights.dims,
+            "threads": args.threads, "reply_tokens": args.reply_tokens,
+            "questions": len(questions), "source_tokens": len(typical),
+            "memory_bandwidth": bandwidth, "gemm": gemm, "steps": {}, "replies": {},
+            "engine_replies_per_s": {str(c): {f"batch_{b}": v for b, v in t.items()}
+                                     for c, t in throughput.items()},
+            "identical_to_alone": {k: list(v) for k, v in identical.items()}}
+    for name in BACKENDS:
+        per = {}
+        for b in STEP_BATCHES:
+            p50 = statistics.median(steps[name][b])
+            size = weight_bytes[name]
+            bytes_bound = size / (bandwidth["at_weights_gb_s"][name] * 1e9)
+            flops_bound = flops[b] / (rates[name] * 1e9) if rates[name] else 0.0
+            bound = max(bytes_bound, flops_bound)
+            per[str(b)] = {"p50_ms": 1e3 * p50, "weight_bytes": size, "flops": flops[b],
+                           "read_gb_s": bandwidth["at_weights_gb_s"][name],
+                           "dram_bytes_bound_ms": 1e3 * size / (bandwidth["dram_gb_s"] * 1e9),
+                           "bytes_bound_ms": 1e3 * bytes_bound,
+                           "flops_bound_ms": 1e3 * flops_bound, "bound_ms": 1e3 * bound,
+                           "percent_of_bound": 100 * bound / p50}
+        data["steps"][name] = per
+        data["replies"][name] = {
+            kind: {"p50_ms": 1e3 * statistics.median(sec), "p90_ms": 1e3 * float(
+                np.percentile(sec, 90)), "tokens_mean": statistics.mean(tok)}
+            for kind, (sec, tok) in replies[name].items()}
+    return report(data), data
 
 
-def _ms(seconds: list[float]) -> str:
-    return f"{1000 * statistics.median(seconds):.1f}"
-
-
-def report(args, model: OnnxSeq2Seq, questions, latency, throughput, identical) -> str:
-    import onnxruntime
-    import tensorflow as tf
-
-    dims = model.manifest.dims
-    tf_greedy = statistics.median(latency["TensorFlow step loop"][0][0])
-    tf_beam = statistics.median(latency["TensorFlow step loop"][1][0])
+def report(data: dict) -> str:
+    cmd = f"`{data['command']}`"
+    tf_reply = data["replies"][BACKENDS[2]]
+    dims = data["dims"]
     lines = [
-        "### Decoding speed",
+        "## Decoding",
         "",
-        f"- machine: {machine()}",
-        f"- onnxruntime {onnxruntime.__version__}, TensorFlow {tf.__version__}, "
-        f"{args.threads} intra-op thread(s) for both",
-        f"- model: vocab {dims['vocab_size']}, embed {dims['embed_dim']}, "
-        f"hidden {dims['hidden_dim']}; {len(questions)} held-out questions; "
-        f"min_length {args.min_length}, max_length {args.max_length}",
-        f"- command: `{args.command}`",
+        f"- weights: {data['weights']}; vocab {dims['vocab_size']}, embed "
+        f"{dims['embed_dim']}, hidden {dims['hidden_dim']}",
+        f"- {data['threads']} intra-op thread(s) for onnxruntime and TensorFlow alike; "
+        f"{data['questions']} held-out questions; every reply forced to "
+        f"{data['reply_tokens']} tokens (min_length = max_length); steps over a "
+        f"{data['source_tokens']}-token question",
         "",
-        "Per reply, p50 ms (same search code, only the decoder step differs):",
+        "### One decoder step, and the bound for it",
         "",
-        "| backend | greedy | beam 5 | tokens/reply (greedy) | vs TF greedy | vs TF beam 5 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "Bound = max(weight bytes / read bandwidth at the weights' size, FLOPs / GEMM "
+        "throughput), both measured in this run (below); % of bound = bound / measured "
+        "p50 (100% = as fast as the machine allows). The weights are read every step and "
+        "fit in the caches, so the bound uses the bandwidth measured over an array of "
+        "their size; the DRAM column is the bound if they had to come from memory.",
+        "",
+        "| backend | batch | p50 ms | weight MB | MFLOP | bytes bound ms | DRAM bytes bound "
+        "ms | FLOPs bound ms | % of bound | command |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for name, ((g_sec, g_tok), (b_sec, _)) in latency.items():
+    for name, per in data["steps"].items():
+        for b, s in per.items():
+            lines.append(
+                f"| {name} | {b} | {s['p50_ms']:.3f} | {s['weight_bytes'] / 1e6:.2f} | "
+                f"{s['flops'] / 1e6:.1f} | {s['bytes_bound_ms']:.3f} | "
+                f"{s['dram_bytes_bound_ms']:.3f} | {s['flops_bound_ms']:.3f} | "
+                f"{s['percent_of_bound']:.0f}% | {cmd} |")
+    bw, gemm = data["memory_bandwidth"], data["gemm"]
+    lines += [
+        "",
+        "| machine figure (this run) | value | command |",
+        "| --- | ---: | --- |",
+        f"| read bandwidth, 1 thread, {bw['dram_array_mb']} MB array (DRAM) | "
+        f"{bw['dram_gb_s']:.2f} GB/s | {cmd} |",
+    ]
+    for name, gbs in bw["at_weights_gb_s"].items():
+        size = data["steps"][name]["1"]["weight_bytes"] / 1e6
+        lines.append(f"| read bandwidth, 1 thread, array of {name}'s decoder weights "
+                     f"({size:.1f} MB) | {gbs:.2f} GB/s | {cmd} |")
+    lines += [
+        f"| GEMM fp32, onnxruntime MatMul {gemm['size']}^3, {data['threads']} thread(s) | "
+        f"{fmt(gemm['ort_fp32_gflops'])} GFLOP/s | {cmd} |",
+        f"| GEMM int8, onnxruntime MatMulInteger {gemm['size']}^3, {data['threads']} "
+        f"thread(s) | {fmt(gemm['ort_int8_gops'])} GOP/s | {cmd} |",
+        f"| GEMM fp32, numpy matmul {gemm['size']}^3, BLAS's own threads | "
+        f"{fmt(gemm['numpy_fp32_gflops'])} GFLOP/s | {cmd} |",
+        "",
+        "### Per reply (batch 1, one request alone)",
+        "",
+        "| backend | greedy p50 ms | beam 5 p50 ms | ms/token greedy | tokens/reply | "
+        "greedy vs TF | beam 5 vs TF | command |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in data["replies"].items():
+        g, b = r["greedy"], r["beam 5"]
         lines.append(
-            f"| {name} | {_ms(g_sec)} | {_ms(b_sec)} | {statistics.mean(g_tok):.1f} | "
-            f"{tf_greedy / statistics.median(g_sec):.1f}x | "
-            f"{tf_beam / statistics.median(b_sec):.1f}x |"
-        )
+            f"| {name} | {g['p50_ms']:.1f} | {b['p50_ms']:.1f} | "
+            f"{g['p50_ms'] / max(1, g['tokens_mean']):.2f} | {g['tokens_mean']:.1f} | "
+            f"{tf_reply['greedy']['p50_ms'] / g['p50_ms']:.1f}x | "
+            f"{tf_reply['beam 5']['p50_ms'] / b['p50_ms']:.1f}x | {cmd} |")
     lines += [
         "",
-        f"Replies/s, greedy, onnxruntime int8, {args.replies} replies per point:",
+        "### Engine replies/s (onnxruntime int8, greedy, in-process, no HTTP)",
         "",
-        "| concurrent requests | one at a time | continuous batching | speedup |",
-        "| ---: | ---: | ---: | ---: |",
+        "| concurrent requests | one at a time | continuous batching | speedup | command |",
+        "| ---: | ---: | ---: | ---: | --- |",
     ]
-    for concurrent, (serial, batched) in throughput.items():
-        lines.append(f"| {concurrent} | {serial:.1f} | {batched:.1f} | {batched / serial:.1f}x |")
-    lines += [
-        "",
-        f"{len(questions)} concurrent greedy replies identical to the same request alone: "
-        + ", ".join(f"{name} {same}/{total}" for name, (same, total) in identical.items()),
-    ]
+    for c, t in data["engine_replies_per_s"].items():
+        lines.append(f"| {c} | {t['batch_1']:.1f} | {t['batch_32']:.1f} | "
+                     f"{t['batch_32'] / t['batch_1']:.1f}x | {cmd} |")
+    same = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in data["identical_to_alone"].items())
+    lines += ["", f"Concurrent greedy replies identical to the same request alone: {same}."]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
