@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -145,22 +146,31 @@ def prepare_weights(workdir: Path, checkpoint: Path | None, dims: dict[str, int]
                 checkpoint / "model.weights.h5").is_file():
             dims = dims or shipped_dims()
             log(f"training a small checkpoint with {dims} in {checkpoint} ...")
-            import shutil
-
             shutil.rmtree(checkpoint, ignore_errors=True)
             note.write_text(train_small_checkpoint(checkpoint, dims, train_steps))
         origin = note.read_text() if note.is_file() else "a checkpoint in the work folder"
     if not (checkpoint / "config.json").is_file():
         raise SystemExit(f"{checkpoint} is not a checkpoint folder (no config.json)")
+    # Exports are reused only when they were made from these very weights.
+    source = workdir / "exported_from"
+    weights_file = checkpoint / "best.weights.h5"
+    if not weights_file.is_file():
+        weights_file = checkpoint / "model.weights.h5"
+    if not weights_file.is_file():
+        raise SystemExit(f"{checkpoint} has no weights (model.weights.h5)")
+    identity = f"{checkpoint.resolve()} {weights_file.stat().st_mtime_ns}"
+    stale = not source.is_file() or source.read_text() != identity
     folders = {}
     for quantize, name in (("int8", "int8"), ("none", "fp32")):
         out = workdir / f"model-{name}"
         folders[name] = out
-        if not (out / "manifest.json").is_file():
+        if stale or not (out / "manifest.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
             from export import export_model
 
             log(f"exporting {name} to {out} ...")
             export_model(checkpoint, out, quantize=quantize, check_samples=10, weights="best")
+    source.write_text(identity)
     manifest = json.loads((folders["int8"] / "manifest.json").read_text(encoding="utf-8"))
     return Weights(checkpoint, folders["int8"], folders["fp32"], manifest["dims"], origin)
 

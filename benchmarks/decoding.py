@@ -275,8 +275,11 @@ def run(args, weights, command: str) -> tuple[str, dict]:
     """Measure everything; (markdown, data)."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already ran in this process (tests): keep its threads
+        log("TensorFlow is already initialised: its thread settings are kept")
     quick = args.profile == "quick"
     questions = questions_of(weights.checkpoint, args.questions)
     forced = {"min_length": args.reply_tokens, "max_length": args.reply_tokens}
