@@ -87,10 +87,12 @@ class ReconnectingStream:
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    async def start(self, wait_connected: bool = True) -> ReconnectingStream:
+    async def start(self, wait_subscribed: bool = True) -> ReconnectingStream:
+        """Begin reading; by default wait for the first event (the client's own ``join``,
+        published once the subscription is in place: what follows cannot be missed)."""
         self._task = asyncio.create_task(self._run())
-        if wait_connected:
-            await self.wait_for(lambda _: self.connections > 0, 20)
+        if wait_subscribed:
+            await self.wait_for(lambda events: self.connections > 0 and bool(events), 20)
         return self
 
     async def close(self) -> None:
