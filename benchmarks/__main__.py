@@ -29,8 +29,8 @@ from benchmarks.common import DEFAULT_OUT, log, machine, machine_lines, write_re
 PROFILES = {
     # Short enough for a busy shared machine (a few minutes in all).
     "quick": dict(questions=12, reply_tokens=20, steps=50, replies=64, seconds=20.0,
-                  concurrency="1,8,32,128", poisson_rate=20.0, requests_per_client=2,
-                  min_requests=16),
+                  concurrency="1,8,32,128", poisson_rate=20.0, requests_per_client=4,
+                  min_requests=32),
     "full": dict(questions=50, reply_tokens=30, steps=300, replies=192, seconds=60.0,
                  concurrency="1,8,32,128", poisson_rate=40.0, requests_per_client=4,
                  min_requests=64),

@@ -206,6 +206,21 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (/proc/PID/stat)."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def start_setup(setup: str, weights, threads: int, workdir: Path,
                 redis_url: str | None) -> tuple[list[ServerProcess], list[float]]:
     """Launch the setup's processes; (processes, cold-start seconds of each)."""
@@ -314,12 +329,19 @@ def run(args, weights, command: str) -> tuple[str, dict]:
                     load = (f"Poisson {args.poisson_rate:g}/s" if concurrency is None
                             else f"{concurrency} clients")
                     log(f"  {setup}: {load}, {n} requests ...")
+                    pids = [s.proc.pid for s in servers if s.proc]
+                    server_cpu, client_cpu = cpu_seconds(pids), time.process_time()
                     result = asyncio.run(drive(urls, questions, requests=n,
                                                concurrency=concurrency or 0,
                                                seconds=args.seconds,
                                                reply_tokens=args.reply_tokens,
                                                poisson_rate=None if concurrency else
                                                args.poisson_rate))
+                    # Who used the two cores: the servers, or the load client itself?
+                    result["server_cpu_percent"] = 100 * (
+                        cpu_seconds(pids) - server_cpu) / result["seconds"]
+                    result["client_cpu_percent"] = 100 * (
+                        time.process_time() - client_cpu) / result["seconds"]
                     result["concurrency"] = concurrency
                     result["load"] = load
                     result["command"] = point_command(args, setup, concurrency, n)
@@ -354,12 +376,14 @@ def report(data: dict) -> str:
         f"{data['reply_tokens']} tokens; {data['threads']} onnxruntime/TensorFlow "
         f"thread(s) per server process; the load client runs on the same machine",
         f"- each point bounded by its request count and {data['seconds_per_point']:g} s; "
-        "unfinished = still running at the bound (cancelled)",
+        "unfinished = still running at the bound (cancelled); CPU % = CPU seconds of the "
+        "server process(es) / of the load client over the point's wall time (100 = one core)",
         "",
         "| setup | load | replies | errors | unfinished | replies/s | TTFT p50 ms | "
-        "TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | e2e p99 ms | command |",
+        "TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | e2e p99 ms | server CPU % | "
+        "client CPU % | command |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| --- |",
+        "| ---: | ---: | --- |",
     ]
     for setup, entry in data["setups"].items():
         for p in entry["points"]:
@@ -368,7 +392,8 @@ def report(data: dict) -> str:
                 f"{p['unfinished']} | {p['replies_per_s']:.1f} | {fmt(p['ttft_p50_ms'])} | "
                 f"{fmt(p['ttft_p99_ms'])} | {fmt(p['itl_p50_ms'], 2)} | "
                 f"{fmt(p['itl_p99_ms'], 2)} | {fmt(p['e2e_p50_ms'])} | "
-                f"{fmt(p['e2e_p99_ms'])} | `{p['command']}` |")
+                f"{fmt(p['e2e_p99_ms'])} | {p['server_cpu_percent']:.0f} | "
+                f"{p['client_cpu_percent']:.0f} | `{p['command']}` |")
     lines += ["", "Setups:", ""]
     lines += [f"- `{setup}`: {entry['title']}" for setup, entry in data["setups"].items()]
     lines += [
