@@ -116,7 +116,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def decoding_command(args: argparse.Namespace) -> str:
-    parts = ["python -m benchmarks decoding", f"--threads {args.threads}",
+    parts = ["python -m benchmarks decoding", f"--profile {args.profile}",
+             f"--threads {args.threads}",
              f"--questions {args.questions}", f"--reply-tokens {args.reply_tokens}",
              f"--steps {args.steps}", f"--replies {args.replies}"]
     if args.checkpoint:

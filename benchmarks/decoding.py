@@ -419,15 +419,20 @@ def report(data: dict) -> str:
         "",
         "### Per reply (batch 1, one request alone)",
         "",
+        "Decoder steps' share = batch-1 step p50 x tokens / greedy reply p50; the rest "
+        "is the encoder and the numpy search code (token rules, choice, detokenizing).",
+        "",
         "| backend | greedy p50 ms | beam 5 p50 ms | ms/token greedy | tokens/reply | "
-        "greedy vs TF | beam 5 vs TF | command |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "decoder steps' share | greedy vs TF | beam 5 vs TF | command |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in data["replies"].items():
         g, b = r["greedy"], r["beam 5"]
+        share = data["steps"][name]["1"]["p50_ms"] * g["tokens_mean"] / g["p50_ms"]
         lines.append(
             f"| {name} | {g['p50_ms']:.1f} | {b['p50_ms']:.1f} | "
             f"{g['p50_ms'] / max(1, g['tokens_mean']):.2f} | {g['tokens_mean']:.1f} | "
+            f"{100 * share:.0f}% | "
             f"{tf_reply['greedy']['p50_ms'] / g['p50_ms']:.1f}x | "
             f"{tf_reply['beam 5']['p50_ms'] / b['p50_ms']:.1f}x | {cmd} |")
     lines += [
