@@ -42,6 +42,8 @@ TARGETS = [
     ("the same, in-process engine without HTTP (32 concurrent requests)", ">= 5x"),
     ("p99 time to first token at 32 clients (batching on)", "< 100 ms"),
     ("lean server peak RSS (one process, batching on)", "< 250 MB"),
+    ("ours (batching on) vs the TensorFlow baseline, replies/s at 32 clients", "(ratio)"),
+    ("baseline vs ours, TTFT p50 at 32 clients", "(ratio)"),
 ]
 
 
@@ -150,7 +152,14 @@ def summary(info: dict, decoding: dict | None, server: dict | None, command: str
         if rss and rss[0]:
             measured[4] = f"{rss[0]:.0f} MB"
             commands[4] = server["setups"]["on"]["points"][0]["command"]
-    lines = ["## Targets (measured, not asserted)", "",
+        base = _point(server, "baseline", 32)
+        if on and base and base["replies_per_s"]:
+            measured[5] = f"{on['replies_per_s'] / base['replies_per_s']:.1f}x"
+            commands[5] = f"{on['command']}; {base['command']}"
+        if on and base and on["ttft_p50_ms"] and base["ttft_p50_ms"]:
+            measured[6] = f"{base['ttft_p50_ms'] / on['ttft_p50_ms']:.1f}x"
+            commands[6] = commands[5]
+    lines = ["## Targets (measured, not asserted) and ratios to the baseline", "",
              "| target | wanted | measured | command |", "| --- | --- | ---: | --- |"]
     for (name, wanted), got, cmd in zip(TARGETS, measured, commands, strict=True):
         lines.append(f"| {name} | {wanted} | {got} | `{cmd}` |")
