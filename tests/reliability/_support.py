@@ -218,6 +218,10 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def tcp_ports_of_fds(pid: int) -> list[tuple[int, int]]:
     """(local port, remote port) of each TCP socket the process holds open (IPv4 and v6)."""
     inodes = set()

@@ -21,6 +21,7 @@ from tests.reliability._support import (
     redis_client_count,
     stored_events,
     stored_ids,
+    thread_count,
     wait_until,
 )
 from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
@@ -205,6 +206,7 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
             await one_round(n)
         baseline = await quiet()
         redis_before, fds_before = redis_client_count(redis_server.url), fd_count(pid)
+        threads_before = thread_count(pid)
         sent = []
         rounds = 4
         for n in range(2, 2 + rounds):
@@ -219,6 +221,7 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
             redis_before, redis_client_count(redis_server.url))
         assert await wait_until(lambda: fd_count(pid) <= fds_before + slack, 10), (
             fds_before, fd_count(pid))
+        assert thread_count(pid) == threads_before
         # Every reply completed and is in history, once.
         history = (await stayer_client.get("/history",
                                            params={"room": room, "limit": 1000})).json()
