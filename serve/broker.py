@@ -265,7 +265,7 @@ class RedisBroker(Broker):
     def __init__(self, url: str, *, prefix: str = "xiaox", log_max_events: int = 10_000,
                  history_max_messages: int = 1_000):
         super().__init__()
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -274,7 +274,10 @@ class RedisBroker(Broker):
         options = dict(decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
                        retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.url = url
-        self._redis = Redis.from_url(url, **options)
+        # A blocking pool: a burst of more commands than connections waits for a free one
+        # instead of failing as if Redis were down.
+        pool = BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **options)
+        self._redis = Redis(connection_pool=pool)
         self._reader_redis = Redis.from_url(url, max_connections=2, **options)
         self._prefix = prefix
         self._log_max = log_max_events

@@ -49,6 +49,10 @@ class DecodingOptions:
         words = self.suppress_words
         if isinstance(words, str):
             words = (words,)
+        if not isinstance(words, list | tuple | set | frozenset) or not all(
+            isinstance(w, str) for w in words
+        ):
+            raise ValueError(f"suppress_words must be a list of strings, got {words!r}")
         object.__setattr__(self, "suppress_words", tuple(sorted(set(words))))
         self.validate()
 

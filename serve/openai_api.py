@@ -30,10 +30,17 @@ IGNORED_FIELDS = {"model", "messages", "stream", "stream_options", "n", "user", 
                   "service_tier", "store", "metadata", "modalities", "reasoning_effort"}
 
 
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str,
                  error_type: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
+        # Messages may quote the client's own strings: a lone surrogate in them must not
+        # break the JSON encoder, so anything UTF-8 cannot carry is escaped.
+        super().__init__(_printable(message))
+        param = _printable(param) if param is not None else None
         self.status, self.code, self.error_type, self.param = status, code, error_type, param
 
     def response(self) -> JSONResponse:

@@ -326,15 +326,7 @@ async def test_openai_content(server, value, stream):
         assert isinstance(response.json()["choices"][0]["message"]["content"], str)
 
 
-ECHO_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG (serve/openai_api.py): an ApiError message echoes the client's string (the model "
-    "name, an unknown field's name); with a lone surrogate in it JSONResponse cannot "
-    "encode the error and the request ends in a 500 with a traceback"))
-
-
-@pytest.mark.parametrize("value", [pytest.param(t, marks=ECHO_BUG)
-                                   if t.name == "lone surrogate" else t for t in TEXTS],
-                         ids=[t.name for t in TEXTS])
+@pytest.mark.parametrize("value", TEXTS, ids=[t.name for t in TEXTS])
 async def test_openai_model_name(server, value):
     body = b'{"model": ' + value.json_literal + b', "messages": [{"role": "user", ' \
            b'"content": "\xe4\xbd\xa0\xe5\xa5\xbd"}]}'
@@ -346,7 +338,6 @@ async def test_openai_model_name(server, value):
     assert response.status_code == expected, response.text
 
 
-@ECHO_BUG
 async def test_openai_unknown_field_named_with_a_lone_surrogate(server):
     body = b'{"messages": [{"role": "user", "content": "hi"}], "x\\ud800": 1}'
     async with client(server) as c:

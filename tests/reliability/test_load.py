@@ -201,11 +201,6 @@ async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, red
 HERD = 500
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "BUG (serve/broker.py): a burst of >100 concurrent Redis commands in one process "
-    "exhausts redis-py's asyncio pool (max_connections=100); MaxConnectionsError is a "
-    "ConnectionError, so RedisBroker._call marks Redis unreachable: /healthz turns 503 "
-    "and new /stream requests get 503 although Redis is fine. Timing-dependent."))
 async def test_a_herd_of_simultaneous_reconnects_is_served(model_dir, redis_server, tmp_path):
     """What every client does after a restart: reconnect at once. None may be refused."""
     raise_fd_limit(2 * HERD + 256)

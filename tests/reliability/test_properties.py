@@ -122,10 +122,6 @@ def test_any_options_are_refused_clearly_or_decode_within_their_limits(model, dr
         assert len(grams) == len(set(grams))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG (serve/decoding.py): DecodingOptions.__post_init__ runs set(suppress_words) "
-    "before validate(), so suppress_words=5 or None raises TypeError, not the ValueError "
-    "with a message every other bad option gets"))
 @pytest.mark.parametrize("value", [5, None])
 def test_suppress_words_of_the_wrong_type(value):
     with pytest.raises(ValueError, match="suppress_words"):
