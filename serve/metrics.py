@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import (
@@ -45,6 +46,10 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.broker_healthy = Gauge("xiaox_broker_healthy", "1 when the event log is reachable",
                                     registry=r)
+        self.asyncio_tasks = Gauge("xiaox_asyncio_tasks",
+                                   "asyncio tasks alive in this process (a leak shows here)",
+                                   registry=r)
+        self.asyncio_tasks.set_function(_asyncio_task_count)
 
     def on_engine_metric(self, name: str, seconds: float) -> None:
         """The engine's ``on_metric`` hook: latencies as they happen."""
@@ -60,6 +65,13 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _asyncio_task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped outside the event loop
+        return 0
 
 
 class _EngineCollector:

@@ -188,6 +188,17 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
             "xiaox_sse_clients", "xiaox_active_replies", "xiaox_engine_batch_size",
             "xiaox_engine_queue_size")}
 
+    async def task_count() -> float:
+        page = (await stayer_client.get("/metrics")).text
+        return metric_value(page, "xiaox_asyncio_tasks")
+
+    async def wait_until_async(ok, measure, seconds: float) -> bool:
+        for _ in range(int(seconds * 10)):
+            if ok(await measure()):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
     async def quiet() -> dict[str, float]:
         # The server notices the disconnects (and the leave notices go out).
         for _ in range(100):
@@ -205,6 +216,7 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         for n in range(2):
             await one_round(n)
         baseline = await quiet()
+        tasks_before = await task_count()
         redis_before, fds_before = redis_client_count(redis_server.url), fd_count(pid)
         threads_before = thread_count(pid)
         sent = []
@@ -222,6 +234,9 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         assert await wait_until(lambda: fd_count(pid) <= fds_before + slack, 10), (
             fds_before, fd_count(pid))
         assert thread_count(pid) == threads_before
+        # The /metrics scrape itself is one task; a leak of one per client would be +40.
+        assert await wait_until_async(lambda n: n <= tasks_before + 2, task_count, 10), (
+            tasks_before, await task_count())
         # Every reply completed and is in history, once.
         history = (await stayer_client.get("/history",
                                            params={"room": room, "limit": 1000})).json()
