@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,21 +20,7 @@ from serve.decoding import (
 )
 from serve.model import OnnxSeq2Seq
 
-SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "xiaox"
 QUESTIONS = ["你好", "你叫什么名字", "今天天气怎么样", "我好累啊", "晚安", "你喜欢吃什么", "哈哈哈"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(request) -> Path:
-    """The shipped model (runs without TensorFlow); a tiny exported one until it exists."""
-    if (SHIPPED / "manifest.json").is_file():
-        return request.getfixturevalue("shipped_model_dir")
-    return request.getfixturevalue("tiny_model_dir")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir) -> OnnxSeq2Seq:
-    return OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
 
 
 # -- options --------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,6 @@ from serve.decoding import DecodingOptions, beam_search, decode_alone, source_id
 from serve.engine import Engine, EngineStopped, Overloaded
 from serve.model import OnnxSeq2Seq
 
-SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "xiaox"
 QUESTIONS = [
     "你好",
     "你叫什么名字",
@@ -26,19 +24,6 @@ QUESTIONS = [
     "嗯",
 ]
 ENDLESS = {"min_length": 100_000, "max_length": 100_000}  # only a cancel ends it
-
-
-@pytest.fixture(scope="module")
-def model_dir(request) -> Path:
-    """The shipped model (runs without TensorFlow); a tiny exported one until it exists."""
-    if (SHIPPED / "manifest.json").is_file():
-        return request.getfixturevalue("shipped_model_dir")
-    return request.getfixturevalue("tiny_model_dir")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir) -> OnnxSeq2Seq:
-    return OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
 
 
 @contextlib.asynccontextmanager

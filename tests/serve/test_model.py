@@ -12,21 +12,6 @@ import pytest
 from serve.manifest import ModelError
 from serve.model import OnnxSeq2Seq, pad_memory
 
-SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "xiaox"
-
-
-@pytest.fixture(scope="module")
-def model_dir(request) -> Path:
-    """The shipped model (runs without TensorFlow); a tiny exported one until it exists."""
-    if (SHIPPED / "manifest.json").is_file():
-        return request.getfixturevalue("shipped_model_dir")
-    return request.getfixturevalue("tiny_model_dir")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir) -> OnnxSeq2Seq:
-    return OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
-
 
 @pytest.fixture
 def copy_of(model_dir, tmp_path) -> Path:
