@@ -14,35 +14,9 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from tests.serve._helpers_server import StrictSSEParser, id_key
+from tests.serve._helpers_server import StrictSSEParser, id_key, sse_lines  # noqa: F401
 
 EVENT_TYPES = {"message", "typing", "token", "join", "leave"}
-
-
-def sse_lines(buffer: str) -> tuple[list[str], str]:
-    """Complete SSE lines of ``buffer`` (ended by CRLF, LF or CR, nothing else) and the rest.
-
-    Unlike ``str.splitlines`` (and httpx's ``aiter_lines``), U+2028, U+0085 or form
-    feeds inside a data line are data, as the SSE specification says.
-    """
-    lines: list[str] = []
-    start = 0
-    i = 0
-    n = len(buffer)
-    while i < n:
-        ch = buffer[i]
-        if ch == "\n":
-            lines.append(buffer[start:i])
-            start = i = i + 1
-        elif ch == "\r":
-            if i + 1 == n:
-                break  # a CR at the end may be the first half of a CRLF
-            lines.append(buffer[start:i])
-            i += 2 if buffer[i + 1] == "\n" else 1
-            start = i
-        else:
-            i += 1
-    return lines, buffer[start:]
 
 
 def parse_sse(raw: str) -> list[dict]:

@@ -180,9 +180,36 @@ class StrictSSEParser:
         return None
 
 
+def sse_lines(buffer: str) -> tuple[list[str], str]:
+    """Complete SSE lines of ``buffer`` (ended by CRLF, LF or CR, nothing else) and the rest.
+
+    Unlike ``str.splitlines`` (and httpx's ``aiter_lines``), U+2028, U+0085 or form
+    feeds inside a data line are data, as the SSE specification says.
+    """
+    lines: list[str] = []
+    start = 0
+    i = 0
+    n = len(buffer)
+    while i < n:
+        ch = buffer[i]
+        if ch == "\n":
+            lines.append(buffer[start:i])
+            start = i = i + 1
+        elif ch == "\r":
+            if i + 1 == n:
+                break  # a CR at the end may be the first half of a CRLF
+            lines.append(buffer[start:i])
+            i += 2 if buffer[i + 1] == "\n" else 1
+            start = i
+        else:
+            i += 1
+    return lines, buffer[start:]
+
+
 def split_lines(raw: str) -> list[str]:
-    """SSE line splitting: CRLF, LF or CR."""
-    return raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    """A whole stream's SSE lines (CRLF, LF or CR), the unterminated rest last."""
+    lines, rest = sse_lines(raw)
+    return [*lines, rest]
 
 
 class ChatStream:
@@ -237,12 +264,15 @@ class ChatStream:
                 if response.status_code != 200:
                     await response.aread()
                     return
-                async for line in response.aiter_lines():
-                    event = self.parser.feed(line)
-                    if event is not None:
-                        event["data"] = json.loads(event["data"])
-                        self.events.append(event)
-                        self._changed.set()
+                pending = ""
+                async for chunk in response.aiter_text():
+                    lines, pending = sse_lines(pending + chunk)
+                    for line in lines:
+                        event = self.parser.feed(line)
+                        if event is not None:
+                            event["data"] = json.loads(event["data"])
+                            self.events.append(event)
+                            self._changed.set()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # surfaced by wait_for
