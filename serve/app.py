@@ -72,8 +72,11 @@ class Chat:
 
     @property
     def reply_options(self) -> dict[str, Any]:
+        # Nucleus sampling (CDial-GPT's p=0.9, T=0.7): on held-out pairs the shipped model's
+        # greedy replies are 86% the ten most frequent ones, sampled replies 21% (README).
         return {"max_length": self.settings.reply_max_tokens, "no_repeat_ngram_size": 3,
-                "repetition_penalty": 1.2}
+                "repetition_penalty": 1.2, "sampling_topk": 0, "sampling_topp": 0.9,
+                "sampling_temperature": 0.7}
 
     async def start(self) -> None:
         from serve.engine import Engine
