@@ -62,6 +62,15 @@ def _check_key(request: Request) -> None:
                        "invalid_api_key", "authentication_error")
 
 
+def _engine_error(error: Exception) -> ApiError:
+    """The engine refusing a request, as OpenAI's clients expect it."""
+    from serve.engine import Overloaded
+
+    if isinstance(error, Overloaded):
+        return ApiError(429, "the server is busy; retry shortly", "overloaded", "rate_limit_error")
+    return ApiError(503, "the model is not available", "model_unavailable", "server_error")
+
+
 def _model_ready(request: Request):
     chat = request.app.state.chat
     if chat.engine is None or not chat.engine.running or chat.closing:
@@ -190,12 +199,8 @@ async def chat_completions(request: Request) -> Response:
         if not stream:
             try:
                 result = await chat.engine.generate(text, **options)
-            except Overloaded:
-                raise ApiError(429, "the server is busy; retry shortly", "overloaded",
-                               "rate_limit_error") from None
-            except EngineStopped:
-                raise ApiError(503, "the model is not available", "model_unavailable",
-                               "server_error") from None
+            except (Overloaded, EngineStopped) as e:
+                raise _engine_error(e) from None
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": created,
                 "model": chat.model_name, "system_fingerprint": None,
@@ -215,12 +220,8 @@ async def chat_completions(request: Request) -> Response:
             first: str | None = await anext(deltas)
         except StopAsyncIteration:
             first = None
-        except Overloaded:
-            raise ApiError(429, "the server is busy; retry shortly", "overloaded",
-                           "rate_limit_error") from None
-        except EngineStopped:
-            raise ApiError(503, "the model is not available", "model_unavailable",
-                           "server_error") from None
+        except (Overloaded, EngineStopped) as e:
+            raise _engine_error(e) from None
     except ApiError as e:
         chat.metrics.errors.labels(f"api_{e.code}").inc()
         return e.response()
