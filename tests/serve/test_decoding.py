@@ -152,12 +152,14 @@ def test_beam_1_equals_greedy(model, extra):
         assert beam.score == pytest.approx(greedy.score, abs=1e-9)
 
 
-def _beam_versus_greedy(model: OnnxSeq2Seq, slack: float) -> None:
+def _beam_versus_greedy(model: OnnxSeq2Seq, slack: float, length_penalty: float = 1.0) -> None:
     for question in QUESTIONS:
         src = source_ids(model, question)
-        greedy = decode_alone(model, src, DecodingOptions(return_scores=True))
+        greedy = decode_alone(
+            model, src, DecodingOptions(return_scores=True, length_penalty=length_penalty))
         for beam_size in (2, 5):
-            options = DecodingOptions(beam_size=beam_size, return_scores=True)
+            options = DecodingOptions(
+                beam_size=beam_size, return_scores=True, length_penalty=length_penalty)
             beam = beam_search(model, src, options)
             assert beam.score >= greedy.score - slack, (question, beam_size)
 
@@ -168,10 +170,14 @@ def test_beam_best_score_is_at_least_greedys(tiny_model_dir):
 
 
 def test_beam_best_score_is_at_least_greedys_on_the_shipped_model(model):
-    # An int8 graph quantizes activations over the whole batch, so the same hypothesis
-    # scores a little differently in a beam of 5 rows than alone (seen: 6e-8 .. 1e-3).
+    # On the model's own log-probability (length_penalty 0) the stopping rule is exact:
+    # once the best candidate ends, nothing alive can beat it. (With length normalization
+    # it is CTranslate2's heuristic: on the shipped model beam 5 can settle on a shorter
+    # reply than greedy's.) An int8 graph quantizes activations over the whole batch, so
+    # the same reply scores a little differently in a beam of k rows than alone (seen:
+    # up to 0.025 on a reply's total).
     int8 = model.manifest.quantization != "none"
-    _beam_versus_greedy(model, slack=1e-2 if int8 else 1e-9)
+    _beam_versus_greedy(model, slack=5e-2 if int8 else 1e-9, length_penalty=0.0)
 
 
 def test_n_best_is_sorted_and_distinct(model):
