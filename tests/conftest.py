@@ -107,6 +107,12 @@ def shipped_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_dir(shipped_model_dir) -> Path:
+    """The model the serving tests run on: the shipped one (no TensorFlow needed)."""
+    return shipped_model_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny model trained for a few steps on the demo corpus (needs TensorFlow)."""
     pytest.importorskip("tensorflow")

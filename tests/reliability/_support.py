@@ -14,7 +14,12 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from tests.serve._helpers_server import StrictSSEParser, id_key, sse_lines  # noqa: F401
+from tests.serve._helpers_server import (  # noqa: F401 (sse_lines is re-exported)
+    StrictSSEParser,
+    cancel_and_wait,
+    id_key,
+    sse_lines,
+)
 
 EVENT_TYPES = {"message", "typing", "token", "join", "leave"}
 
@@ -70,13 +75,8 @@ class ReconnectingStream:
         return self
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         attempt = 0

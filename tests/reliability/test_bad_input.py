@@ -24,10 +24,9 @@ import pytest
 from serve.security import ROOM_PATTERN
 from tests.conftest import RedisServer
 from tests.reliability._support import ReconnectingStream, has_reply_to, sse_lines
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ServerProcess,
     StrictSSEParser,
-    _model_dir_fixture,
     login,
 )
 

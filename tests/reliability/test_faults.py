@@ -24,9 +24,8 @@ from tests.reliability._support import (
     thread_count,
     wait_until,
 )
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ServerProcess,
-    _model_dir_fixture,
     id_key,
     login,
     metric_value,

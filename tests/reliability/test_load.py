@@ -25,9 +25,8 @@ from tests.reliability._support import (
     tcp_ports_of_fds,
     wait_until,
 )
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ServerProcess,
-    _model_dir_fixture,
     login,
     metric_value,
     start_servers,

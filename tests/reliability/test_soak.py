@@ -18,9 +18,8 @@ import pytest
 
 from tests.reliability._support import ReconnectingStream, fd_count, rss_mb, tcp_ports_of_fds
 from tests.reliability.test_faults import assert_exactly_the_stored_events, settle, wait_health
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ServerProcess,
-    _model_dir_fixture,
     login,
     start_servers,
 )

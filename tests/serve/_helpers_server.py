@@ -1,6 +1,5 @@
 """Helpers for the server tests: the model, ``python -m serve`` processes, SSE clients.
 
-Test modules import the ``model_dir`` fixture from here (``_model_dir_fixture``).
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-SHIPPED_MODEL = ROOT / "artifacts" / "xiaox"
 
 
 def free_port() -> int:
@@ -29,12 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session", name="model_dir")
-def _model_dir_fixture(request) -> Path:
-    """The shipped model when it is there, else the tiny one trained for the tests."""
-    if (SHIPPED_MODEL / "manifest.json").is_file():
-        return SHIPPED_MODEL
-    return request.getfixturevalue("tiny_model_dir")
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel a background reader task and wait until it has really ended."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 class ServerDied(RuntimeError):
@@ -245,13 +244,8 @@ class ChatStream:
         await self.close()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         try:

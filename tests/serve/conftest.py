@@ -1,15 +1,8 @@
 """Fixtures of the serve tests: the shipped model, which loads without TensorFlow."""
 
-from pathlib import Path
-
 import pytest
 
 from serve.model import OnnxSeq2Seq
-
-
-@pytest.fixture(scope="session")
-def model_dir(shipped_model_dir) -> Path:
-    return shipped_model_dir
 
 
 @pytest.fixture(scope="session")

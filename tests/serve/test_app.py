@@ -13,11 +13,10 @@ import httpx
 import pytest
 
 from serve.settings import parse_settings, settings_from_env
-from tests.serve._helpers_server import (  # noqa: F401  (_model_dir_fixture is the model_dir fixture)
+from tests.serve._helpers_server import (
     ROOT,
     ChatStream,
     ServerProcess,
-    _model_dir_fixture,
     bot_reply_to,
     id_key,
     login,

@@ -10,11 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ROOT,
     ChatStream,
     ServerProcess,
-    _model_dir_fixture,
     bot_reply_to,
     free_port,
     login,

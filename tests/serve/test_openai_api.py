@@ -8,10 +8,9 @@ import json
 import httpx
 import pytest
 
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ServerProcess,
     StrictSSEParser,
-    _model_dir_fixture,
     metric_value,
     split_lines,
 )

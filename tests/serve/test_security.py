@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve.security import RateLimiter, clean_text, load_or_create_secret_key
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ServerProcess,
-    _model_dir_fixture,
     login,
 )
 

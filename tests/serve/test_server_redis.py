@@ -8,10 +8,9 @@ import time
 import httpx
 import pytest
 
-from tests.serve._helpers_server import (  # noqa: F401  (the model_dir fixture)
+from tests.serve._helpers_server import (
     ChatStream,
     ServerProcess,
-    _model_dir_fixture,
     bot_reply_to,
     id_key,
     login,
