@@ -232,7 +232,10 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
             redis_before, redis_client_count(redis_server.url))
         assert await wait_until(lambda: fd_count(pid) <= fds_before + slack, 10), (
             fds_before, fd_count(pid))
-        assert thread_count(pid) == threads_before
+        # Executor pools (asyncio's, anyio's) may grow by a worker under new concurrency and
+        # retire idle ones later; a leak of one thread per client would be +40.
+        assert await wait_until(lambda: thread_count(pid) <= threads_before + slack, 10), (
+            threads_before, thread_count(pid))
         # The /metrics scrape itself is one task; a leak of one per client would be +40.
         assert await wait_until_async(lambda n: n <= tasks_before + 2, task_count, 10), (
             tasks_before, await task_count())
