@@ -43,6 +43,11 @@ class DecodingOptions:
     seed: int | None = None  # sampling seed: the same seed gives the same reply
     disable_unk: bool = True  # never produce <unk>
     suppress_words: tuple[str, ...] = ()  # no token whose piece contains one of these
+    # MMI-antiLM (Li et al. 2016), beam search only: for the first ``antilm_steps`` reply
+    # tokens, subtract ``antilm_weight`` x the log-prob the decoder gives the token with
+    # no question at all. Replies any question would get ("我也是") lose; 0 = off.
+    antilm_weight: float = 0.0
+    antilm_steps: int = 3
     return_scores: bool = False  # fill GenerationResult.score and the hypotheses' scores
 
     def __post_init__(self) -> None:
@@ -93,7 +98,12 @@ class DecodingOptions:
         integer("min_length", 0)
         integer("max_length", 1)
         integer("sampling_topk", 0)
+        integer("antilm_steps", 0)
         number("length_penalty")
+        if not 0 <= number("antilm_weight") < 1:
+            raise ValueError(f"antilm_weight must be in [0, 1), got {self.antilm_weight!r}")
+        if self.antilm_weight and self.beam_size == 1:
+            raise ValueError("antilm_weight needs beam search (beam_size > 1)")
         if number("repetition_penalty") <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if number("sampling_temperature") <= 0:
@@ -402,11 +412,13 @@ def beam_search(
     top-ranked extension ends and ``num_hypotheses`` are finished (CTranslate2's and
     OpenNMT's rule; with beam_size 1 this is exactly greedy), or at ``max_length``, where
     the live hypotheses finish with reason "length". Finished hypotheses are ranked by
-    their length-normalized score.
+    their length-normalized score. With ``antilm_weight`` the ranking and the scores are
+    the MMI-antiLM ones (see ``AntiLanguageModel``).
     """
     k, eos = options.beam_size, model.eos_id
     rules = TokenRules.for_model(model, options)
     state = model.encode([src_ids])
+    antilm = AntiLanguageModel(model, k) if options.antilm_weight else None
     memory = np.repeat(state.memory, k, axis=0)
     keys = np.repeat(state.memory_keys, k, axis=0)
     mask = np.repeat(state.src_mask, k, axis=0)
@@ -414,12 +426,14 @@ def beam_search(
     live_scores = np.zeros(1)
     prev, h, c = np.array([model.bos_id], np.int64), state.h, state.c
     finished: list[tuple[list[int], float, str]] = []
-    for _ in range(options.max_length):
+    for position in range(options.max_length):
         if should_stop is not None and should_stop():
             raise DecodingCancelled()
         n = len(live)
         out = model.step(prev, h, c, memory[:n], keys[:n], mask[:n])
         processed = process_rows(out.log_probs, [rules] * n, live)
+        if antilm is not None and position < options.antilm_steps:
+            processed -= options.antilm_weight * antilm.step(prev)
         candidates = (live_scores[:, None] + processed).ravel()
         ranked = _top_ranked(candidates, 2 * k)
         kept: list[tuple[int, int, float]] = []
@@ -441,6 +455,8 @@ def beam_search(
         live_scores = np.array([score for _, _, score in kept])
         prev = np.array([token for _, token, _ in kept], np.int64)
         h, c = out.h[rows], out.c[rows]
+        if antilm is not None:
+            antilm.reorder(rows)
     else:
         finished.extend(
             (tokens, float(s), "length") for tokens, s in zip(live, live_scores, strict=True)
@@ -457,6 +473,38 @@ def beam_search(
     ]
     tokens, _, reason = best[0]
     return GenerationResult(hypotheses[0][0], list(tokens), hypotheses[0][1], reason, hypotheses)
+
+
+class AntiLanguageModel:
+    """The decoder as a language model: its log-probs for the beam's prefixes given a
+    question of only ``</s>``, which stands in for "no question" (Li et al. 2016 use the
+    decoder's own p(T) as the anti-LM). ``</s>`` itself is not penalised, so that the
+    penalty never favours ending early."""
+
+    def __init__(self, model: OnnxSeq2Seq, rows: int):
+        self.model = model
+        state = model.encode([[model.eos_id]])
+        self.memory = np.repeat(state.memory, rows, axis=0)
+        self.keys = np.repeat(state.memory_keys, rows, axis=0)
+        self.mask = np.repeat(state.src_mask, rows, axis=0)
+        self.h, self.c = state.h, state.c
+        self._last = None
+
+    def step(self, prev: np.ndarray) -> np.ndarray:
+        """Log-probs [n,V] of the next token after each of the ``n`` live prefixes."""
+        n = len(prev)
+        self._last = self.model.step(
+            prev, self.h, self.c, self.memory[:n], self.keys[:n], self.mask[:n]
+        )
+        log_probs = self._last.log_probs.copy()
+        log_probs[:, self.model.eos_id] = 0.0
+        return log_probs
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Follow the beam: row ``i`` continues the prefix that was row ``rows[i]``."""
+        if self._last is not None:
+            self.h, self.c = self._last.h[rows], self._last.c[rows]
+            self._last = None
 
 
 def _top_ranked(scores: np.ndarray, n: int) -> np.ndarray:

@@ -6,7 +6,8 @@ vocab.txt          serve.tokenizer.Vocab
 model.weights.h5   the latest weights (Keras save_weights)
 state/             tf.train.Checkpoint: weights + dropout seeds, optimizer, counters (resume)
 metrics.jsonl      one JSON object a line
-valid.tsv          the held-out pairs, question<TAB>answer
+valid.tsv          the validation pairs (early stopping, best.weights.h5), question<TAB>answer
+test.tsv           with test_fraction > 0: pairs never trained on nor used to choose weights
 ```
 """
 
@@ -26,6 +27,7 @@ BEST_WEIGHTS_FILE = "best.weights.h5"  # the weights of the best validation loss
 STATE_DIR = "state"
 METRICS_FILE = "metrics.jsonl"
 VALID_FILE = "valid.tsv"
+TEST_FILE = "test.tsv"
 
 
 class CheckpointError(ValueError):
@@ -74,8 +76,8 @@ def save_weights(out: Path, model, name: str = WEIGHTS_FILE) -> Path:
     return path
 
 
-def save_valid_pairs(out: Path, pairs: list[tuple[str, str]]) -> Path:
-    path = Path(out) / VALID_FILE
+def save_pairs(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """question<TAB>answer lines (valid.tsv, test.tsv)."""
     _atomic_write_text(path, "".join(f"{q}\t{a}\n" for q, a in pairs))
     return path
 

@@ -59,6 +59,15 @@ class TrainConfig:
         default=0.05, metadata=_help("fraction of pairs held out for validation")
     )
     valid_max: int = field(default=2000, metadata=_help("at most this many held-out pairs"))
+    test_fraction: float = field(
+        default=0.0,
+        metadata=_help("fraction of pairs split off first as a test set, never trained on nor "
+                       "used to pick a checkpoint (test.tsv; 0 = none)"),
+    )
+    test_max: int = field(default=2000, metadata=_help("at most this many test pairs"))
+    max_answer_repeats: int = field(
+        default=0, metadata=_help("keep each distinct answer at most this often (0 = no cap)")
+    )
     blocklist: str | None = field(
         default=DEFAULT_BLOCKLIST,
         metadata=_help("blocklist file ('none' = no blocklist); relative paths: cwd, then project"),
@@ -89,12 +98,12 @@ class TrainConfig:
             if isinstance(value, bool) != (f.type == "bool") or not isinstance(value, expected):
                 raise ConfigError(f"{f.name} must be of type {f.type}, got {value!r}")
         positive = ("embed_dim", "hidden_dim", "batch_size", "epochs", "max_src_len",
-                    "max_tgt_len", "min_freq", "valid_max", "checkpoint_every")
+                    "max_tgt_len", "min_freq", "valid_max", "test_max", "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("max_steps", "max_minutes", "learning_rate", "clip_norm", "patience",
-                        "threads", "seed")
+                        "threads", "seed", "max_answer_repeats")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -105,6 +114,8 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.optimizer not in OPTIMIZERS:
@@ -129,7 +140,8 @@ class TrainConfig:
             data["blocklist"] = None
         if isinstance(data.get("max_minutes"), int) and not isinstance(data["max_minutes"], bool):
             data["max_minutes"] = float(data["max_minutes"])
-        for name in ("dropout", "learning_rate", "lr_decay", "clip_norm", "valid_fraction"):
+        for name in ("dropout", "learning_rate", "lr_decay", "clip_norm", "valid_fraction",
+                     "test_fraction"):
             if isinstance(data.get(name), int) and not isinstance(data[name], bool):
                 data[name] = float(data[name])
         return cls(**data)

@@ -191,7 +191,13 @@ class CleaningReport:
                 **{rule: int(n) for rule, n in self.dropped.items()}}
 
 
-RULES = ("empty", "garbled", "blocklist", "duplicate", "too_long")
+RULES = ("empty", "garbled", "symbols_only", "blocklist", "duplicate", "too_long",
+         "frequent_answer")
+
+
+def _symbols_only(text: str) -> bool:
+    # "=。=", "==", "******": no letter and no digit. Such answers teach the bot to shrug.
+    return not any(unicodedata.category(ch)[0] in "LN" for ch in text)
 
 
 def clean_pairs(
@@ -201,16 +207,21 @@ def clean_pairs(
     max_src_len: int,
     max_tgt_len: int,
     blocklist: Blocklist | None = None,
+    max_answer_repeats: int = 0,
 ) -> tuple[list[tuple[list[str], list[str]]], list[Pair], CleaningReport]:
     """Normalise and filter pairs; return (segmented pairs, normalised text pairs, report).
 
     Rules, in order: ``empty`` (a side is empty once normalised: control characters and
-    whitespace only), ``garbled`` (decoding damage), ``blocklist`` (a blocked term on either
-    side, after name replacement), ``duplicate`` (the same normalised pair seen before),
-    ``too_long`` (more jieba words than max_src_len / max_tgt_len).
+    whitespace only), ``garbled`` (decoding damage), ``symbols_only`` (an answer with no
+    letter or digit), ``blocklist`` (a blocked term on either side, after name replacement),
+    ``duplicate`` (the same normalised pair seen before), ``too_long`` (more jieba words than
+    max_src_len / max_tgt_len), ``frequent_answer`` (an answer already kept
+    ``max_answer_repeats`` times; 0 = no cap). The cap is the data-side cure for generic
+    replies: without it a few stock answers ("哈哈", "是的") dominate what the model learns.
     """
     report = CleaningReport(read=len(pairs), dropped=Counter({rule: 0 for rule in RULES}))
     seen: set[Pair] = set()
+    answer_counts: Counter = Counter()
     segmented: list[tuple[list[str], list[str]]] = []
     texts: list[Pair] = []
     for question, answer in pairs:
@@ -220,6 +231,9 @@ def clean_pairs(
             continue
         if _garbled(q) or _garbled(a):
             report.dropped["garbled"] += 1
+            continue
+        if _symbols_only(a):
+            report.dropped["symbols_only"] += 1
             continue
         if blocklist is not None:
             q2, a2 = blocklist.replace(q), blocklist.replace(a)
@@ -239,6 +253,10 @@ def clean_pairs(
         if len(q_words) > max_src_len or len(a_words) > max_tgt_len:
             report.dropped["too_long"] += 1
             continue
+        if max_answer_repeats and answer_counts[a] >= max_answer_repeats:
+            report.dropped["frequent_answer"] += 1
+            continue
+        answer_counts[a] += 1
         segmented.append((q_words, a_words))
         texts.append((q, a))
     report.kept = len(texts)

@@ -47,7 +47,8 @@ class TrainingInterrupted(Exception):
 
 
 def prepare_data(config: TrainConfig, corpora: list[Path], formats: list[str] | None):
-    """Read, clean and split: (train segmented, valid texts, corpora info, cleaning report)."""
+    """Read, clean and split: (train segmented, valid segmented, valid texts, test texts,
+    corpora info, cleaning report). The test pairs come off the shuffled pairs first."""
     if formats is not None and len(formats) not in (1, len(corpora)):
         raise CorpusError(f"give one --format for all corpora or one per corpus "
                           f"({len(corpora)}), not {len(formats)}")
@@ -67,19 +68,26 @@ def prepare_data(config: TrainConfig, corpora: list[Path], formats: list[str] | 
     segmented, texts, report = clean_pairs(
         raw, segmenter.segment, max_src_len=config.max_src_len,
         max_tgt_len=config.max_tgt_len, blocklist=blocklist,
+        max_answer_repeats=config.max_answer_repeats,
     )
     log.info(report.line())
     if report.kept == 0:
         raise CorpusError(f"the corpus is empty after cleaning ({report.line()})")
-    if report.kept < 2:
-        raise CorpusError("need at least 2 pairs after cleaning (one to train, one to validate)")
-    order = np.random.default_rng(config.seed).permutation(report.kept)
+    n_test = min(config.test_max, round(report.kept * config.test_fraction))
+    if config.test_fraction:
+        n_test = max(1, n_test)
     n_valid = max(1, min(config.valid_max, round(report.kept * config.valid_fraction)))
-    valid_idx, train_idx = order[:n_valid], order[n_valid:]
+    if report.kept < n_test + n_valid + 1:
+        raise CorpusError(f"need at least {n_test + n_valid + 1} pairs after cleaning (to train, "
+                          f"validate and test), got {report.kept}")
+    order = np.random.default_rng(config.seed).permutation(report.kept)
+    test_idx = order[:n_test]
+    valid_idx, train_idx = order[n_test:n_test + n_valid], order[n_test + n_valid:]
     train_pairs = [segmented[i] for i in train_idx]
     valid_segmented = [segmented[i] for i in valid_idx]
     valid_texts = [texts[i] for i in valid_idx]
-    return train_pairs, valid_segmented, valid_texts, corpora_info, report
+    test_texts = [texts[i] for i in test_idx]
+    return train_pairs, valid_segmented, valid_texts, test_texts, corpora_info, report
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs) -> list[EncodedPair]:
@@ -179,7 +187,7 @@ def train(
     elif (out / ckpt.CONFIG_FILE).exists() or (out / ckpt.STATE_DIR).exists():
         raise ConfigError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                           f"or choose another --out")
-    train_pairs, valid_segmented, valid_texts, corpora_info, report = prepare_data(
+    train_pairs, valid_segmented, valid_texts, test_texts, corpora_info, report = prepare_data(
         config, corpora, formats
     )
     if resume:
@@ -193,8 +201,8 @@ def train(
     tokenizer = Tokenizer(vocab, TokenizerSettings())
     train_data = encode_pairs(tokenizer, train_pairs)
     valid_data = encode_pairs(tokenizer, valid_segmented)
-    log.info("vocabulary %d tokens; %d training pairs, %d held out",
-             len(vocab), len(train_data), len(valid_data))
+    log.info("vocabulary %d tokens; %d training pairs, %d validation, %d test",
+             len(vocab), len(train_data), len(valid_data), len(test_texts))
 
     keras = _setup_tensorflow(config)
     from training.model import ModelConfig, build_model
@@ -225,7 +233,9 @@ def train(
         "command": command or default_command(corpora, out, formats),
     })
     ckpt.save_vocab(out, vocab)
-    ckpt.save_valid_pairs(out, valid_texts)
+    ckpt.save_pairs(out / ckpt.VALID_FILE, valid_texts)
+    if test_texts:
+        ckpt.save_pairs(out / ckpt.TEST_FILE, test_texts)
 
     loop = _Loop(config, model, optimizer, state, out, train_data, valid_data)
     loop.run()

@@ -30,6 +30,8 @@ def test_the_fields_others_depend_on_exist():
         ({"hidden_dim": 33}, "hidden_dim must be even"),
         ({"optimizer": "rmsprop"}, "optimizer must be one of"),
         ({"valid_fraction": 0.0}, "valid_fraction"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"max_answer_repeats": -1}, "max_answer_repeats"),
         ({"vocab_size": 4}, "vocab_size must be > 4"),
         ({"max_steps": -1}, "max_steps must be >= 0"),
         ({"epochs": "3"}, "epochs must be of type int"),

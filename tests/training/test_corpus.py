@@ -132,6 +132,7 @@ def test_each_rule_drops_and_counts(blocklist):
         ("你是谁", "我是大黄鸡"),            # blocklist (what the replacements leave)
         ("笑话", "sb"),                      # blocklist, case-insensitive
         ("长" * 12, "短"),                   # too long
+        ("再发表情", "=。="),                 # symbols only: an answer with no letter or digit
         ("你叫什么", "我是小黄鸡，也叫小通"),  # kept, renamed
         ("小黃雞在嗎", "在"),                # Traditional: normalised then renamed
     ]
@@ -139,10 +140,21 @@ def test_each_rule_drops_and_counts(blocklist):
                                            blocklist=blocklist)
     assert texts == [("你好", "你好呀"), ("你叫什么", "我是小X，也叫小X"), ("小X在吗", "在")]
     assert segmented[0] == (["你", "好"], ["你", "好", "呀"])
-    assert dict(report.dropped) == {"empty": 1, "garbled": 1, "blocklist": 3, "duplicate": 1,
-                                    "too_long": 1}
-    assert report.renamed == 2 and report.read == 10 and report.kept == 3
-    assert "10 pairs read, 3 kept" in report.line() and "blocklist 3" in report.line()
+    assert dict(report.dropped) == {"empty": 1, "garbled": 1, "symbols_only": 1, "blocklist": 3,
+                                    "duplicate": 1, "too_long": 1, "frequent_answer": 0}
+    assert report.renamed == 2 and report.read == 11 and report.kept == 3
+    assert "11 pairs read, 3 kept" in report.line() and "blocklist 3" in report.line()
+
+
+def test_answer_repeats_are_capped_in_reading_order():
+    pairs = [("你好", "哈哈"), ("早", "哈哈"), ("晚安", "晚安"), ("在吗", "哈哈"),
+             ("吃了吗", "哈哈")]
+    _, texts, report = clean_pairs(pairs, chars, max_src_len=10, max_tgt_len=10,
+                                   max_answer_repeats=2)
+    assert texts == [("你好", "哈哈"), ("早", "哈哈"), ("晚安", "晚安")]
+    assert report.dropped["frequent_answer"] == 2
+    _, uncapped, _ = clean_pairs(pairs, chars, max_src_len=10, max_tgt_len=10)
+    assert len(uncapped) == 5
 
 
 def test_the_project_blocklist_renames_the_other_bots():

@@ -13,7 +13,7 @@ from serve.tokenizer import BOS_ID, Vocab  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint, read_metrics  # noqa: E402
 from training.config import ConfigError, TrainConfig  # noqa: E402
 from training.corpus import CorpusError  # noqa: E402
-from training.train import make_batches, pad_batch, train  # noqa: E402
+from training.train import make_batches, pad_batch, prepare_data, train  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
 
@@ -69,6 +69,22 @@ def test_a_tiny_run_on_real_pairs_lowers_validation_loss(real_corpora, tmp_path)
     log_probs = model((src, np.array([src.shape[1]], np.int32), tgt_in)).numpy()
     assert log_probs.shape == (1, tgt_in.shape[1], len(tokenizer.vocab))
     assert np.allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-4)
+
+
+def test_a_test_split_is_set_aside_before_training_and_never_seen(synthetic_corpus, tmp_path):
+    config = tiny_config(max_steps=1, test_fraction=0.1, valid_fraction=0.1)
+    train_pairs, valid_segmented, valid_texts, test_texts, _, report = prepare_data(
+        config, [synthetic_corpus], None)
+    assert len(test_texts) == round(report.kept * 0.1) and len(valid_texts) == len(test_texts)
+    assert len(train_pairs) + len(valid_texts) + len(test_texts) == report.kept
+    trained = {("".join(q), "".join(a)) for q, a in train_pairs}
+    assert not trained & set(test_texts) and not set(valid_texts) & set(test_texts)
+    out = train(config, [synthetic_corpus], tmp_path / "run")
+    lines = (out / "test.tsv").read_text(encoding="utf-8").splitlines()
+    assert [tuple(line.split("\t")) for line in lines] == test_texts
+    # Without a test fraction there is no test file, and the validation split is as before.
+    plain = train(tiny_config(max_steps=1), [synthetic_corpus], tmp_path / "plain")
+    assert not (plain / "test.tsv").exists()
 
 
 def test_interrupted_and_resumed_ends_with_the_same_weights(synthetic_corpus, tmp_path):
