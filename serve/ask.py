@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-p", type=float, default=d.sampling_topp)
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
+    p.add_argument("--antilm-weight", type=float, default=d.antilm_weight,
+                   help="MMI anti-LM weight in [0, 1) against stock replies (beam search only)")
+    p.add_argument("--antilm-steps", type=int, default=d.antilm_steps,
+                   help="reply tokens the anti-LM applies to")
     p.add_argument("--scores", action="store_true", help="print the score with the reply")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = auto)")
     return p
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             sampling_topk=args.top_k,
             sampling_topp=args.top_p,
             seed=args.seed,
+            antilm_weight=args.antilm_weight,
+            antilm_steps=args.antilm_steps,
             return_scores=True,
         )
     except ValueError as e:

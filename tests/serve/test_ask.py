@@ -43,6 +43,14 @@ def test_ask_prints_the_n_best_with_scores(model_dir, capsys):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_ask_passes_the_antilm_options(model_dir, capsys):
+    argv = ["你好", "--model", str(model_dir), "--beam-size", "5"]
+    assert main(argv + ["--antilm-weight", "0.5", "--antilm-steps", "2"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["你好", "--model", str(model_dir), "--antilm-weight", "0.5"]) == 2
+    assert "antilm_weight needs beam search" in capsys.readouterr().err
+
+
 def test_ask_samples_reproducibly(model_dir, capsys):
     argv = ["你好", "--model", str(model_dir), "--top-k", "0", "--top-p", "0.9"]
     argv += ["--temperature", "1.2", "--seed", "7", "--repetition-penalty", "1.2"]

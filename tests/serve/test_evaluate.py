@@ -23,7 +23,7 @@ def test_report_has_every_figure_for_every_mode(model):
     report, replies = evaluate(model, PAIRS, blocklist, seed=3)
     assert report["pairs"] == len(PAIRS)
     assert math.isfinite(report["perplexity"]) and report["perplexity"] > 1
-    assert set(report["modes"]) == {"greedy", "beam5", "sampling"}
+    assert set(report["modes"]) == {"greedy", "beam5", "beam5_antilm", "sampling"}
     for mode, figures in report["modes"].items():
         assert len(replies[mode]) == len(PAIRS)
         for key in ("bleu1", "bleu2", "distinct1", "distinct2", "avg_length",
