@@ -180,12 +180,13 @@ class WordGuard:
     first part, every token whose piece begins the rest (or is its start) is banned."""
 
     pieces: list[str]
-    splits: tuple[tuple[str, np.ndarray], ...]  # (the reply ends with, ids to ban)
+    by_ending: dict[str, np.ndarray]  # what the reply ends with -> the ids to ban
+    longest: int  # the longest ending: only that much of the reply's tail is looked at
 
     @classmethod
     def build(cls, pieces: list[str], words: tuple[str, ...]) -> WordGuard:
         lowered = [p.lower() for p in pieces]
-        splits = []
+        by_ending: dict[str, set[int]] = {}
         for word in words:
             for k in range(1, len(word)):
                 rest = word[k:]
@@ -195,14 +196,21 @@ class WordGuard:
                     if i >= 4 and piece and (piece.startswith(rest) or rest.startswith(piece))
                 ]
                 if ids:
-                    splits.append((word[:k], np.array(ids, np.int64)))
-        return cls(pieces, tuple(splits))
+                    by_ending.setdefault(word[:k], set()).update(ids)
+        return cls(
+            pieces,
+            {ending: np.array(sorted(ids), np.int64) for ending, ids in by_ending.items()},
+            max(map(len, by_ending), default=0),
+        )
 
     def banned(self, previous: Sequence[int]) -> list[np.ndarray]:
-        if not previous or not self.splits:
+        # One dict lookup per tail length (a few), not one test per split: this runs for
+        # every row at every step.
+        if not previous or not self.by_ending:
             return []
-        tail = detokenize([self.pieces[t] for t in previous[-8:]]).lower()
-        return [ids for ending, ids in self.splits if tail.endswith(ending)]
+        tail = detokenize([self.pieces[t] for t in previous[-self.longest :]]).lower()
+        endings = (tail[-k:] for k in range(1, min(self.longest, len(tail)) + 1))
+        return [self.by_ending[e] for e in endings if e in self.by_ending]
 
 
 @dataclass
@@ -258,7 +266,7 @@ def process_rows(
     out = np.array(log_probs, dtype=np.float32, copy=True)
     for row, row_rules, previous in zip(out, rules, histories, strict=True):
         row_rules.mask_row(row, previous)
-    top = np.max(out, axis=1, keepdims=True)
+    top = out.max(axis=1, keepdims=True)  # ndarray methods: no np.* dispatch per step
     dead = ~np.isfinite(top[:, 0])
     if dead.any():  # every token ruled out: ending is the only way
         for i in np.flatnonzero(dead):
@@ -266,7 +274,7 @@ def process_rows(
             out[i, rules[i].eos_id] = 0.0
         top[dead] = 0.0
     out -= top
-    out -= np.log(np.sum(np.exp(out), axis=1, keepdims=True))
+    out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
     return out
 
 
