@@ -86,6 +86,7 @@ def _training_record(checkpoint_dir: Path, config: dict) -> dict:
         "corpora": config.get("corpora", []),
         "cleaning": config.get("cleaning", {}),
         "command": config.get("command", ""),
+        "resumed_with": config.get("resumed_with", []),
         "metrics": validated[-1] if validated else (metrics[-1] if metrics else {}),
         "training_seconds": _training_seconds(metrics),
     }

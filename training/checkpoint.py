@@ -1,7 +1,8 @@
 """The checkpoint folder (see ARCHITECTURE.md): what training writes and export reads.
 
 ```
-config.json        format_version, model, train, tokenizer, corpora, cleaning, command
+config.json        format_version, model, train, tokenizer, corpora, cleaning, command,
+                   resumed_with (the commands that continued the run)
 vocab.txt          serve.tokenizer.Vocab
 model.weights.h5   the latest weights (Keras save_weights)
 state/             tf.train.Checkpoint: weights + dropout seeds, optimizer, counters (resume)

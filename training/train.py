@@ -133,6 +133,15 @@ def default_command(corpora: list[Path], out: Path, formats: list[str] | None) -
     return " ".join([*parts, f"--out {Path(out).name}"])
 
 
+def _command_history(out: Path, command: str, resume: bool) -> dict:
+    """The command that started the run, and each that resumed it (the exact recipe)."""
+    if not resume:
+        return {"command": command}
+    saved = ckpt.read_config(out)
+    return {"command": saved.get("command", command),
+            "resumed_with": [*saved.get("resumed_with", []), command]}
+
+
 def _check_resumable(config: TrainConfig, out: Path) -> None:
     saved = ckpt.read_config(out)["train"]
     current = config.to_dict()
@@ -230,7 +239,7 @@ def train(
         "tokenizer": asdict(tokenizer.settings),
         "corpora": corpora_info,
         "cleaning": report.to_dict(),
-        "command": command or default_command(corpora, out, formats),
+        **_command_history(out, command or default_command(corpora, out, formats), resume),
     })
     ckpt.save_vocab(out, vocab)
     ckpt.save_pairs(out / ckpt.VALID_FILE, valid_texts)

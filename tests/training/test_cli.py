@@ -102,3 +102,6 @@ def test_ctrl_c_saves_and_resume_ends_where_an_uninterrupted_run_does(tmp_path,
         np.testing.assert_array_equal(a, b)
     config = json.loads((part / "config.json").read_text(encoding="utf-8"))
     assert str(tmp_path) not in config["command"]
+    # The recipe: the command that started the run, then the one that resumed it.
+    assert "--resume" not in config["command"] and len(config["resumed_with"]) == 1
+    assert "--resume" in config["resumed_with"][0]
