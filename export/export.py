@@ -74,12 +74,14 @@ def _training_seconds(metrics: list[dict]) -> float | None:
     return round(times[-1] - times[0], 1) if len(times) > 1 else None
 
 
-def _training_record(checkpoint_dir: Path, config: dict) -> dict:
+def _training_record(checkpoint_dir: Path, config: dict, weights: str = "latest") -> dict:
     metrics = []
     metrics_path = checkpoint_dir / "metrics.jsonl"
     if metrics_path.is_file():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    validated = [m for m in metrics if "valid_loss" in m]
+    validated = [m for m in metrics if m.get("valid_loss") is not None]
+    if weights == "best" and validated:  # the figures of the weights being exported
+        validated = [min(validated, key=lambda m: m["valid_loss"])]
     return {
         "model": config.get("model", {}),
         "train": config.get("train", {}),
@@ -172,7 +174,7 @@ def export_model(
         opset=opset,
         quantization=quantize,
         tokenizer=config.get("tokenizer", {}),
-        training=_training_record(checkpoint_dir, config),
+        training=_training_record(checkpoint_dir, config, weights),
         checks=checks,
         format_version=FORMAT_VERSION,
     )

@@ -101,3 +101,18 @@ def test_cli_prints_one_line_and_exits_2_on_a_bad_checkpoint(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:")
     assert "Traceback" not in result.stderr
+
+
+def test_manifest_metrics_are_those_of_the_exported_weights(tmp_path):
+    from export.export import _training_record
+
+    records = [{"kind": "start", "valid_loss": 9.0, "time": 0.0},
+               {"kind": "checkpoint", "valid_loss": None, "time": 1.0},
+               {"kind": "epoch", "valid_loss": 5.0, "time": 2.0},
+               {"kind": "epoch", "valid_loss": 6.0, "time": 3.0},
+               {"kind": "checkpoint", "valid_loss": None, "time": 4.0}]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert _training_record(tmp_path, {}, "best")["metrics"]["valid_loss"] == 5.0
+    assert _training_record(tmp_path, {}, "latest")["metrics"]["valid_loss"] == 6.0
+    assert _training_record(tmp_path, {}, "best")["training_seconds"] == 4.0
