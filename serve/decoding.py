@@ -485,9 +485,9 @@ def beam_search(
 
 class AntiLanguageModel:
     """The decoder as a language model: its log-probs for the beam's prefixes given a
-    question of only ``</s>``, which stands in for "no question" (Li et al. 2016 use the
-    decoder's own p(T) as the anti-LM). ``</s>`` itself is not penalised, so that the
-    penalty never favours ending early."""
+    question of only ``</s>``, which stands in for "no question". Li et al. (2016) train a
+    separate language model for p(T); this stand-in costs no training and no second model.
+    ``</s>`` itself is not penalised, so that the penalty never favours ending early."""
 
     def __init__(self, model: OnnxSeq2Seq, rows: int):
         self.model = model
