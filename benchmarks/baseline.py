@@ -1,8 +1,8 @@
 """The baseline in the original's architecture, behind the same HTTP routes as ours.
 
 The original rebuilt a TensorFlow model and decoded one request at a time. Here the
-real app (``serve.app.create_app``) runs under uvicorn in this process, with
-``serve.engine.Engine`` replaced before startup by ``TensorFlowEngine``: the checkpoint's
+real app (``serve.web.app.create_app``) runs under uvicorn in this process, with
+``serve.runtime.engine.Engine`` replaced before startup by ``TensorFlowEngine``: the checkpoint's
 TensorFlow model stepped by a ``tf.function`` (the same ``decode_step`` export converts),
 one request at a time under an ``asyncio.Lock``. Routes, SSE framing, broker and
 tokenizer are the app's own, so a load client sees only the engine differ.
@@ -28,7 +28,7 @@ import numpy as np
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from serve.decoding import (  # noqa: E402
+from serve.runtime.decoding import (  # noqa: E402
     DecodingOptions,
     GenerationResult,
     SequenceDecoder,
@@ -36,8 +36,8 @@ from serve.decoding import (  # noqa: E402
     make_rng,
     source_ids,
 )
-from serve.engine import EngineStats, EngineStopped, Overloaded  # noqa: E402
-from serve.tokenizer import detokenize  # noqa: E402
+from serve.runtime.engine import EngineStats, EngineStopped, Overloaded  # noqa: E402
+from serve.runtime.tokenizer import detokenize  # noqa: E402
 
 CHECKPOINT_ENV = "XIAOX_BENCH_CHECKPOINT"
 
@@ -99,7 +99,7 @@ class _TensorFlowStream:
 
 
 class TensorFlowEngine:
-    """``serve.engine.Engine``'s interface as the app uses it (start, stop, running,
+    """``serve.runtime.engine.Engine``'s interface as the app uses it (start, stop, running,
     stream, generate, stats, model), decoding through TensorFlow one request at a time.
 
     The app constructs it as ``Engine(model, max_batch_size=..., max_queue=...,
@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
     import uvicorn
 
-    import serve.engine
-    from serve.app import create_app
-    from serve.settings import settings_from_env
+    import serve.runtime.engine
+    from serve.web.app import create_app
+    from serve.web.settings import settings_from_env
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     os.environ[CHECKPOINT_ENV] = str(args.checkpoint.resolve())
-    serve.engine.Engine = TensorFlowEngine  # type: ignore[misc]  # app.py imports it at startup
+    serve.runtime.engine.Engine = TensorFlowEngine  # type: ignore[misc]  # app.py imports it at startup
     settings = settings_from_env(model_dir=args.model, port=args.port, redis_url=args.redis_url,
                                  threads=args.threads, max_batch_size=1)
     print(f"baseline: TensorFlow imported in {time.perf_counter() - started:.1f} s",

@@ -29,15 +29,15 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks.common import fmt, log, questions_of  # noqa: E402
-from serve.decoding import (  # noqa: E402
+from serve.runtime.decoding import (  # noqa: E402
     DecodingOptions,
     GenerationResult,
     beam_search,
     decode_alone,
     source_ids,
 )
-from serve.engine import Engine  # noqa: E402
-from serve.model import EncoderState, OnnxSeq2Seq, StepOutput  # noqa: E402
+from serve.runtime.engine import Engine  # noqa: E402
+from serve.runtime.model import EncoderState, OnnxSeq2Seq, StepOutput  # noqa: E402
 
 BACKENDS = ("onnxruntime int8", "onnxruntime fp32", "TensorFlow step loop")
 STEP_BATCHES = (1, 32)

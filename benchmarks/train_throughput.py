@@ -67,7 +67,7 @@ def machine_lines() -> list[str]:
 def random_batch(rng, batch_size: int, vocab_size: int):
     import numpy as np
 
-    from serve.tokenizer import BOS_ID, EOS_ID, PAD_ID
+    from serve.runtime.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
     src_len = rng.integers(*SRC_LEN, size=batch_size, endpoint=True).astype(np.int32)
     tgt_len = rng.integers(*TGT_LEN, size=batch_size, endpoint=True)

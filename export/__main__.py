@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from export.export import DEFAULT_BLOCKLIST, ExportError, export_model
-    from serve.manifest import portable_command
+    from serve.runtime.manifest import portable_command
 
     command = portable_command("python -m export", sys.argv[1:] if argv is None else argv)
     try:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serve.manifest import DECODER_OUTPUTS, ENCODER_OUTPUTS
-from serve.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from serve.runtime.manifest import DECODER_OUTPUTS, ENCODER_OUTPUTS
+from serve.runtime.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 # encode(src_ids, src_len) -> dict of ENCODER_OUTPUTS; step(prev, h, c, mem, keys, mask) -> dict
 EncodeFn = Callable[[np.ndarray, np.ndarray], dict]

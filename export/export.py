@@ -18,9 +18,9 @@ from export.graphs import (
     export_graphs,
     quantize_int8,
 )
-from serve.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
-from serve.manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest
-from serve.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, VOCAB_FILE
+from serve.runtime.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
+from serve.runtime.manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest
+from serve.runtime.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, VOCAB_FILE
 
 CHECKPOINT_FORMAT_VERSION = 1
 MAX_FP32_LOG_PROB_DIFF = 1e-4

@@ -2,7 +2,7 @@
 
 Each is a ``tf.function`` with a fixed input signature (dynamic batch and source
 length) converted by ``tf2onnx.convert.from_function``; ``from_keras`` breaks on some
-Keras 3 models. Names follow serve.manifest's contract.
+Keras 3 models. Names follow serve.runtime.manifest's contract.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
-from serve.manifest import DECODER_OUTPUTS, ENCODER_OUTPUTS
+from serve.runtime.manifest import DECODER_OUTPUTS, ENCODER_OUTPUTS
 from training.model import Seq2Seq
 
 DEFAULT_OPSET = 17

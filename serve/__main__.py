@@ -8,14 +8,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ask"]:
-        from serve.ask import main as ask
+        from serve.runtime.ask import main as ask
 
         return ask(argv[1:])
     if argv[:1] == ["evaluate"]:
-        from serve.evaluate import main as evaluate
+        from serve.runtime.evaluate import main as evaluate
 
         return evaluate(argv[1:])
-    from serve.server import main as server
+    from serve.web.server import main as server
 
     return server(argv)
 

@@ -3,7 +3,7 @@
 ```
 config.json        format_version, model, train, tokenizer, corpora, cleaning, command,
                    resumed_with (the commands that continued the run)
-vocab.txt          serve.tokenizer.Vocab
+vocab.txt          serve.runtime.tokenizer.Vocab
 model.weights.h5   the latest weights (Keras save_weights)
 state/             tf.train.Checkpoint: weights + dropout seeds, optimizer, counters (resume)
 metrics.jsonl      one JSON object a line
@@ -19,7 +19,7 @@ import os
 import warnings
 from pathlib import Path
 
-from serve.tokenizer import VOCAB_FILE, Tokenizer, TokenizerSettings, Vocab
+from serve.runtime.tokenizer import VOCAB_FILE, Tokenizer, TokenizerSettings, Vocab
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -10,7 +10,7 @@ Formats (detected from the name and the first lines, or forced):
 - ``cdial``: ``question<TAB>answer`` with characters separated by spaces.
 - ``tsv``: plain ``question<TAB>answer``.
 
-Cleaning runs on normalised text (``serve.tokenizer.normalize``: Traditional ->
+Cleaning runs on normalised text (``serve.runtime.tokenizer.normalize``: Traditional ->
 Simplified, half-width, control characters removed) and counts what each rule dropped.
 """
 
@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.blocklist import Blocklist  # noqa: F401 - one implementation, in serve
-from serve.tokenizer import normalize
+from serve.runtime.blocklist import Blocklist  # noqa: F401 - one implementation, in serve
+from serve.runtime.tokenizer import normalize
 
 FORMATS = ("conv", "lccc", "cdial", "tsv")
 Pair = tuple[str, str]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.blocklist import Blocklist, BlocklistError
-from serve.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer, TokenizerSettings, Vocab
+from serve.runtime.blocklist import Blocklist, BlocklistError
+from serve.runtime.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer, TokenizerSettings, Vocab
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig
 from training.corpus import CorpusError, clean_pairs, read_corpus
@@ -109,7 +109,7 @@ def make_batches(pairs: list[EncodedPair], batch_size: int, seed: int, epoch: in
 
 def pad_batch(pairs: list[EncodedPair], indices) -> tuple[np.ndarray, ...]:
     """src [B,S], src_len [B], tgt_in = <s> answer [B,T], tgt_out = answer </s> [B,T]."""
-    from serve.tokenizer import BOS_ID, EOS_ID
+    from serve.runtime.tokenizer import BOS_ID, EOS_ID
 
     srcs = [pairs[i][0] for i in indices]
     tgts = [pairs[i][1] for i in indices]

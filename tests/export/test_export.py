@@ -11,7 +11,7 @@ import onnx  # noqa: E402
 
 from export import ExportError, export_model  # noqa: E402
 from export.graphs import convert, forbidden_ops  # noqa: E402
-from serve.manifest import FORMAT_VERSION, load_manifest, sha256_of  # noqa: E402
+from serve.runtime.manifest import FORMAT_VERSION, load_manifest, sha256_of  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 MANIFEST_KEYS = {

@@ -21,7 +21,7 @@ import httpx
 import itsdangerous
 import pytest
 
-from serve.security import ROOM_PATTERN
+from serve.web.security import ROOM_PATTERN
 from tests.conftest import RedisServer
 from tests.reliability._support import ReconnectingStream, has_reply_to, sse_lines
 from tests.serve._helpers_server import (

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from serve.decoding import DecodingOptions, generate
-from serve.model import OnnxSeq2Seq
+from serve.runtime.decoding import DecodingOptions, generate
+from serve.runtime.model import OnnxSeq2Seq
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.conftest import ROOT
 
 
 def free_port() -> int:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve.model import OnnxSeq2Seq
+from serve.runtime.model import OnnxSeq2Seq
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,8 @@ import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 TINY = ["--embed-dim", "16", "--hidden-dim", "32", "--batch-size", "16", "--min-freq", "1",
         "--vocab-size", "2000", "--seed", "7", "--no-progress", "--threads", "1"]

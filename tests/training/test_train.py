@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from serve.tokenizer import BOS_ID, Vocab  # noqa: E402
+from serve.runtime.tokenizer import BOS_ID, Vocab  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint, read_metrics  # noqa: E402
 from training.config import ConfigError, TrainConfig  # noqa: E402
 from training.corpus import CorpusError  # noqa: E402

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve.security import InvalidInput, clean_text, decode_utf8
+from serve.web.security import InvalidInput, clean_text, decode_utf8
 
 MAX_INPUT_CHARS = 2_000
 # Fields of OpenAI's request that have no meaning for this model: accepted, ignored.
@@ -64,7 +64,7 @@ def _check_key(request: Request) -> None:
 
 def _engine_error(error: Exception) -> ApiError:
     """The engine refusing a request, as OpenAI's clients expect it."""
-    from serve.engine import Overloaded
+    from serve.runtime.engine import Overloaded
 
     if isinstance(error, Overloaded):
         return ApiError(429, "the server is busy; retry shortly", "overloaded", "rate_limit_error")
@@ -80,7 +80,7 @@ def _model_ready(request: Request):
 
 def decoding_options(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     """OpenAI request fields -> ``DecodingOptions`` keyword arguments."""
-    from serve.decoding import DecodingOptions
+    from serve.runtime.decoding import DecodingOptions
 
     known = {f.name for f in fields(DecodingOptions)}
     options: dict[str, Any] = {"max_length": default_max_tokens}
@@ -169,8 +169,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 async def chat_completions(request: Request) -> Response:
-    from serve.decoding import source_ids
-    from serve.engine import EngineStopped, Overloaded
+    from serve.runtime.decoding import source_ids
+    from serve.runtime.engine import EngineStopped, Overloaded
 
     chat = request.app.state.chat
     try:

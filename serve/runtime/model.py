@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serve.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
-from serve.manifest import (
+from serve.runtime.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
+from serve.runtime.manifest import (
     DECODER_FILE,
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -25,7 +25,7 @@ from serve.manifest import (
     ModelError,
     load_manifest,
 )
-from serve.tokenizer import Tokenizer
+from serve.runtime.tokenizer import Tokenizer
 
 
 @dataclass
@@ -219,8 +219,8 @@ class OnnxSeq2Seq:
         return StepOutput(log_probs, h_out, c_out, attention)
 
     def word_guard(self, words: tuple[str, ...]):
-        """serve.decoding.WordGuard for ``words`` (built once: it scans the vocabulary)."""
-        from serve.decoding import WordGuard
+        """serve.runtime.decoding.WordGuard for ``words`` (built once: it scans the vocabulary)."""
+        from serve.runtime.decoding import WordGuard
 
         guard = self._word_guards.get(words)
         if guard is None:

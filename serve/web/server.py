@@ -12,11 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from serve.settings import Settings, parse_settings
+from serve.web.settings import Settings, parse_settings
 
 
 def _check_model(settings: Settings) -> str | None:
-    from serve.manifest import ModelError, load_manifest
+    from serve.runtime.manifest import ModelError, load_manifest
 
     try:
         load_manifest(settings.model_path, verify=True)  # a clear error, not a traceback
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "model folder)", file=sys.stderr)
         return 2
     if not settings.secret_key:
-        from serve.security import load_or_create_secret_key
+        from serve.web.security import load_or_create_secret_key
 
         try:  # created here, once, before any worker starts
             load_or_create_secret_key(settings.secret_key_file)
@@ -57,10 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Workers are separate processes: they import the factory and read the settings
         # from the environment we fill here.
         os.environ.update(settings.to_env())
-        uvicorn.run("serve.app:create_app_from_env", factory=True, workers=settings.workers,
+        uvicorn.run("serve.web.app:create_app_from_env", factory=True, workers=settings.workers,
                     **common)
     else:
-        from serve.app import create_app
+        from serve.web.app import create_app
 
         uvicorn.run(create_app(settings), **common)
     return 0

@@ -10,12 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import serve
-from serve.decoding import DecodingOptions, generate
-from serve.manifest import ModelError
-from serve.model import OnnxSeq2Seq
-
-DEFAULT_MODEL = Path(serve.__file__).resolve().parent.parent / "artifacts" / "xiaox"
+from serve.runtime.decoding import DecodingOptions, generate
+from serve.runtime.manifest import ModelError
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.paths import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:

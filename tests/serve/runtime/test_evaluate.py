@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from serve.blocklist import Blocklist
-from serve.evaluate import Pair, distinct, evaluate, perplexity, read_pairs
-from serve.model import OnnxSeq2Seq
+from serve.runtime.blocklist import Blocklist
+from serve.runtime.evaluate import Pair, distinct, evaluate, perplexity, read_pairs
+from serve.runtime.model import OnnxSeq2Seq
 from tests.conftest import DEMO_CORPUS, ROOT
 
 PAIRS = [Pair(*line.split("\t")) for line in DEMO_CORPUS.read_text("utf-8").splitlines()[:12]]

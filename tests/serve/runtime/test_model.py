@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.manifest import ModelError
-from serve.model import OnnxSeq2Seq, pad_memory
+from serve.runtime.manifest import ModelError
+from serve.runtime.model import OnnxSeq2Seq, pad_memory
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_verify_false_skips_the_hashes(copy_of):
 
 
 def test_graphs_that_break_the_contract_are_refused(copy_of):
-    from serve.manifest import Manifest
+    from serve.runtime.manifest import Manifest
 
     encoder, decoder = copy_of / "encoder.onnx", copy_of / "decoder.onnx"
     swapped = encoder.read_bytes()
@@ -115,7 +115,7 @@ def test_graphs_that_break_the_contract_are_refused(copy_of):
 
 
 def test_a_corrupt_graph_is_a_model_error(copy_of):
-    from serve.manifest import Manifest
+    from serve.runtime.manifest import Manifest
 
     (copy_of / "decoder.onnx").write_bytes(b"not a graph")
     Manifest.read(copy_of).write(copy_of)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from serve.ask import DEFAULT_MODEL, main
+from serve.runtime.ask import DEFAULT_MODEL, main
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "artifacts" / "xiaox"
 
 
@@ -93,8 +93,8 @@ NO_TENSORFLOW = textwrap.dedent(
     from serve.__main__ import main
     assert main(["ask", "你好", "--model", {model!r}]) == 0
 
-    from serve.engine import Engine
-    from serve.model import OnnxSeq2Seq
+    from serve.runtime.engine import Engine
+    from serve.runtime.model import OnnxSeq2Seq
 
     async def chat():
         engine = Engine(OnnxSeq2Seq.load({model!r}))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve.security import RateLimiter, clean_text, load_or_create_secret_key
+from serve.web.security import RateLimiter, clean_text, load_or_create_secret_key
 from tests.serve._helpers_server import (
     ServerProcess,
     login,
@@ -75,11 +75,11 @@ def test_the_key_from_the_environment_wins_and_no_file_is_written(model_dir, tmp
 
 
 def test_no_secret_in_the_code():
-    import serve.app
-    import serve.security
-    import serve.settings
+    import serve.web.app
+    import serve.web.security
+    import serve.web.settings
 
-    for module in (serve.app, serve.security, serve.settings):
+    for module in (serve.web.app, serve.web.security, serve.web.settings):
         source = open(module.__file__, encoding="utf-8").read()
         assert "secret_key=\"" not in source and "SECRET_KEY = \"" not in source
 

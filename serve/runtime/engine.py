@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve.decoding import (
+from serve.runtime.decoding import (
     MAX_SOURCE_LENGTH,
     DecodingCancelled,
     DecodingOptions,
@@ -45,8 +45,8 @@ from serve.decoding import (
     process_rows,
     source_ids,
 )
-from serve.model import OnnxSeq2Seq, pad_memory
-from serve.tokenizer import detokenize
+from serve.runtime.model import OnnxSeq2Seq, pad_memory
+from serve.runtime.tokenizer import detokenize
 
 __all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Stream"]
 

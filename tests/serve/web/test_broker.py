@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serve.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
+from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from serve.settings import parse_settings, settings_from_env
+from serve.web.settings import parse_settings, settings_from_env
 from tests.serve._helpers_server import (
     ROOT,
     ChatStream,
@@ -304,8 +304,8 @@ def test_settings_come_from_flags_then_env_then_defaults(tmp_path):
 
 def test_serving_never_imports_tensorflow(model_dir):
     code = ("import asyncio, sys\n"
-            "from serve.app import create_app\n"
-            "from serve.settings import Settings\n"
+            "from serve.web.app import create_app\n"
+            "from serve.web.settings import Settings\n"
             "app = create_app(Settings(model_dir=sys.argv[1], secret_key='k' * 40))\n"
             "async def run():\n"
             "    await app.state.chat.start()\n"

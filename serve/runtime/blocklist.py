@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.tokenizer import normalize
+from serve.runtime.tokenizer import normalize
 
 BLOCKLIST_FILE = "blocklist.txt"
 

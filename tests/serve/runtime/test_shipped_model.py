@@ -2,9 +2,9 @@
 
 import json
 
-from serve.decoding import DecodingOptions, generate
-from serve.manifest import load_manifest
-from serve.model import OnnxSeq2Seq
+from serve.runtime.decoding import DecodingOptions, generate
+from serve.runtime.manifest import load_manifest
+from serve.runtime.model import OnnxSeq2Seq
 from tests.conftest import SHIPPED_MODEL
 
 MAX_FOLDER_BYTES = 30 * 1024 * 1024

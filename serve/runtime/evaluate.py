@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.blocklist import Blocklist, BlocklistError
-from serve.decoding import DecodingOptions, generate
-from serve.manifest import ModelError
-from serve.model import OnnxSeq2Seq
+from serve.runtime.blocklist import Blocklist, BlocklistError
+from serve.runtime.decoding import DecodingOptions, generate
+from serve.runtime.manifest import ModelError
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.paths import DEFAULT_BLOCKLIST, DEFAULT_MODEL
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = PROJECT_ROOT / "artifacts" / "xiaox"
-DEFAULT_BLOCKLIST = PROJECT_ROOT / "data" / "blocklist.txt"
 MAX_REPLY_TOKENS = 30
 # Chosen on the shipped model's validation pairs, never its test pairs: of the weights
 # 0.4-0.7 and 2-3 steps tried, the best BLEU-2 (more weight: more varied, less on topic).

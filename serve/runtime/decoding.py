@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from serve.model import OnnxSeq2Seq
-from serve.tokenizer import detokenize
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.tokenizer import detokenize
 
 MAX_SOURCE_LENGTH = 64  # longer messages keep their last tokens (the model saw short ones)
 

@@ -1,4 +1,4 @@
-"""The browser chat (serve/static) driven in Debian's Chromium against the real app.
+"""The browser chat (serve/web/static) driven in Debian's Chromium against the real app.
 
 The app runs as ``python -m serve`` under uvicorn in a subprocess; Playwright's Python
 API drives /usr/bin/chromium (its own browser download does not work here).

@@ -44,7 +44,7 @@ class Manifest:
     special_ids: dict[str, int]  # pad, unk, bos, eos
     opset: int
     quantization: str  # "none" or "int8"
-    tokenizer: dict[str, Any]  # serve.tokenizer.TokenizerSettings as a dict
+    tokenizer: dict[str, Any]  # serve.runtime.tokenizer.TokenizerSettings as a dict
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
     training: dict[str, Any] = field(default_factory=dict)  # config, metrics, corpora, commands
     checks: dict[str, Any] = field(default_factory=dict)  # export's parity results

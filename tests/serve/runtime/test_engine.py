@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from serve.decoding import DecodingOptions, beam_search, decode_alone, source_ids
-from serve.engine import Engine, EngineStopped, Overloaded
-from serve.model import OnnxSeq2Seq
+from serve.runtime.decoding import DecodingOptions, beam_search, decode_alone, source_ids
+from serve.runtime.engine import Engine, EngineStopped, Overloaded
+from serve.runtime.model import OnnxSeq2Seq
 
 QUESTIONS = [
     "你好",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from serve.decoding import (
+from serve.runtime.decoding import (
     DecodingOptions,
     TokenRules,
     apply_repetition_penalty,
@@ -20,9 +19,9 @@ from serve.decoding import (
     ngram_blocked_ids,
     source_ids,
 )
-from serve.model import OnnxSeq2Seq
+from serve.runtime.model import OnnxSeq2Seq
+from tests.conftest import DEMO_CORPUS
 
-DEMO_CORPUS = Path(__file__).resolve().parents[2] / "data" / "demo_corpus.tsv"
 QUESTIONS = ["你好", "你叫什么名字", "今天天气怎么样", "我好累啊", "晚安", "你喜欢吃什么", "哈哈哈"]
 
 
@@ -247,7 +246,7 @@ def test_unk_only_when_allowed(model):
 
 
 def test_beam_ranking_equals_a_stable_full_sort():
-    from serve.decoding import _top_ranked
+    from serve.runtime.decoding import _top_ranked
 
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -260,7 +259,7 @@ def test_beam_ranking_equals_a_stable_full_sort():
 
 
 def test_rules_of_a_row_do_not_depend_on_the_other_rows():
-    from serve.decoding import process_rows
+    from serve.runtime.decoding import process_rows
 
     rng = np.random.default_rng(1)
     vocab = 3000

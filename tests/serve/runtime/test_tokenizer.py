@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.tokenizer import (
+from serve.runtime.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,

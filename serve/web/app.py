@@ -28,9 +28,9 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from serve.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
-from serve.metrics import Metrics, RequestMetricsMiddleware
-from serve.security import (
+from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
+from serve.web.metrics import Metrics, RequestMetricsMiddleware
+from serve.web.security import (
     BOT_NAME,
     BodyLimitMiddleware,
     InvalidInput,
@@ -43,7 +43,7 @@ from serve.security import (
     decode_utf8,
     load_or_create_secret_key,
 )
-from serve.settings import Settings, settings_from_env
+from serve.web.settings import Settings, settings_from_env
 
 log = logging.getLogger("xiaox.app")
 
@@ -79,8 +79,8 @@ class Chat:
                 "sampling_temperature": 0.7}
 
     async def start(self) -> None:
-        from serve.engine import Engine
-        from serve.model import OnnxSeq2Seq
+        from serve.runtime.engine import Engine
+        from serve.runtime.model import OnnxSeq2Seq
 
         s = self.settings
         # Loading reads and hashes the model files: keep the event loop free meanwhile.
@@ -164,7 +164,7 @@ class Chat:
         return reply_id
 
     async def _reply(self, room: str, text: str, reply_id: str, reply_to: str) -> None:
-        from serve.engine import Overloaded
+        from serve.runtime.engine import Overloaded
 
         broker = self.broker
         assert broker is not None
@@ -286,7 +286,8 @@ def page(name: str, title: str) -> Response:
     if path.is_file():
         return FileResponse(path, media_type="text/html; charset=utf-8", headers=headers)
     return HTMLResponse(f"<!doctype html><meta charset='utf-8'><title>{title}</title>"
-                        f"<p>{title}: {name} is missing from serve/static.</p>", headers=headers)
+                        f"<p>{title}: {name} is missing from serve/web/static.</p>",
+                        headers=headers)
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -466,7 +467,7 @@ ROUTE_PATHS = {"/", "/login", "/logout", "/me", "/send", "/history", "/stream", 
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    from serve import openai_api
+    from serve.web import openai_api
 
     settings = settings if settings is not None else settings_from_env()
     secret_key = settings.secret_key or load_or_create_secret_key(settings.secret_key_file)
@@ -519,5 +520,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def create_app_from_env() -> Starlette:
-    """The factory uvicorn's worker processes import (``serve.app:create_app_from_env``)."""
+    """The factory uvicorn's worker processes import (``serve.web.app:create_app_from_env``)."""
     return create_app(settings_from_env())

@@ -13,9 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import serve
-
-DEFAULT_MODEL_DIR = Path(serve.__file__).resolve().parent.parent / "artifacts" / "xiaox"
+from serve.runtime.paths import DEFAULT_MODEL as DEFAULT_MODEL_DIR
 
 
 def default_secret_key_file() -> Path:
