@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from training.environment import configure_tensorflow_environment  # noqa: E402
+
+configure_tensorflow_environment()
 
 from serve.runtime.decoding import (  # noqa: E402
     DecodingOptions,

@@ -116,8 +116,9 @@ def train_small_checkpoint(out: Path, dims: dict[str, int], steps: int) -> str:
     """A checkpoint with the given dimensions after a few steps (weights only change what
     the replies say). The shared corpus fills a 12k vocabulary; the demo corpus is the
     fallback (its vocabulary is smaller: noted in the results)."""
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.environment import configure_tensorflow_environment
+
+    configure_tensorflow_environment()
     from training.config import TrainConfig
     from training.train import train
 
@@ -134,8 +135,9 @@ def train_small_checkpoint(out: Path, dims: dict[str, int], steps: int) -> str:
 def prepare_weights(workdir: Path, checkpoint: Path | None, dims: dict[str, int] | None = None,
                     train_steps: int = 5) -> Weights:
     """The checkpoint and its int8/fp32 exports, made once per work folder (reused after)."""
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.environment import configure_tensorflow_environment
+
+    configure_tensorflow_environment()
     workdir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         origin = f"the checkpoint {checkpoint.name} given with --checkpoint"

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from training.environment import configure_tensorflow_environment  # noqa: E402
+
+configure_tensorflow_environment()
 
 from benchmarks.common import fmt, log, questions_of  # noqa: E402
 from serve.runtime.decoding import (  # noqa: E402

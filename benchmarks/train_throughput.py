@@ -18,8 +18,10 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # the setting training runs with
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from benchmarks.common import cpu_model  # noqa: E402
+from training.environment import configure_tensorflow_environment  # noqa: E402
+
+configure_tensorflow_environment()  # the setting training runs with
 
 # (name, embed_dim, hidden_dim, vocab_size): a tiny test model, a small one, the default.
 SIZES = [
@@ -28,17 +30,6 @@ SIZES = [
     ("default", 256, 512, 20000),
 ]
 SRC_LEN, TGT_LEN = (4, 20), (4, 20)  # uniform word lengths, like the cleaned corpora
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_lines() -> list[str]:

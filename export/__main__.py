@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -59,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_samples < 1:
         print("error: --check-samples must be at least 1", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.environment import configure_tensorflow_environment
+
+    configure_tensorflow_environment()
     from export.export import DEFAULT_BLOCKLIST, ExportError, export_model
     from serve.runtime.manifest import portable_command
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -16,8 +15,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SHIPPED_MODEL = ROOT / "artifacts" / "xiaox"
 DEMO_CORPUS = ROOT / "data" / "demo_corpus.tsv"
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # bit-reproducible TensorFlow on CPU
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from training.environment import configure_tensorflow_environment  # noqa: E402
+
+configure_tensorflow_environment()
 
 
 def free_port() -> int:

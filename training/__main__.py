@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -54,17 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def portable_command(argv: list[str]) -> str:
-    """The command line as recorded in config.json: absolute paths reduced to their names."""
-    def clean(arg: str) -> str:
-        if "=" in arg and arg.startswith("--"):
-            key, _, value = arg.partition("=")
-            return f"{key}={clean(value)}"
-        return Path(arg).name if os.path.isabs(arg) else arg
-
-    return " ".join(["python -m training", *(clean(a) for a in argv)])
-
-
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     from training.checkpoint import CONFIG_FILE, read_config
 
@@ -92,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # Before TensorFlow loads: oneDNN's reordered float sums would break exact resume.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.environment import configure_tensorflow_environment
+
+    configure_tensorflow_environment()
     _log_to_stderr()
 
+    from serve.runtime.manifest import portable_command
     from training.checkpoint import CheckpointError
     from training.corpus import CorpusError
 
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.train import TrainingInterrupted, train
 
         out = train(config, args.corpus, args.out, resume=args.resume, formats=args.formats,
-                    command=portable_command(argv))
+                    command=portable_command("python -m training", argv))
     except (ConfigError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
