@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serve.runtime.batching import pad_id_rows
 from serve.runtime.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
 from serve.runtime.manifest import (
     DECODER_FILE,
@@ -25,6 +26,7 @@ from serve.runtime.manifest import (
     ModelError,
     load_manifest,
 )
+from serve.runtime.sessions import ort_session
 from serve.runtime.tokenizer import Tokenizer
 
 
@@ -82,20 +84,6 @@ def pad_memory(
         keys[i, : k.shape[0]] = k
         mask[i, : s.shape[0]] = s
     return memory, keys, mask
-
-
-def _session(path: Path, intra: int, inter: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra
-    options.inter_op_num_threads = inter
-    # Several sessions (and processes) share few cores: spinning threads would steal them.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-        raise ModelError(f"{path}: onnxruntime cannot load it ({e})") from e
 
 
 def _check_names(session: ort.InferenceSession, path: Path, inputs, outputs) -> None:
@@ -167,7 +155,7 @@ class OnnxSeq2Seq:
             path = model_dir / name
             if not path.is_file():
                 raise ModelError(f"{model_dir}: {name} is missing")
-            session = _session(path, intra_op_num_threads, inter_op_num_threads)
+            session = ort_session(path, intra_op_num_threads, inter_op_num_threads)
             _check_names(session, path, inputs, outputs)
             sessions.append(session)
         blocklist_words: tuple[str, ...] = ()
@@ -185,12 +173,8 @@ class OnnxSeq2Seq:
         """
         if not src_ids:
             raise ValueError("encode() needs at least one row")
-        rows = [list(r) if len(r) else [self.unk_id] for r in src_ids]
-        max_len = max(len(r) for r in rows)
-        ids = np.full((len(rows), max_len), self.pad_id, np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-        lengths = np.array([len(r) for r in rows], np.int64)
+        ids, lengths = pad_id_rows(src_ids, pad_id=self.pad_id, empty_id=self.unk_id)
+        max_len = ids.shape[1]
         memory, keys, h0, c0 = self.encoder.run(
             list(ENCODER_OUTPUTS), {"src_ids": ids, "src_len": lengths}
         )
