@@ -6,7 +6,8 @@ from dataclasses import fields
 
 import pytest
 
-from training.__main__ import build_parser, portable_command, resolve_config
+from serve.runtime.manifest import portable_command
+from training.__main__ import build_parser, resolve_config
 from training.config import PROJECT_ROOT, ConfigError, TrainConfig
 
 
@@ -86,6 +87,6 @@ def test_flags_override_the_toml_file(tmp_path):
 
 
 def test_the_recorded_command_has_no_absolute_path():
-    command = portable_command(["--corpus", "/somewhere/data/x.tsv", "--out=/tmp/run",
-                                "--epochs", "2"])
+    argv = ["--corpus", "/somewhere/data/x.tsv", "--out=/tmp/run", "--epochs", "2"]
+    command = portable_command("python -m training", argv)
     assert command == "python -m training --corpus x.tsv --out=run --epochs 2"
