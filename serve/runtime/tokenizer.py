@@ -1,9 +1,11 @@
 """The one tokenizer of xiaoX: training, export and serving all import it from here.
 
 Pipeline: ``normalize`` (Traditional -> Simplified, full-width -> half-width, whitespace)
--> jieba words -> ids through a ``Vocab``. A word missing from the vocabulary falls back
-to its characters, and a character missing too becomes ``<unk>`` (the original dropped
-unknown words silently, which taught the model replies to questions nobody asked).
+-> tokens (jieba words, or with the ``char`` segmenter one token a character, a run of
+ASCII letters and digits staying one token) -> ids through a ``Vocab``. A word missing
+from the vocabulary falls back to its characters, and a character missing too becomes
+``<unk>`` (the original dropped unknown words silently, which taught the model replies to
+questions nobody asked).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ _WHITESPACE = re.compile(r"\s+")
 # A space survives normalisation only between two ASCII letters or digits ("hello world",
 # "iPhone 12"); between CJK characters it is noise (LCCC separates every character).
 _SPACE_TO_DROP = re.compile(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])")
+# The "char" segmenter: an ASCII letter/digit run ("iPhone", "12") or any one other
+# non-space character. Whitespace is dropped; ``detokenize`` puts the one space back.
+_CHAR_TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
+SEGMENTERS = ("jieba", "char")
 
 
 def _is_word_char(ch: str) -> bool:
@@ -78,9 +84,16 @@ class TokenizerSettings:
     """What the manifest records so that serving tokenizes exactly as training did."""
 
     normalization: str = "opencc-t2s+halfwidth+whitespace"
-    segmenter: str = "jieba"
+    segmenter: str = "jieba"  # or "char" (see SEGMENTERS)
     char_fallback: bool = True
     lowercase: bool = False
+
+    def __post_init__(self) -> None:
+        # A manifest asking for a segmenter we do not have must fail loudly, not tokenize
+        # differently from training.
+        if self.segmenter not in SEGMENTERS:
+            raise ValueError(f"unknown segmenter {self.segmenter!r}; "
+                             f"known: {', '.join(SEGMENTERS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,12 +186,15 @@ class Tokenizer:
         return cls(Vocab.load(Path(model_dir) / VOCAB_FILE), TokenizerSettings(**(settings or {})))
 
     def segment(self, text: str) -> list[str]:
-        """Normalised jieba words, whitespace dropped (``detokenize`` puts it back)."""
+        """Normalised tokens (jieba words or characters), whitespace dropped (``detokenize``
+        puts it back)."""
         text = normalize(text)
         if self.settings.lowercase:
             text = text.lower()
         if not text:
             return []
+        if self.settings.segmenter == "char":
+            return _CHAR_TOKEN.findall(text)
         with self._jieba_lock:  # jieba's lazy initialisation is not thread-safe
             words = _jieba().lcut(text, HMM=True)
         return [w for w in words if not w.isspace()]

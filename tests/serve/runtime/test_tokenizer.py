@@ -22,7 +22,7 @@ SAMPLE = ["你好", "今天天气怎么样", "我喜欢听 Taylor Swift 的歌",
 
 def full_vocab_tokenizer(texts, **settings) -> Tokenizer:
     """A tokenizer whose vocabulary holds every word of ``texts``: nothing is unknown."""
-    plain = Tokenizer(Vocab(list(SPECIAL_TOKENS)))
+    plain = Tokenizer(Vocab(list(SPECIAL_TOKENS)), TokenizerSettings(**settings))
     vocab = Vocab.build((plain.segment(t) for t in texts), min_freq=1, max_size=10**6)
     return Tokenizer(vocab, TokenizerSettings(**settings))
 
@@ -43,9 +43,10 @@ def real_lines(shared_data, limit=300):
 
 
 @pytest.mark.shared_data
-def test_round_trip_on_real_corpus_lines(shared_data):
+@pytest.mark.parametrize("segmenter", ["jieba", "char"])
+def test_round_trip_on_real_corpus_lines(shared_data, segmenter):
     lines = real_lines(shared_data)
-    tokenizer = full_vocab_tokenizer(lines)
+    tokenizer = full_vocab_tokenizer(lines, segmenter=segmenter)
     assert len(lines) > 500
     for line in lines:
         assert tokenizer.decode(tokenizer.encode(line)) == normalize(line)
@@ -142,6 +143,24 @@ def test_vocab_rejects_files_without_special_tokens(tmp_path):
         Vocab.load(tmp_path)
 
 
+def test_char_segmenter_splits_cjk_and_keeps_ascii_runs_whole():
+    tokenizer = full_vocab_tokenizer(SAMPLE, segmenter="char")
+    assert tokenizer.segment("iPhone 12好用吗？") == ["iPhone", "12", "好", "用", "吗", "？"]
+    assert tokenizer.decode(tokenizer.encode("我喜欢听 Taylor Swift 的歌")) == (
+        "我喜欢听Taylor Swift的歌"
+    )
+    assert "今天" not in tokenizer.vocab and "今" in tokenizer.vocab
+
+
+def test_settings_of_the_shipped_manifest_still_load_and_unknown_segmenters_fail():
+    shipped = {"normalization": "opencc-t2s+halfwidth+whitespace", "segmenter": "jieba",
+               "char_fallback": True, "lowercase": False}
+    assert TokenizerSettings(**shipped) == TokenizerSettings()
+    assert TokenizerSettings(**{**shipped, "segmenter": "char"}).segmenter == "char"
+    with pytest.raises(ValueError, match="unknown segmenter"):
+        TokenizerSettings(segmenter="bpe")
+
+
 ALPHABET = "你好天气今很我们abc XYZ123 ，。!?😀\u3000\t\n這個"
 
 
@@ -152,3 +171,5 @@ def test_round_trip_property(text):
     tokenizer = full_vocab_tokenizer([text])
     assert tokenizer.decode(tokenizer.encode(text)) == normalize(text)
     assert normalize(normalize(text)) == normalize(text)
+    chars = full_vocab_tokenizer([text], segmenter="char")
+    assert chars.decode(chars.encode(text)) == normalize(text)
