@@ -86,6 +86,13 @@ class RedisServer:
             self.proc.wait(10)
         self.proc = None
 
+    def kill(self) -> None:
+        """A crash: SIGKILL (no shutdown, no final AOF rewrite); ``start`` brings it back."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start()

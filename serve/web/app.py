@@ -22,7 +22,6 @@ from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -30,25 +29,31 @@ from starlette.staticfiles import StaticFiles
 
 from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
 from serve.web.metrics import Metrics, RequestMetricsMiddleware
-from serve.web.security import (
+from serve.web.security.body_limit import BodyLimitMiddleware
+from serve.web.security.headers import SecurityHeadersMiddleware
+from serve.web.security.origin import OriginCheckMiddleware
+from serve.web.security.rate_limit import RateLimiter
+from serve.web.security.secret_key import load_or_create_secret_key
+from serve.web.security.session import (
+    current_user,
+    log_in,
+    log_out,
+    require_user,
+    session_middleware,
+)
+from serve.web.security.text import (
     BOT_NAME,
-    BodyLimitMiddleware,
     InvalidInput,
-    OriginCheckMiddleware,
-    RateLimiter,
-    SecurityHeadersMiddleware,
     clean_room,
     clean_text,
     clean_username,
     decode_utf8,
-    load_or_create_secret_key,
 )
 from serve.web.settings import Settings, settings_from_env
 
 log = logging.getLogger("xiaox.app")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-SESSION_COOKIE = "xiaox_session"
 BUSY_REPLY = "（小X 现在太忙了，请稍后再试。）"
 FAILED_REPLY = "（小X 走神了，没能回答。）"
 UNREADABLE_REPLY = "（小X 没看懂这条消息。）"
@@ -72,8 +77,8 @@ class Chat:
 
     @property
     def reply_options(self) -> dict[str, Any]:
-        # Nucleus sampling (CDial-GPT's p=0.9, T=0.7): on held-out pairs the shipped model's
-        # greedy replies are 86% the ten most frequent ones, sampled replies 21% (README).
+        # Nucleus sampling (CDial-GPT's p=0.9, T=0.7): of the decoding modes only sampling
+        # gives the shipped model's replies some variety on held-out pairs (README).
         return {"max_length": self.settings.reply_max_tokens, "no_repeat_ngram_size": 3,
                 "repetition_penalty": 1.2, "sampling_topk": 0, "sampling_topp": 0.9,
                 "sampling_temperature": 0.7}
@@ -232,18 +237,6 @@ def error_response(status: int, message: str, reason: str,
                         headers=headers)
 
 
-def current_user(request: Request) -> str | None:
-    user = request.session.get("user")
-    return user if isinstance(user, str) and user else None
-
-
-def require_user(request: Request) -> str:
-    user = current_user(request)
-    if user is None:
-        raise InvalidInput("log in first", status=401, reason="not_logged_in")
-    return user
-
-
 def wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
@@ -324,15 +317,14 @@ async def login(request: Request) -> Response:
             chat.metrics.errors.labels(e.reason).inc()
             return RedirectResponse(f"/login?error={quote(str(e))}", status_code=303)
         raise
-    request.session.clear()
-    request.session["user"] = name
+    log_in(request, name)
     if wants_html(request):
         return RedirectResponse("/", status_code=303)
     return JSONResponse({"user": name})
 
 
 async def logout(request: Request) -> Response:
-    request.session.clear()
+    log_out(request)
     if wants_html(request):
         return RedirectResponse("/login", status_code=303)
     return JSONResponse({"user": None})
@@ -462,10 +454,6 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
 
 # --- the app ---------------------------------------------------------------------------
 
-ROUTE_PATHS = {"/", "/login", "/logout", "/me", "/send", "/history", "/stream", "/healthz",
-               "/metrics", "/v1/chat/completions", "/v1/models"}
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
     from serve.web import openai_api
 
@@ -499,15 +487,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *openai_api.routes(),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
+    # The request counter's route labels: the routes' own paths (a bounded set).
+    route_paths = {route.path for route in routes if isinstance(route, Route)}
     middleware = [  # outermost first
-        Middleware(RequestMetricsMiddleware, metrics=metrics, routes=ROUTE_PATHS),
+        Middleware(RequestMetricsMiddleware, metrics=metrics, routes=route_paths),
         Middleware(SecurityHeadersMiddleware),
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                    on_reject=count_rejection),
         Middleware(OriginCheckMiddleware, allowed_origins=settings.allowed_origins,
                    on_reject=count_rejection),
-        Middleware(SessionMiddleware, secret_key=secret_key, session_cookie=SESSION_COOKIE,
-                   max_age=14 * 24 * 3600, same_site="lax", https_only=settings.cookie_secure),
+        session_middleware(secret_key, https_only=settings.cookie_secure),
     ]
     app = Starlette(
         routes=routes, middleware=middleware, lifespan=lifespan,

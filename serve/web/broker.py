@@ -139,11 +139,6 @@ class Broker:
         for listener in tuple(self._listeners.get(event.data["room"], ())):
             listener.offer(event)
 
-    def listener_count(self, room: str | None = None) -> int:
-        if room is not None:
-            return len(self._listeners.get(room, ()))
-        return sum(len(v) for v in self._listeners.values())
-
     @contextlib.asynccontextmanager
     async def subscribe(self, room: str, last_id: str | None = None
                         ) -> AsyncIterator[AsyncIterator[Event]]:

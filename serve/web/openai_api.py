@@ -13,14 +13,14 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve.web.security import InvalidInput, clean_text, decode_utf8
+from serve.web.security.text import InvalidInput, clean_text, decode_utf8
 
 MAX_INPUT_CHARS = 2_000
 # Fields of OpenAI's request that have no meaning for this model: accepted, ignored.
@@ -80,7 +80,7 @@ def _model_ready(request: Request):
 
 def decoding_options(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     """OpenAI request fields -> ``DecodingOptions`` keyword arguments."""
-    from serve.runtime.decoding import DecodingOptions
+    from serve.runtime.options import DecodingOptions
 
     known = {f.name for f in fields(DecodingOptions)}
     options: dict[str, Any] = {"max_length": default_max_tokens}
@@ -168,88 +168,119 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def chat_completions(request: Request) -> Response:
-    from serve.runtime.decoding import source_ids
+@dataclass(frozen=True)
+class _Request:
+    """A checked chat completion request: what to answer, and how."""
+
+    text: str
+    options: dict[str, Any]
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    completion_id: str
+    created: int
+
+
+def _parse(request: Request, body: dict[str, Any]) -> _Request:
+    """The request's body checked against this server and its model: ApiError if wrong."""
+    from serve.runtime.search import source_ids
+
+    chat = request.app.state.chat
+    text = _last_user_text(body)
+    model_name = body.get("model")
+    if model_name not in (None, "", chat.model_name):
+        raise ApiError(404, f"the model '{model_name}' does not exist; "
+                       f"this server serves '{chat.model_name}'", "model_not_found",
+                       param="model")
+    if body.get("n", 1) not in (1, None):
+        raise ApiError(400, "only n=1 is supported", "unsupported_n", param="n")
+    options = decoding_options(body, chat.settings.reply_max_tokens)
+    chat = _model_ready(request)
+    try:
+        prompt_tokens = len(source_ids(chat.engine.model, text))
+    except ValueError as e:
+        raise ApiError(400, str(e), "invalid_content", param="messages") from None
+    completion_id = "chatcmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "invalid_stream")
+    stream_options = body.get("stream_options") or {}
+    include_usage = isinstance(stream_options, dict) and bool(
+        stream_options.get("include_usage"))
+    return _Request(text, options, prompt_tokens, stream, include_usage,
+                    completion_id, created)
+
+
+async def _complete(chat, req: _Request) -> Response:
+    """The whole reply in one JSON ``chat.completion``."""
     from serve.runtime.engine import EngineStopped, Overloaded
 
+    try:
+        result = await chat.engine.generate(req.text, **req.options)
+    except (Overloaded, EngineStopped) as e:
+        raise _engine_error(e) from None
+    return JSONResponse({
+        "id": req.completion_id, "object": "chat.completion", "created": req.created,
+        "model": chat.model_name, "system_fingerprint": None,
+        "choices": [{"index": 0, "logprobs": None,
+                     "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason}],
+        "usage": _usage(req.prompt_tokens, len(result.token_ids)),
+    })
+
+
+async def _stream(chat, req: _Request) -> Response:
+    """The reply as ``chat.completion.chunk`` events, once the engine has begun it."""
+    from serve.runtime.engine import EngineStopped, Overloaded
+
+    engine_stream = chat.engine.stream(req.text, **req.options)
+    deltas = aiter(engine_stream)
+    # Wait for the first piece before the 200: a full queue is still a clean 429.
+    try:
+        first: str | None = await anext(deltas)
+    except StopAsyncIteration:
+        first = None
+    except (Overloaded, EngineStopped) as e:
+        raise _engine_error(e) from None
+    return StreamingResponse(_chunks(chat.model_name, req, engine_stream, deltas, first),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _chunks(name: str, req: _Request, engine_stream, deltas,
+                  first: str | None) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        return _chunk(req.completion_id, req.created, name, delta, finish_reason)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        if first is not None:
+            yield chunk({"content": first})
+            async for delta in deltas:
+                yield chunk({"content": delta})
+        result = engine_stream.result
+        yield chunk({}, result.finish_reason if result is not None else "stop")
+        if req.include_usage:
+            completion_tokens = len(result.token_ids) if result is not None else 0
+            yield _data({"id": req.completion_id, "object": "chat.completion.chunk",
+                         "created": req.created, "model": name, "system_fingerprint": None,
+                         "choices": [], "usage": _usage(req.prompt_tokens, completion_tokens)})
+        yield b"data: [DONE]\n\n"
+    finally:
+        # A client that left: closing the iterator cancels the request in the engine.
+        await deltas.aclose()
+
+
+async def chat_completions(request: Request) -> Response:
     chat = request.app.state.chat
     try:
         _check_key(request)
-        body = await _read_body(request)
-        text = _last_user_text(body)
-        model_name = body.get("model")
-        if model_name not in (None, "", chat.model_name):
-            raise ApiError(404, f"the model '{model_name}' does not exist; "
-                           f"this server serves '{chat.model_name}'", "model_not_found",
-                           param="model")
-        if body.get("n", 1) not in (1, None):
-            raise ApiError(400, "only n=1 is supported", "unsupported_n", param="n")
-        options = decoding_options(body, chat.settings.reply_max_tokens)
-        chat = _model_ready(request)
-        try:
-            prompt_tokens = len(source_ids(chat.engine.model, text))
-        except ValueError as e:
-            raise ApiError(400, str(e), "invalid_content", param="messages") from None
-        completion_id = "chatcmpl-" + secrets.token_hex(12)
-        created = int(time.time())
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be true or false", "invalid_stream")
-
-        if not stream:
-            try:
-                result = await chat.engine.generate(text, **options)
-            except (Overloaded, EngineStopped) as e:
-                raise _engine_error(e) from None
-            return JSONResponse({
-                "id": completion_id, "object": "chat.completion", "created": created,
-                "model": chat.model_name, "system_fingerprint": None,
-                "choices": [{"index": 0, "logprobs": None,
-                             "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}],
-                "usage": _usage(prompt_tokens, len(result.token_ids)),
-            })
-
-        stream_options = body.get("stream_options") or {}
-        include_usage = isinstance(stream_options, dict) and bool(
-            stream_options.get("include_usage"))
-        engine_stream = chat.engine.stream(text, **options)
-        deltas = aiter(engine_stream)
-        # Wait for the first piece before the 200: a full queue is still a clean 429.
-        try:
-            first: str | None = await anext(deltas)
-        except StopAsyncIteration:
-            first = None
-        except (Overloaded, EngineStopped) as e:
-            raise _engine_error(e) from None
+        req = _parse(request, await _read_body(request))
+        return await (_stream if req.stream else _complete)(chat, req)
     except ApiError as e:
         chat.metrics.errors.labels(f"api_{e.code}").inc()
         return e.response()
-
-    async def chunks() -> AsyncIterator[bytes]:
-        name = chat.model_name
-        try:
-            yield _chunk(completion_id, created, name, {"role": "assistant", "content": ""},
-                         None)
-            if first is not None:
-                yield _chunk(completion_id, created, name, {"content": first}, None)
-                async for delta in deltas:
-                    yield _chunk(completion_id, created, name, {"content": delta}, None)
-            result = engine_stream.result
-            finish = result.finish_reason if result is not None else "stop"
-            yield _chunk(completion_id, created, name, {}, finish)
-            if include_usage:
-                completion_tokens = len(result.token_ids) if result is not None else 0
-                yield _data({"id": completion_id, "object": "chat.completion.chunk",
-                             "created": created, "model": name, "system_fingerprint": None,
-                             "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-            yield b"data: [DONE]\n\n"
-        finally:
-            # A client that left: closing the iterator cancels the request in the engine.
-            await deltas.aclose()
-
-    return StreamingResponse(chunks(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 async def list_models(request: Request) -> Response:

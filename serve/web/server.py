@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "model folder)", file=sys.stderr)
         return 2
     if not settings.secret_key:
-        from serve.web.security import load_or_create_secret_key
+        from serve.web.security.secret_key import load_or_create_secret_key
 
         try:  # created here, once, before any worker starts
             load_or_create_secret_key(settings.secret_key_file)

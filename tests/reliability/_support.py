@@ -14,10 +14,10 @@ from collections.abc import Callable
 import httpx
 import redis
 
+from serve.web.broker import parse_id
 from tests.serve._helpers_server import (  # noqa: F401 (sse_lines is re-exported)
     StrictSSEParser,
     cancel_and_wait,
-    id_key,
     sse_lines,
 )
 
@@ -142,15 +142,10 @@ class ReconnectingStream:
         return [e["id"] for e in self.events]
 
 
-def has_reply_to(message_id: str) -> Callable[[list[dict]], bool]:
-    return lambda events: any(e["event"] == "message" and e["data"].get("reply_to") == message_id
-                              for e in events)
-
-
 # --- Redis ---------------------------------------------------------------------------------
 
 def log_key(room: str) -> str:
-    """The broker's event log of a room (serve/broker.py ``RedisBroker._log_key``)."""
+    """The broker's event log of a room (serve/web/broker.py ``RedisBroker._log_key``)."""
     return f"xiaox:{{{room}}}:log"
 
 
@@ -175,7 +170,7 @@ def redis_client_count(redis_url: str) -> int:
 def ids_after(ids: list[str], after: str | None) -> list[str]:
     if after is None:
         return list(ids)
-    return [i for i in ids if id_key(i) > id_key(after)]
+    return [i for i in ids if parse_id(i) > parse_id(after)]
 
 
 # --- /proc ---------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ import httpx
 import itsdangerous
 import pytest
 
-from serve.web.security import ROOM_PATTERN
+from serve.web.security.text import ROOM_PATTERN
 from tests.conftest import RedisServer
-from tests.reliability._support import ReconnectingStream, has_reply_to, sse_lines
+from tests.reliability._support import ReconnectingStream, sse_lines
 from tests.serve._helpers_server import (
     ServerProcess,
     StrictSSEParser,
+    bot_reply_to,
     login,
 )
 
@@ -100,7 +101,7 @@ def server(model_dir, tmp_path_factory):
 
 
 def client(server: ServerProcess, **kwargs) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=server.url, timeout=60, **kwargs)
+    return server.client(timeout=60, **kwargs)
 
 
 _users = iter(range(1_000_000))
@@ -198,7 +199,7 @@ async def test_send_message(server, value):
                 assert_clear_error(response)
                 return
             sent = response.json()
-            await watcher.wait_for(has_reply_to(sent["id"]), 30)
+            await watcher.wait_for(bot_reply_to(sent["id"]), 30)
             await asyncio.sleep(0.2)  # anything forged would come right after
         finally:
             await watcher.close()

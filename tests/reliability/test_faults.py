@@ -14,10 +14,10 @@ import time
 import httpx
 import pytest
 
+from serve.web.broker import parse_id
 from tests.reliability._support import (
     ReconnectingStream,
     fd_count,
-    has_reply_to,
     redis_client_count,
     stored_events,
     stored_ids,
@@ -26,10 +26,12 @@ from tests.reliability._support import (
 )
 from tests.serve._helpers_server import (
     ServerProcess,
-    id_key,
+    bot_reply_to,
     login,
     metric_value,
-    start_servers,
+    running,
+    send,
+    wait_health,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
@@ -40,38 +42,15 @@ ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "10000"}
 
 @pytest.fixture
 def two_servers(model_dir, redis_server, tmp_path):
-    servers = [ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV)
-               for _ in range(2)]
-    start_servers(*servers)
-    yield servers
-    for server in servers:
-        server.stop()
+    with running(*(ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV)
+                   for _ in range(2))) as servers:
+        yield servers
 
 
 async def logged_in(server: ServerProcess, name: str) -> httpx.AsyncClient:
-    client = httpx.AsyncClient(base_url=server.url, timeout=30)
+    client = server.client()
     await login(client, name)
     return client
-
-
-async def post_message(client: httpx.AsyncClient, text: str, room: str) -> dict:
-    response = await client.post("/send", params={"room": room}, json={"message": text})
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
-async def wait_health(server: ServerProcess, status: int, timeout: float = 30) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                code = (await c.get("/healthz")).status_code
-            except httpx.HTTPError:
-                code = None
-            if code == status:
-                return
-            assert time.monotonic() < deadline, f"/healthz is {code}, not {status}"
-            await asyncio.sleep(0.1)
 
 
 def assert_exactly_the_stored_events(stream: ReconnectingStream, stored: list[str]) -> None:
@@ -114,25 +93,24 @@ async def test_redis_sigkilled_mid_reply_every_client_gets_every_stored_event_on
         for stream in streams:
             await stream.start()
         # A burst of messages: several replies stream at once when Redis dies.
-        burst = await asyncio.gather(*(post_message(on_a if i % 2 else on_b,
-                                                    f"你好呀，第{i}个问题", room)
+        burst = await asyncio.gather(*(send(on_a if i % 2 else on_b,
+                                            f"你好呀，第{i}个问题", room)
                                        for i in range(6)))
         await streams[0].wait_for(lambda ev: any(e["event"] == "token" for e in ev), 20)
         kill_ms = int(time.time() * 1000)
-        redis_server.proc.kill()  # SIGKILL: no shutdown, no final AOF rewrite
-        redis_server.proc.wait(10)
+        redis_server.kill()  # SIGKILL: no shutdown, no final AOF rewrite
         # A message sent during the outage is retried by the server until Redis is back.
-        during = asyncio.create_task(post_message(on_b, "停电的时候", room))
+        during = asyncio.create_task(send(on_b, "停电的时候", room))
         await wait_health(a, 503)
         await asyncio.sleep(1.0)
         redis_server.start()  # same port, same folder: the AOF is read back
         sent_during = await during
         await wait_health(a, 200)
         await wait_health(b, 200)
-        after = await post_message(on_a, "恢复以后", room)
+        after = await send(on_a, "恢复以后", room)
         for message in [*burst, sent_during, after]:
             for stream in streams:
-                await stream.wait_for(has_reply_to(message["id"]), 60)
+                await stream.wait_for(bot_reply_to(message["id"]), 60)
         stored = await settle(streams, redis_server.url, room)
         for stream in streams:
             assert stream.protocol_error is None
@@ -141,7 +119,7 @@ async def test_redis_sigkilled_mid_reply_every_client_gets_every_stored_event_on
         events = stored_events(redis_server.url, room)
         late = [e for e in events if e["event"] == "message" and e["data"]["role"] == "bot"
                 and e["data"]["reply_to"] in {m["id"] for m in burst}
-                and id_key(e["id"])[0] > kill_ms]
+                and parse_id(e["id"])[0] > kill_ms]
         assert late, "no reply was in flight when Redis was killed"
         # History: every user message and exactly one reply to each.
         history = (await on_b.get("/history", params={"room": room, "limit": 1000})).json()
@@ -171,14 +149,14 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         leaver = await logged_in(server, f"leaver{n}")
         leavers = [await ReconnectingStream(leaver.cookies, [server.url], room).start()
                    for _ in range(10)]
-        sent = await asyncio.gather(*(post_message(leaver, f"说完就走{n}-{i}", room)
+        sent = await asyncio.gather(*(send(leaver, f"说完就走{n}-{i}", room)
                                       for i in range(3)))
         await leavers[0].wait_for(lambda ev: any(e["event"] == "token" for e in ev), 20)
         for stream in leavers:  # gone mid-reply, the sender included
             await stream.close()
         await leaver.aclose()
         for message in sent:
-            await stayer.wait_for(has_reply_to(message["id"]), 30)
+            await stayer.wait_for(bot_reply_to(message["id"]), 30)
         return sent
 
     async def gauges() -> dict[str, float]:
@@ -264,19 +242,19 @@ async def test_sigterm_mid_stream_clients_reconnect_to_the_restarted_server_and_
     try:
         for stream in streams:
             await stream.start()
-        burst = await asyncio.gather(*(post_message(on_a, f"晚安{i}", room) for i in range(4)))
+        burst = await asyncio.gather(*(send(on_a, f"晚安{i}", room) for i in range(4)))
         await streams[0].wait_for(lambda ev: any(e["event"] == "token" for e in ev), 20)
         code = await asyncio.to_thread(a.terminate, 30)
         assert code in (0, -15), a.log_tail()
         assert "Traceback" not in a.log_tail()
-        while_down = await post_message(on_b, "A不在的时候", room)
+        while_down = await send(on_b, "A不在的时候", room)
         restarted = ServerProcess(a.model_dir, a.workdir, redis_url=redis_server.url, env=ENV,
                                   port=a.port)
         await asyncio.to_thread(restarted.start)
-        after = await post_message(on_a, "A回来了", room)  # the old cookie still works
+        after = await send(on_a, "A回来了", room)  # the old cookie still works
         for message in [*burst, while_down, after]:
             for stream in streams:
-                await stream.wait_for(has_reply_to(message["id"]), 60)
+                await stream.wait_for(bot_reply_to(message["id"]), 60)
         stored = await settle(streams, redis_server.url, room)
         for stream in streams[:3]:
             assert stream.connections >= 2, "the client never had to reconnect"

@@ -29,7 +29,7 @@ from tests.serve._helpers_server import (
     ServerProcess,
     login,
     metric_value,
-    start_servers,
+    running,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(300)]
@@ -87,12 +87,10 @@ async def gauge(url: str, name: str) -> float:
 @pytest.fixture
 def two_servers(model_dir, redis_server, tmp_path):
     raise_fd_limit(4 * CLIENTS + 256)  # before the servers start: they inherit it
-    servers = [ServerProcess(model_dir, tmp_path, redis_url=redis_server.url,
-                             env={"XIAOX_RATE_LIMIT_MESSAGES": "1000"}) for _ in range(2)]
-    start_servers(*servers)
-    yield servers
-    for server in servers:
-        server.stop()
+    with running(*(ServerProcess(model_dir, tmp_path, redis_url=redis_server.url,
+                                 env={"XIAOX_RATE_LIMIT_MESSAGES": "1000"})
+                   for _ in range(2))) as servers:
+        yield servers
 
 
 async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, redis_server):
@@ -100,7 +98,7 @@ async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, red
     pids = [s.proc.pid for s in servers]
     limits = httpx.Limits(max_connections=CLIENTS + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None), limits=limits) as http:
-        sender = httpx.AsyncClient(base_url=servers[0].url, timeout=30)
+        sender = servers[0].client()
         await login(sender, "crowd")  # one session cookie, valid on both processes
         http.cookies = sender.cookies
         # Warm-up: one message answered, so the baseline includes the loaded engine.
@@ -189,7 +187,7 @@ async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, red
             assert final_rss[i] - base_rss[i] < FINAL_RSS_GROWTH_MB, (base_rss, final_rss)
         # Both processes are still healthy and answer.
         for server in servers:
-            async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+            async with server.client(timeout=10) as c:
                 assert (await c.get("/healthz")).status_code == 200
         await sender.aclose()
         print(f"\n{CLIENTS} clients: connected in {connect_seconds:.1f}s, {MESSAGES} replies "
@@ -213,7 +211,7 @@ async def test_a_herd_of_simultaneous_reconnects_is_served(model_dir, redis_serv
             health: list[int] = []
 
             async def watch_health() -> None:
-                async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+                async with server.client(timeout=10) as c:
                     while True:
                         health.append((await c.get("/healthz")).status_code)
                         await asyncio.sleep(0.05)

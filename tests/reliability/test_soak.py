@@ -13,15 +13,15 @@ import itertools
 import os
 import time
 
-import httpx
 import pytest
 
 from tests.reliability._support import ReconnectingStream, fd_count, rss_mb, tcp_ports_of_fds
-from tests.reliability.test_faults import assert_exactly_the_stored_events, settle, wait_health
+from tests.reliability.test_faults import assert_exactly_the_stored_events, settle
 from tests.serve._helpers_server import (
     ServerProcess,
     login,
     start_servers,
+    wait_health,
 )
 
 SOAK_SECONDS = float(os.environ.get("XIAOX_SOAK_SECONDS", "600"))
@@ -48,7 +48,7 @@ async def test_soak(model_dir, redis_server, tmp_path):
     a, b = (ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV)
             for _ in range(2))
     start_servers(a, b)
-    sender = httpx.AsyncClient(base_url=a.url, timeout=30)
+    sender = a.client()
     streams: list[ReconnectingStream] = []
     try:
         await login(sender, "soaker")
@@ -66,8 +66,7 @@ async def test_soak(model_dir, redis_server, tmp_path):
             if time.monotonic() >= next_fault + 60:
                 next_fault = time.monotonic()
                 if next(faults) == "redis":
-                    redis_server.proc.kill()
-                    redis_server.proc.wait(10)
+                    redis_server.kill()
                     await asyncio.sleep(1)
                     redis_server.start()
                 else:

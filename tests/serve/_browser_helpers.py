@@ -1,17 +1,16 @@
-"""The real app in a subprocess, a plain HTTP chat client, and Chromium's launch options."""
+"""The real app for the pages, a plain HTTP chat client, and Chromium's launch options."""
 
 from __future__ import annotations
 
-import os
+import secrets
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, free_port, wait_for_port
+from tests.conftest import ROOT
+from tests.serve._helpers_server import ServerProcess
 
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots and server logs (gitignored)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -23,72 +22,11 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def app_command(port: int, model_dir: Path, redis_url: str | None) -> list[str]:
-    command = [sys.executable, "-m", "serve", "--port", str(port), "--model", str(model_dir),
-               "--log-level", "warning"]
-    if redis_url:
-        command += ["--redis-url", redis_url]
-    return command
-
-
-class AppServer:
-    """``python -m serve`` under uvicorn on a free port; restartable on the same port."""
-
-    def __init__(self, model_dir: Path, secret: str, log_dir: Path,
-                 redis_url: str | None = None, port: int | None = None):
-        self.model_dir = model_dir
-        self.secret = secret
-        self.redis_url = redis_url
-        self.port = port or free_port()
-        self.log_path = log_dir / f"app-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        env = dict(os.environ, XIAOX_SECRET_KEY=self.secret, PYTHONUNBUFFERED="1")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                app_command(self.port, self.model_dir, self.redis_url),
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                wait_for_port(self.port, timeout=0.5)
-                if httpx.get(self.url + "/login", timeout=2).status_code == 200:
-                    return
-            except (TimeoutError, httpx.HTTPError):
-                pass
-        raise TimeoutError(f"the app did not answer on {self.url}:\n{self.log()}")
-
-    def kill(self) -> None:
-        """A crash: SIGKILL, no graceful shutdown."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+def app_server(model_dir: Path, redis_url: str | None = None) -> ServerProcess:
+    """The app the pages talk to: its log in test-artifacts/, its secret key in its
+    environment (so a restarted app still accepts the page's session cookie)."""
+    return ServerProcess(model_dir, ARTIFACTS, redis_url=redis_url,
+                         env={"XIAOX_SECRET_KEY": secrets.token_hex(16)})
 
 
 class ChatClient:

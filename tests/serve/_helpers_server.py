@@ -1,29 +1,27 @@
-"""Helpers for the server tests: the model, ``python -m serve`` processes, SSE clients.
+"""Helpers for the server tests: ``python -m serve`` processes, their health, SSE clients.
 
+The one launcher of the app in the tests: ``ServerProcess`` (with ``running`` and
+``start_servers`` for several at once). Free ports and Redis come from ``tests.conftest``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "free_port"]  # imported from here too (benchmarks/server_load.py)
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -40,8 +38,45 @@ class ServerDied(RuntimeError):
     """The server process exited before it was healthy."""
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, describe: Callable[[], str],
+                 timeout: float = 90.0) -> None:
+    """Until ``GET url/healthz`` is 200; ServerDied when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerDied(f"exited early ({proc.returncode}):\n{describe()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} is not healthy after {timeout}s:\n{describe()}")
+
+
+async def wait_health(server: ServerProcess, status: int, timeout: float = 30) -> dict:
+    """Until ``/healthz`` answers ``status`` (an unreachable server counts as none): its body."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = await c.get("/healthz")
+                if response.status_code == status:
+                    return response.json()
+                seen = f"{response.status_code} {response.text}"
+            except httpx.HTTPError as e:
+                seen = type(e).__name__
+            assert time.monotonic() < deadline, f"/healthz is {seen}, not {status}"
+            await asyncio.sleep(0.1)
+
+
 class ServerProcess:
-    """``python -m serve`` on a free port, in its own process, stopped with SIGTERM."""
+    """``python -m serve`` on a free port, in its own process, stopped with SIGTERM.
+
+    Its log is ``workdir/server-<port>.log``; its secret key file ``workdir/secret_key``
+    (servers sharing a workdir accept each other's session cookies), unless ``env`` sets
+    ``XIAOX_SECRET_KEY``. It can be started again after ``stop`` or ``kill``.
+    """
 
     def __init__(self, model_dir: Path, workdir: Path, *, redis_url: str | None = None,
                  env: dict[str, str] | None = None, port: int | None = None):
@@ -51,11 +86,19 @@ class ServerProcess:
         self.port = port or free_port()
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
-        self.log_path = workdir / f"server-{self.port}.log"
+        self._log = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"server-{self.port}.log"
+
+    def client(self, **kwargs) -> httpx.AsyncClient:
+        """An HTTP client of this server (timeout 30 s unless given)."""
+        return httpx.AsyncClient(base_url=self.url, **{"timeout": 30, **kwargs})
 
     def launch(self) -> ServerProcess:
         command = [sys.executable, "-m", "serve", "--model", str(self.model_dir),
@@ -68,24 +111,17 @@ class ServerProcess:
                     "XIAOX_THREADS": "1",  # several servers share two cores
                     "PYTHONUNBUFFERED": "1"})
         env.update(self.extra_env)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         return self
 
     def wait_healthy(self, timeout: float = 90.0) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise ServerDied(f"the server exited early ({code}):\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the server is not healthy after {timeout}s:\n{self.log_tail()}")
+        if self.proc is None:
+            raise ServerDied("the server was never launched")
+        wait_healthy(self.url, self.proc, self.log_tail, timeout)
+        return self
 
     def start(self) -> ServerProcess:
         start_servers(self)
@@ -101,12 +137,25 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._log.close()
+        self._close_log()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no graceful shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._close_log()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.terminate()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -131,12 +180,23 @@ def start_servers(*servers: ServerProcess) -> None:
         try:
             server.wait_healthy()
         except ServerDied as first:
+            server.stop()
             server.port = free_port()
-            server.log_path = server.workdir / f"server-{server.port}.log"
             try:
                 server.launch().wait_healthy()
             except ServerDied as second:
                 raise second from first
+
+
+@contextlib.contextmanager
+def running(*servers: ServerProcess) -> Iterator[tuple[ServerProcess, ...]]:
+    """The servers started together, and stopped on the way out (also when one fails)."""
+    try:
+        start_servers(*servers)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 # --- a strict SSE parser --------------------------------------------------------------
@@ -309,12 +369,6 @@ async def send(client: httpx.AsyncClient, text: str, room: str = "lobby") -> dic
     response = await client.post("/send", params={"room": room}, json={"message": text})
     assert response.status_code == 202, response.text
     return response.json()
-
-
-def id_key(event_id: str) -> tuple[int, int]:
-    """Event ids compare as (milliseconds, sequence), not as strings."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq)
 
 
 def metric_value(text: str, name: str) -> float:

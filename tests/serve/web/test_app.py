@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import stat
 import subprocess
 import sys
 
-import httpx
 import pytest
 
+from serve.web.broker import parse_id
 from serve.web.settings import parse_settings, settings_from_env
 from tests.serve._helpers_server import (
     ROOT,
     ChatStream,
     ServerProcess,
     bot_reply_to,
-    id_key,
     login,
     metric_value,
     send,
@@ -35,19 +33,8 @@ def server(model_dir, tmp_path_factory):
     process.stop()
 
 
-def client(server: ServerProcess) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=server.url, timeout=30)
-
-
-def test_the_secret_key_is_generated_once_with_mode_0600(server):
-    key_file = server.workdir / "secret_key"
-    assert key_file.is_file()
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert len(key_file.read_text().strip()) >= 32
-
-
 async def test_login_me_logout_and_the_pages(server):
-    async with client(server) as c:
+    async with server.client() as c:
         page = await c.get("/")
         assert page.status_code == 303 and page.headers["location"] == "/login"
         assert (await c.get("/me")).status_code == 401
@@ -65,7 +52,7 @@ async def test_login_me_logout_and_the_pages(server):
 
 
 async def test_a_browser_form_login_redirects(server):
-    async with client(server) as c:
+    async with server.client() as c:
         html = {"Accept": "text/html"}
         ok = await c.post("/login", data={"username": "form user"}, headers=html)
         assert ok.status_code == 303 and ok.headers["location"] == "/"
@@ -75,7 +62,7 @@ async def test_a_browser_form_login_redirects(server):
 
 
 async def test_send_streams_the_message_then_the_bots_reply_token_by_token(server):
-    async with client(server) as watcher, client(server) as sender:
+    async with server.client() as watcher, server.client() as sender:
         await login(watcher, "watcher")
         await login(sender, "sender")
         async with ChatStream(watcher, room="r-send") as stream:
@@ -86,7 +73,7 @@ async def test_send_streams_the_message_then_the_bots_reply_token_by_token(serve
         events = stream.events
         ids = [e["id"] for e in events]
         assert all(e["id"] == e["data"]["id"] for e in events)
-        assert ids == sorted(ids, key=id_key)
+        assert ids == sorted(ids, key=parse_id)
         assert len(set(ids)) == len(ids)
         user_message = next(e for e in events if e["id"] == sent["id"])
         assert user_message["event"] == "message"
@@ -104,7 +91,7 @@ async def test_send_streams_the_message_then_the_bots_reply_token_by_token(serve
 
 
 async def test_join_and_leave_notices(server):
-    async with client(server) as a, client(server) as b:
+    async with server.client() as a, server.client() as b:
         await login(a, "alice")
         await login(b, "bob")
         async with ChatStream(a, room="r-join") as stream_a:
@@ -117,7 +104,7 @@ async def test_join_and_leave_notices(server):
 
 
 async def test_history_returns_the_last_messages_and_a_cursor(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "historian")
         async with ChatStream(c, room="r-history") as stream:
             sent = [await send(c, f"第{i}条", room="r-history") for i in range(3)]
@@ -133,14 +120,14 @@ async def test_history_returns_the_last_messages_and_a_cursor(server):
         assert len(everything) == 6  # three messages and three replies, no typing/token
         assert messages == everything[-4:]
         # The cursor is the log's last id: replaying after it gives nothing old.
-        assert id_key(body["cursor"]) >= max(id_key(e["id"]) for e in stream.events[:-1])
+        assert parse_id(body["cursor"]) >= max(parse_id(e["id"]) for e in stream.events[:-1])
         assert (await c.get("/history", params={"room": "empty-room"})).json() == {
             "room": "empty-room", "messages": [], "cursor": "0-0"}
         assert (await c.get("/history", params={"limit": "-1"})).status_code == 400
 
 
 async def test_replay_after_a_reconnect_is_complete_in_order_and_without_duplicates(server):
-    async with client(server) as c, client(server) as other:
+    async with server.client() as c, server.client() as other:
         await login(c, "reconnecter")
         await login(other, "talker")
         async with ChatStream(other, room="r-replay") as witness:
@@ -160,29 +147,29 @@ async def test_replay_after_a_reconnect_is_complete_in_order_and_without_duplica
                     await asyncio.sleep(0.3)
                 end = next(e["id"] for e in witness.events
                            if e["data"].get("reply_to") == three["id"])
-                window = (id_key(last_seen), id_key(end))
+                window = (parse_id(last_seen), parse_id(end))
                 missed = [e["id"] for e in witness.events
-                          if window[0] < id_key(e["id"]) <= window[1]]
-                replayed = [e["id"] for e in second.events if id_key(e["id"]) <= window[1]]
+                          if window[0] < parse_id(e["id"]) <= window[1]]
+                replayed = [e["id"] for e in second.events if parse_id(e["id"]) <= window[1]]
                 assert replayed == missed  # complete, in order, nothing twice
                 assert [e["id"] for e in second.events[:len(replayed)]] == replayed
                 assert "第二" in [e["data"].get("text") for e in second.events]
 
 
 async def test_a_client_leaving_mid_reply_stops_nothing_and_leaks_nothing(server):
-    async with client(server) as metrics_client:
+    async with server.client() as metrics_client:
         before = metric_value((await metrics_client.get("/metrics")).text, "xiaox_sse_clients")
-    async with client(server) as watcher:
+    async with server.client() as watcher:
         await login(watcher, "stayer")
         async with ChatStream(watcher, room="r-leave") as stream:
-            sender = client(server)
+            sender = server.client()
             await login(sender, "leaver")
             leaver_stream = await ChatStream(sender, room="r-leave").__aenter__()
             sent = await send(sender, "说完就走", room="r-leave")
             await leaver_stream.close()
             await sender.aclose()  # the sender's connection is gone before the reply ends
             await stream.wait_for(bot_reply_to(sent["id"]))
-    async with client(server) as metrics_client:
+    async with server.client() as metrics_client:
         for _ in range(150):  # the server notices the disconnects
             page = (await metrics_client.get("/metrics")).text
             if metric_value(page, "xiaox_sse_clients") == before:
@@ -193,7 +180,7 @@ async def test_a_client_leaving_mid_reply_stops_nothing_and_leaks_nothing(server
 
 
 async def test_a_quiet_stream_gets_keepalive_pings(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "quiet one")
         async with ChatStream(c, room="r-quiet") as stream:
             await asyncio.sleep(1.0)
@@ -202,7 +189,7 @@ async def test_a_quiet_stream_gets_keepalive_pings(server):
 
 
 async def test_rooms_are_separate(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "roomy")
         async with ChatStream(c, room="r-a") as a, ChatStream(c, room="r-b") as b:
             sent = await send(c, "只在A", room="r-a")
@@ -213,7 +200,7 @@ async def test_rooms_are_separate(server):
 
 
 async def test_messages_are_data_not_html(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "<b>mallory</b>")
         text = "<img src=x onerror=alert(1)>"
         sent = await send(c, text, room="r-xss")
@@ -225,7 +212,7 @@ async def test_messages_are_data_not_html(server):
 
 
 async def test_stream_and_history_need_a_login_and_a_valid_room(server):
-    async with client(server) as c:
+    async with server.client() as c:
         assert (await c.get("/stream")).status_code == 401
         assert (await c.get("/history")).status_code == 401
         assert (await c.post("/send", json={"message": "hi"})).status_code == 401
@@ -237,7 +224,7 @@ async def test_stream_and_history_need_a_login_and_a_valid_room(server):
 
 
 async def test_healthz_and_metrics(server):
-    async with client(server) as c:
+    async with server.client() as c:
         health = await c.get("/healthz")
         assert health.status_code == 200
         assert health.json()["status"] == "ok" and health.json()["broker"] == "in-process"

@@ -100,13 +100,19 @@ async def test_every_listener_gets_every_event_of_its_room_only(make_broker):
     async with running(make_broker()) as broker:
         async with broker.subscribe("a") as a1, broker.subscribe("a") as a2, \
                 broker.subscribe("b") as b:
-            assert broker.listener_count("a") == 2 and broker.listener_count() == 3
             sent = [await broker.publish("a", "token", {"delta": str(i)}) for i in range(20)]
             other = await broker.publish("b", "token", {"delta": "b"})
             got1, got2, got_b = await asyncio.gather(take(a1, 20), take(a2, 20), take(b, 1))
         assert [e.id for e in got1] == [e.id for e in got2] == [e.id for e in sent]
         assert [e.id for e in got_b] == [other.id]
-        assert broker.listener_count() == 0
+        # Left: an ended subscription is sent nothing more, and the room (no listener
+        # left, so no longer watched) is live again for the next subscriber.
+        async with broker.subscribe("a") as again:
+            later = await broker.publish("a", "token", {"delta": "later"})
+            assert [e.id for e in await take(again, 1)] == [later.id]
+        for ended in (a1, a2):
+            with pytest.raises(TimeoutError):
+                await take(ended, 1, timeout=0.5)
 
 
 async def test_a_listener_too_slow_is_ended_not_buffered_forever(make_broker):

@@ -6,7 +6,6 @@ API drives /usr/bin/chromium (its own browser download does not work here).
 
 from __future__ import annotations
 
-import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +16,11 @@ from tests.conftest import SHIPPED_MODEL
 from tests.serve._browser_helpers import (
     ARTIFACTS,
     CHROMIUM_ARGS,
-    AppServer,
     ChatClient,
+    app_server,
     chromium_path,
 )
+from tests.serve._helpers_server import ServerProcess, running
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
@@ -107,12 +107,10 @@ def model_dir(request) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(model_dir) -> Iterator[AppServer]:
+def app(model_dir) -> Iterator[ServerProcess]:
     """One app (in-process broker) for the module; each test uses its own room."""
-    server = AppServer(model_dir, secret=secrets.token_hex(16), log_dir=ARTIFACTS)
-    server.start()
-    yield server
-    server.stop()
+    with running(app_server(model_dir)) as (server,):
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -389,9 +387,7 @@ def test_autoscroll_does_not_fight_a_reader(app, open_page):
 @pytest.mark.redis
 def test_server_restart_mid_session(model_dir, redis_server, open_page, tmp_path):
     """Kill the app, start it again: the page shows it is reconnecting, then catches up."""
-    app = AppServer(model_dir, secret=secrets.token_hex(16), log_dir=ARTIFACTS,
-                    redis_url=redis_server.url)
-    app.start()
+    app = app_server(model_dir, redis_url=redis_server.url).start()
     other = None
     try:
         page = open_page()
@@ -438,7 +434,7 @@ def test_server_restart_mid_session(model_dir, redis_server, open_page, tmp_path
         app.stop()
 
 
-def populate(app: AppServer, page, room: str) -> None:
+def populate(app: ServerProcess, page, room: str) -> None:
     friend = ChatClient(app.url, "小红")
     try:
         friend.send(room, "大家好！今天天气真不错。")

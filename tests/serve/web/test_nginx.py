@@ -10,15 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import ROOT, free_port
 from tests.serve._helpers_server import (
-    ROOT,
     ChatStream,
     ServerProcess,
     bot_reply_to,
-    free_port,
     login,
+    running,
     send,
-    start_servers,
+    wait_healthy,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
@@ -54,41 +54,29 @@ def stack(model_dir, redis_server, tmp_path):
     if not Path(NGINX).is_file() and shutil.which("nginx") is None:
         pytest.skip("nginx is not installed (Debian package nginx)")
     apps = [ServerProcess(model_dir, tmp_path, redis_url=redis_server.url) for _ in range(2)]
-    start_servers(*apps)
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_config(tmp_path, port, [a.port for a in apps]))
-    exe = NGINX if Path(NGINX).is_file() else shutil.which("nginx")
-    proc = subprocess.Popen(
-        [exe, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf),
-         "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "error.log").read_text())
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError((tmp_path / "error.log").read_text())
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", apps
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        for app in apps:
-            app.stop()
+    with running(*apps):
+        port = free_port()
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(nginx_config(tmp_path, port, [a.port for a in apps]))
+        exe = NGINX if Path(NGINX).is_file() else shutil.which("nginx")
+        proc = subprocess.Popen(
+            [exe, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf),
+             "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc, (tmp_path / "error.log").read_text, timeout=15)
+            yield url, apps
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 async def test_events_stream_through_nginx_unbuffered_from_both_processes(stack):
     url, (a, b) = stack
     async with httpx.AsyncClient(base_url=url, timeout=30) as viewer, \
-            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a, \
-            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+            a.client() as on_a, \
+            b.client() as on_b:
         await login(viewer, "behind nginx")
         await login(on_a, "on a")
         await login(on_b, "on b")

@@ -190,7 +190,7 @@ def test_content_as_parts_and_bad_bodies(server):
 
 
 async def test_a_client_leaving_a_stream_cancels_its_request(server):
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+    async with server.client(timeout=60) as c:
         before = metric_value((await c.get("/metrics")).text, "xiaox_engine_cancelled_total")
         long = ask(min_tokens=400, max_tokens=400, stream=True)
         async with c.stream("POST", "/v1/chat/completions", json=long, headers=AUTH) as r:
@@ -217,7 +217,7 @@ async def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
     long = ask(min_tokens=5000, max_tokens=5000, stream=True)
     try:
         process.start()
-        async with httpx.AsyncClient(base_url=process.url, timeout=60) as c:
+        async with process.client(timeout=60) as c:
             first_piece = asyncio.Event()
 
             async def occupy():

@@ -1,4 +1,5 @@
-"""Each security rule, against a real server process; bad input is a 4xx JSON, never a 500."""
+"""Each guard of serve/web/security/, against a real server process (one section a module);
+bad input is a 4xx JSON, never a 500."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve.web.security import RateLimiter, clean_text, load_or_create_secret_key
-from tests.serve._helpers_server import (
-    ServerProcess,
-    login,
-)
+from serve.web.security.rate_limit import RateLimiter
+from serve.web.security.secret_key import load_or_create_secret_key
+from serve.web.security.text import clean_text
+from tests.conftest import ROOT
+from tests.serve._helpers_server import ServerProcess, login
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,10 +33,6 @@ def server(model_dir, tmp_path_factory):
     process.stop()
 
 
-def client(server: ServerProcess) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=server.url, timeout=30)
-
-
 def assert_json_error(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
@@ -44,7 +41,7 @@ def assert_json_error(response: httpx.Response, status: int) -> dict:
     return body
 
 
-# --- the secret key --------------------------------------------------------------------
+# --- secret_key -------------------------------------------------------------------------
 
 def test_the_secret_key_file_is_created_once_with_mode_0600(tmp_path):
     path = tmp_path / "state" / "xiaox" / "secret_key"
@@ -74,20 +71,23 @@ def test_the_key_from_the_environment_wins_and_no_file_is_written(model_dir, tmp
         process.stop()
 
 
+def test_the_server_creates_its_key_file_once_with_mode_0600(server):
+    path = server.workdir / "secret_key"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert len(path.read_text().strip()) >= 32
+
+
 def test_no_secret_in_the_code():
-    import serve.web.app
-    import serve.web.security
-    import serve.web.settings
-
-    for module in (serve.web.app, serve.web.security, serve.web.settings):
-        source = open(module.__file__, encoding="utf-8").read()
-        assert "secret_key=\"" not in source and "SECRET_KEY = \"" not in source
+    web = ROOT / "serve" / "web"
+    for path in [web / "app.py", web / "settings.py", *(web / "security").glob("*.py")]:
+        source = path.read_text(encoding="utf-8")
+        assert "secret_key=\"" not in source and "SECRET_KEY = \"" not in source, path
 
 
-# --- the session -----------------------------------------------------------------------
+# --- session ----------------------------------------------------------------------------
 
 async def test_the_session_cookie_is_signed_and_http_only(server):
-    async with client(server) as c:
+    async with server.client() as c:
         response = await c.post("/login", json={"username": "signed"})
         cookie = response.headers["set-cookie"]
         assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
@@ -96,7 +96,7 @@ async def test_the_session_cookie_is_signed_and_http_only(server):
         tampered = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + signature
         c.cookies.set("xiaox_session", tampered)
         assert_json_error(await c.get("/me"), 401)
-    async with client(server) as forger:
+    async with server.client() as forger:
         import base64
 
         fake = base64.b64encode(json.dumps({"user": "admin"}).encode()).decode()
@@ -104,7 +104,7 @@ async def test_the_session_cookie_is_signed_and_http_only(server):
         assert_json_error(await forger.get("/me"), 401)
 
 
-# --- origin check ----------------------------------------------------------------------
+# --- origin -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("headers", "status"), [
     ({"Origin": "http://evil.example"}, 403),
@@ -116,7 +116,7 @@ async def test_the_session_cookie_is_signed_and_http_only(server):
     ({}, 202),  # not a browser: no ambient credentials to abuse
 ])
 async def test_posts_from_another_origin_are_refused(server, headers, status):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, f"origin-{status}-{len(headers)}-{sorted(headers.items())}"[:32])
         response = await c.post("/send", json={"message": "hello"}, headers=headers,
                                 params={"room": "origin"})
@@ -126,7 +126,7 @@ async def test_posts_from_another_origin_are_refused(server, headers, status):
 
 
 async def test_the_same_origin_passes_and_login_is_checked_too(server):
-    async with client(server) as c:
+    async with server.client() as c:
         own = {"Origin": server.url}
         assert (await c.post("/login", json={"username": "own"}, headers=own)).status_code == 200
         assert_json_error(await c.post("/login", json={"username": "x"},
@@ -135,10 +135,19 @@ async def test_the_same_origin_passes_and_login_is_checked_too(server):
         assert (await c.get("/me")).json() == {"user": "own"}
 
 
-# --- rate limit ------------------------------------------------------------------------
+# --- rate_limit -------------------------------------------------------------------------
+
+def test_the_rate_limiter_refills_over_time():
+    limiter = RateLimiter(2, 10.0)
+    assert limiter.allow("a", now=0.0)[0] and limiter.allow("a", now=0.0)[0]
+    allowed, wait = limiter.allow("a", now=0.0)
+    assert not allowed and wait == pytest.approx(5.0)
+    assert limiter.allow("a", now=5.0)[0]
+    assert limiter.allow("b", now=5.0)[0]
+
 
 async def test_each_user_has_a_rate_limit(server):
-    async with client(server) as c, client(server) as other:
+    async with server.client() as c, server.client() as other:
         await login(c, "chatty")
         await login(other, "quiet")
         for i in range(RATE):
@@ -152,19 +161,10 @@ async def test_each_user_has_a_rate_limit(server):
         assert sent.status_code == 202
 
 
-def test_the_rate_limiter_refills_over_time():
-    limiter = RateLimiter(2, 10.0)
-    assert limiter.allow("a", now=0.0)[0] and limiter.allow("a", now=0.0)[0]
-    allowed, wait = limiter.allow("a", now=0.0)
-    assert not allowed and wait == pytest.approx(5.0)
-    assert limiter.allow("a", now=5.0)[0]
-    assert limiter.allow("b", now=5.0)[0]
-
-
-# --- caps and strict input -------------------------------------------------------------
+# --- body_limit -------------------------------------------------------------------------
 
 async def test_bodies_over_the_cap_get_413(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "big")
         megabyte = b'{"message": "' + b"x" * (1 << 20) + b'"}'
         response = await c.post("/send", content=megabyte,
@@ -180,6 +180,15 @@ async def test_bodies_over_the_cap_get_413(server):
         assert_json_error(response, 413)
         form = await c.post("/login", data={"username": "y" * 10_000})
         assert_json_error(form, 413)
+
+
+# --- text: InvalidInput and the text checks ---------------------------------------------
+
+def test_clean_text_rules():
+    assert clean_text("  你好 \n", field="m", max_chars=5) == "你好"
+    for bad in ("", "  ", "\ud800", "x" * 6, "a\x07"):
+        with pytest.raises(ValueError):
+            clean_text(bad, field="m", max_chars=5)
 
 
 BAD_SENDS = [
@@ -206,7 +215,7 @@ BAD_SENDS = [
 @pytest.mark.parametrize(("case", "request_args", "status"), BAD_SENDS,
                          ids=[c[0] for c in BAD_SENDS])
 async def test_bad_input_is_a_4xx_json_error(server, case, request_args, status):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "bad input")
         kwargs = {}
         if "json" in request_args:
@@ -219,7 +228,7 @@ async def test_bad_input_is_a_4xx_json_error(server, case, request_args, status)
 
 
 async def test_a_form_message_is_accepted(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "former")
         response = await c.post("/send", data={"message": "表单"}, params={"room": "form"})
         assert response.status_code == 202
@@ -229,7 +238,7 @@ async def test_a_form_message_is_accepted(server):
 
 @pytest.mark.parametrize("username", ["", "   ", "a" * 33, "小X", "xiaox", "a\nb", "\ud800"])
 async def test_bad_usernames_are_refused(server, username):
-    async with client(server) as c:
+    async with server.client() as c:
         body = json.dumps({"username": username})  # ASCII escapes: "\ud800" survives
         response = await c.post("/login", content=body,
                                 headers={"content-type": "application/json"})
@@ -238,7 +247,7 @@ async def test_bad_usernames_are_refused(server, username):
 
 
 async def test_bad_queries_and_unknown_routes_are_json(server):
-    async with client(server) as c:
+    async with server.client() as c:
         await login(c, "prober")
         assert_json_error(await c.get("/history", params={"limit": "many"}), 400)
         assert_json_error(await c.get("/history", params={"room": "x" * 40}), 400)
@@ -247,12 +256,7 @@ async def test_bad_queries_and_unknown_routes_are_json(server):
         assert_json_error(await c.get("/send"), 405)
 
 
-def test_clean_text_rules():
-    assert clean_text("  你好 \n", field="m", max_chars=5) == "你好"
-    for bad in ("", "  ", "\ud800", "x" * 6, "a\x07"):
-        with pytest.raises(ValueError):
-            clean_text(bad, field="m", max_chars=5)
-
+# --- headers ----------------------------------------------------------------------------
 
 def test_pages_send_a_content_security_policy(server):
     with httpx.Client(base_url=server.url) as c:
@@ -266,10 +270,7 @@ def test_pages_send_a_content_security_policy(server):
         assert "unsafe-inline" not in csp
 
 
-def test_the_secret_key_file_of_the_server_is_private(server):
-    path = server.workdir / "secret_key"
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-
+# --- every guard together: no input gets a 500 ------------------------------------------
 
 TEXT_BODIES = st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-import httpx
 import pytest
 
+from serve.web.broker import parse_id
 from tests.serve._helpers_server import (
     ChatStream,
     ServerProcess,
     bot_reply_to,
-    id_key,
     login,
+    running,
     send,
-    start_servers,
+    wait_health,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
@@ -24,31 +23,14 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 @pytest.fixture
 def two_servers(model_dir, redis_server, tmp_path):
     # One secret key file: a session cookie from one process is valid on the other.
-    servers = [ServerProcess(model_dir, tmp_path, redis_url=redis_server.url) for _ in range(2)]
-    start_servers(*servers)
-    yield servers
-    for server in servers:
-        server.stop()
-
-
-def client(server: ServerProcess) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=server.url, timeout=30)
-
-
-async def wait_health(server: ServerProcess, status: int, timeout: float = 20) -> dict:
-    async with client(server) as c:
-        deadline = time.monotonic() + timeout
-        while True:
-            response = await c.get("/healthz")
-            if response.status_code == status or time.monotonic() > deadline:
-                assert response.status_code == status, response.text
-                return response.json()
-            await asyncio.sleep(0.1)
+    with running(*(ServerProcess(model_dir, tmp_path, redis_url=redis_server.url)
+                   for _ in range(2))) as servers:
+        yield servers
 
 
 async def test_two_processes_see_each_others_messages(two_servers):
     a, b = two_servers
-    async with client(a) as on_a, client(b) as on_b:
+    async with a.client() as on_a, b.client() as on_b:
         await login(on_a, "amy")
         await login(on_b, "ben")
         async with ChatStream(on_a) as stream_a, ChatStream(on_b) as stream_b:
@@ -74,7 +56,7 @@ async def test_two_processes_see_each_others_messages(two_servers):
 
 async def test_replay_after_a_reconnect_to_another_process_is_complete_and_in_order(two_servers):
     a, b = two_servers
-    async with client(a) as reader_a, client(b) as reader_b, client(b) as talker:
+    async with a.client() as reader_a, b.client() as reader_b, b.client() as talker:
         await login(reader_a, "reader")
         reader_b.cookies = reader_a.cookies
         await login(talker, "talker")
@@ -90,9 +72,9 @@ async def test_replay_after_a_reconnect_to_another_process_is_complete_and_in_or
                        if e["data"].get("reply_to") == later[-1]["id"])
             async with ChatStream(reader_b, last_event_id=last_seen) as after:
                 await after.wait_for(bot_reply_to(later[-1]["id"]))
-        window = (id_key(last_seen), id_key(end))
-        missed = [e["id"] for e in witness.events if window[0] < id_key(e["id"]) <= window[1]]
-        replayed = [e["id"] for e in after.events if id_key(e["id"]) <= window[1]]
+        window = (parse_id(last_seen), parse_id(end))
+        missed = [e["id"] for e in witness.events if window[0] < parse_id(e["id"]) <= window[1]]
+        replayed = [e["id"] for e in after.events if parse_id(e["id"]) <= window[1]]
         assert replayed == missed
         assert [e["data"]["text"] for e in after.events
                 if e["event"] == "message" and e["data"]["role"] == "user"] == ["第二句", "第三句",
@@ -101,7 +83,7 @@ async def test_replay_after_a_reconnect_to_another_process_is_complete_and_in_or
 
 async def test_redis_down_then_back_loses_no_stored_message(two_servers, redis_server):
     a, b = two_servers
-    async with client(a) as on_a, client(b) as on_b:
+    async with a.client() as on_a, b.client() as on_b:
         await login(on_a, "survivor")
         await login(on_b, "restarter")
         before = await send(on_b, "重启之前")
@@ -125,7 +107,7 @@ async def test_redis_down_then_back_loses_no_stored_message(two_servers, redis_s
 
 async def test_sigterm_drains_the_reply_in_flight(two_servers):
     a, b = two_servers
-    async with client(a) as on_a, client(b) as on_b:
+    async with a.client() as on_a, b.client() as on_b:
         await login(on_a, "last words")
         await login(on_b, "witness")
         async with ChatStream(on_b) as stream:
@@ -147,7 +129,7 @@ def test_workers_share_rooms_through_redis(model_dir, redis_server, tmp_path):
                            env={"XIAOX_WORKERS": "2"}).start()
 
     async def scenario():
-        async with client(server) as c, client(server) as d:
+        async with server.client() as c, server.client() as d:
             await login(c, "w1")
             await login(d, "w2")
             async with ChatStream(c) as stream:

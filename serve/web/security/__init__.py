@@ -1,0 +1,16 @@
+"""The server's guards, one module each; the middlewares are pure ASGI.
+
+(``BaseHTTPMiddleware`` breaks the disconnect handling that SSE and streamed replies rely
+on.)
+
+| module | guard |
+| --- | --- |
+| ``secret_key`` | ``load_or_create_secret_key``: the key that signs the session cookie |
+| ``session`` | the signed session cookie and the logged-in user |
+| ``origin`` | ``OriginCheckMiddleware``: a browser POST must come from this site |
+| ``rate_limit`` | ``RateLimiter``: a token bucket per user |
+| ``body_limit`` | ``BodyLimitMiddleware``: 413 for a body over the cap |
+| ``text`` | ``InvalidInput`` and the checks of user-supplied text |
+| ``headers`` | ``SecurityHeadersMiddleware``: nosniff, the page CSP |
+| ``asgi`` | what the middlewares share: unsafe methods, header lookup, a JSON error |
+"""

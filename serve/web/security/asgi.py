@@ -1,0 +1,28 @@
+"""What the pure ASGI middlewares share: the unsafe methods, a header, a JSON error."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from starlette.types import Scope, Send
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of the (lower-case) header ``name``, or None."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def send_json_error(send: Send, status: int, message: str, reason: str,
+                          headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """The app's error shape, ``{"error", "reason"}``, sent before any route runs."""
+    body = json.dumps({"error": message, "reason": reason}, ensure_ascii=False).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
