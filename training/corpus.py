@@ -17,6 +17,8 @@ Simplified, half-width, control characters removed) and counts what each rule dr
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -26,6 +28,8 @@ from pathlib import Path
 
 from serve.runtime.blocklist import Blocklist  # noqa: F401 - one implementation, in serve
 from serve.runtime.tokenizer import normalize
+
+log = logging.getLogger("training")
 
 FORMATS = ("conv", "lccc", "cdial", "tsv")
 Pair = tuple[str, str]
@@ -191,8 +195,8 @@ class CleaningReport:
                 **{rule: int(n) for rule, n in self.dropped.items()}}
 
 
-RULES = ("empty", "garbled", "symbols_only", "blocklist", "duplicate", "too_long",
-         "frequent_answer")
+RULES = ("empty", "garbled", "symbols_only", "blocklist", "generic_answer", "duplicate",
+         "too_long", "frequent_answer")
 
 
 def _symbols_only(text: str) -> bool:
@@ -200,30 +204,30 @@ def _symbols_only(text: str) -> bool:
     return not any(unicodedata.category(ch)[0] in "LN" for ch in text)
 
 
-def clean_pairs(
-    pairs: list[Pair],
-    segment: Callable[[str], list[str]],
-    *,
-    max_src_len: int,
-    max_tgt_len: int,
-    blocklist: Blocklist | None = None,
-    max_answer_repeats: int = 0,
-) -> tuple[list[tuple[list[str], list[str]]], list[Pair], CleaningReport]:
-    """Normalise and filter pairs; return (segmented pairs, normalised text pairs, report).
+def answer_entropies(pairs: list[Pair]) -> dict[str, float]:
+    """For each answer, the entropy in bits of the distribution of the questions it answers.
 
-    Rules, in order: ``empty`` (a side is empty once normalised: control characters and
-    whitespace only), ``garbled`` (decoding damage), ``symbols_only`` (an answer with no
-    letter or digit), ``blocklist`` (a blocked term on either side, after name replacement),
-    ``duplicate`` (the same normalised pair seen before), ``too_long`` (more jieba words than
-    max_src_len / max_tgt_len), ``frequent_answer`` (an answer already kept
-    ``max_answer_repeats`` times; 0 = no cap). The cap is the data-side cure for generic
-    replies: without it a few stock answers ("哈哈", "是的") dominate what the model learns.
+    H(a) = -sum_q p(q|a) log2 p(q|a), p(q|a) = count(q, a) / count(a), over the pairs as
+    given (normalised texts, repeated pairs counted as often as they occur), as Csáky et
+    al. 2019 ("Improving neural conversational models with entropy-based data filtering",
+    target side, identity clustering). An answer that follows many different questions
+    ("我也是") has a high entropy: it is a stock reply, not an answer to anything.
     """
-    report = CleaningReport(read=len(pairs), dropped=Counter({rule: 0 for rule in RULES}))
-    seen: set[Pair] = set()
-    answer_counts: Counter = Counter()
-    segmented: list[tuple[list[str], list[str]]] = []
-    texts: list[Pair] = []
+    by_answer: dict[str, Counter] = {}
+    for q, a in pairs:
+        by_answer.setdefault(a, Counter())[q] += 1
+    entropies = {}
+    for a, questions in by_answer.items():
+        total = sum(questions.values())
+        entropies[a] = -sum(n / total * math.log2(n / total) for n in questions.values()) + 0.0
+    return entropies
+
+
+def _screen(pairs: list[Pair], blocklist: Blocklist | None,
+            report: CleaningReport) -> list[Pair]:
+    """The rules that judge one pair alone: normalised pairs that pass empty, garbled,
+    symbols_only and blocklist (with name replacement)."""
+    kept: list[Pair] = []
     for question, answer in pairs:
         q, a = normalize(question), normalize(answer)
         if not q or not a:
@@ -242,6 +246,31 @@ def clean_pairs(
             if blocklist.blocks(q) or blocklist.blocks(a):
                 report.dropped["blocklist"] += 1
                 continue
+        kept.append((q, a))
+    return kept
+
+
+def _drop_generic(pairs: list[Pair], max_entropy: float, report: CleaningReport) -> list[Pair]:
+    entropies = answer_entropies(pairs)
+    generic = {a for a, h in entropies.items() if h > max_entropy}
+    kept = [(q, a) for q, a in pairs if a not in generic]
+    report.dropped["generic_answer"] += len(pairs) - len(kept)
+    worst = sorted(generic, key=lambda a: -entropies[a])[:5]
+    log.info("generic answers (entropy > %g bits): %d, dropping %d pairs; highest: %s",
+             max_entropy, len(generic), len(pairs) - len(kept),
+             ", ".join(f"{a} {entropies[a]:.1f}" for a in worst) or "none")
+    return kept
+
+
+def _dedupe_segment_cap(pairs: list[Pair], segment: Callable[[str], list[str]], *,
+                        max_src_len: int, max_tgt_len: int, max_answer_repeats: int,
+                        report: CleaningReport):
+    """duplicate, too_long (in tokens of ``segment``) and the frequent_answer cap."""
+    seen: set[Pair] = set()
+    answer_counts: Counter = Counter()
+    segmented: list[tuple[list[str], list[str]]] = []
+    texts: list[Pair] = []
+    for q, a in pairs:
         if (q, a) in seen:
             report.dropped["duplicate"] += 1
             continue
@@ -259,5 +288,40 @@ def clean_pairs(
         answer_counts[a] += 1
         segmented.append((q_words, a_words))
         texts.append((q, a))
+    return segmented, texts
+
+
+def clean_pairs(
+    pairs: list[Pair],
+    segment: Callable[[str], list[str]],
+    *,
+    max_src_len: int,
+    max_tgt_len: int,
+    blocklist: Blocklist | None = None,
+    max_answer_repeats: int = 0,
+    max_answer_entropy: float = 0.0,
+) -> tuple[list[tuple[list[str], list[str]]], list[Pair], CleaningReport]:
+    """Normalise and filter pairs; return (segmented pairs, normalised text pairs, report).
+
+    Rules, in order: ``empty`` (a side is empty once normalised: control characters and
+    whitespace only), ``garbled`` (decoding damage), ``symbols_only`` (an answer with no
+    letter or digit), ``blocklist`` (a blocked term on either side, after name replacement),
+    ``generic_answer`` (with ``max_answer_entropy`` > 0: every pair whose answer's entropy,
+    see ``answer_entropies``, is above it), ``duplicate`` (the same normalised pair seen
+    before), ``too_long`` (more tokens than max_src_len / max_tgt_len), ``frequent_answer``
+    (an answer already kept ``max_answer_repeats`` times; 0 = no cap).
+
+    The entropy rule runs on all the pairs the per-pair rules kept, repeats included and
+    before the cap: the cap keeps a few copies of every answer and so would hide which
+    answers follow everything. Both cure stock replies on the data side: without them a
+    few answers ("哈哈", "是的", "我也是") dominate what the model learns.
+    """
+    report = CleaningReport(read=len(pairs), dropped=Counter({rule: 0 for rule in RULES}))
+    screened = _screen(pairs, blocklist, report)
+    if max_answer_entropy > 0:
+        screened = _drop_generic(screened, max_answer_entropy, report)
+    segmented, texts = _dedupe_segment_cap(
+        screened, segment, max_src_len=max_src_len, max_tgt_len=max_tgt_len,
+        max_answer_repeats=max_answer_repeats, report=report)
     report.kept = len(texts)
     return segmented, texts, report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from training.config import PROJECT_ROOT
 from training.corpus import (
     Blocklist,
     CorpusError,
+    answer_entropies,
     clean_pairs,
     detect_format,
     read_corpus,
@@ -141,7 +143,8 @@ def test_each_rule_drops_and_counts(blocklist):
     assert texts == [("你好", "你好呀"), ("你叫什么", "我是小X，也叫小X"), ("小X在吗", "在")]
     assert segmented[0] == (["你", "好"], ["你", "好", "呀"])
     assert dict(report.dropped) == {"empty": 1, "garbled": 1, "symbols_only": 1, "blocklist": 3,
-                                    "duplicate": 1, "too_long": 1, "frequent_answer": 0}
+                                    "generic_answer": 0, "duplicate": 1, "too_long": 1,
+                                    "frequent_answer": 0}
     assert report.renamed == 2 and report.read == 11 and report.kept == 3
     assert "11 pairs read, 3 kept" in report.line() and "blocklist 3" in report.line()
 
@@ -155,6 +158,42 @@ def test_answer_repeats_are_capped_in_reading_order():
     assert report.dropped["frequent_answer"] == 2
     _, uncapped, _ = clean_pairs(pairs, chars, max_src_len=10, max_tgt_len=10)
     assert len(uncapped) == 5
+
+
+def generic_corpus() -> list[tuple[str, str]]:
+    """"我也是" answers 8 different questions (3 bits); every other answer answers one
+    question, or "好的" two (1 bit), or "晚安" the same question twice (0 bits)."""
+    questions = ["我喜欢猫", "我饿了", "今天好累", "我在上班", "我想睡觉", "我爱吃面",
+                 "下雨了", "我考完了"]
+    pairs = [(q, "我也是") for q in questions]
+    pairs += [("你叫什么", "我叫小X"), ("几点了", "三点了"), ("去吃饭吗", "好的"),
+              ("帮我个忙", "好的"), ("晚安", "晚安"), ("晚安", "晚安"), ("猫呢", "在睡觉")]
+    return pairs
+
+
+def test_answer_entropy_is_the_entropy_of_the_questions_an_answer_follows():
+    entropies = answer_entropies(generic_corpus())
+    assert entropies["我也是"] == pytest.approx(3.0)
+    assert entropies["好的"] == pytest.approx(1.0)
+    assert entropies["晚安"] == 0.0 and entropies["我叫小X"] == 0.0
+    assert answer_entropies([("a", "x"), ("a", "x"), ("b", "x")])["x"] == pytest.approx(
+        -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3)))
+
+
+def test_generic_answers_are_dropped_exactly_and_before_the_repeat_cap():
+    pairs = generic_corpus()
+    _, texts, report = clean_pairs(pairs, chars, max_src_len=10, max_tgt_len=10,
+                                   max_answer_entropy=1.5)
+    assert report.dropped["generic_answer"] == 8 and "generic_answer 8" in report.line()
+    assert [a for _, a in texts] == ["我叫小X", "三点了", "好的", "好的", "晚安", "在睡觉"]
+    # With the cap too: the cap sees only what the entropy rule kept; a cap alone would
+    # have kept two copies of the stock reply.
+    _, capped, report = clean_pairs(pairs, chars, max_src_len=10, max_tgt_len=10,
+                                    max_answer_entropy=1.5, max_answer_repeats=1)
+    assert [a for _, a in capped] == ["我叫小X", "三点了", "好的", "晚安", "在睡觉"]
+    assert report.dropped["generic_answer"] == 8 and report.dropped["frequent_answer"] == 1
+    _, off, _ = clean_pairs(pairs, chars, max_src_len=10, max_tgt_len=10)
+    assert len(off) == len(pairs) - 1  # only the duplicate 晚安 pair
 
 
 def test_the_project_blocklist_renames_the_other_bots():
