@@ -1,15 +1,26 @@
 """The checkpoint folder (see ARCHITECTURE.md): what training writes and export reads.
 
 ```
-config.json        format_version, model, train, tokenizer, corpora, cleaning, command,
-                   resumed_with (the commands that continued the run)
+config.json        format_version, model, train, direction ("forward": question -> answer,
+                   "backward": answer -> question), tokenizer (TokenizerSettings: segmenter
+                   "jieba" or "char"), corpora, cleaning, command, resumed_with (the
+                   commands that continued the run)
 vocab.txt          serve.runtime.tokenizer.Vocab
 model.weights.h5   the latest weights (Keras save_weights)
+best.weights.h5    the weights of the best epoch by train.select_by (default valid_loss)
 state/             tf.train.Checkpoint: weights + dropout seeds, optimizer, counters (resume)
-metrics.jsonl      one JSON object a line
-valid.tsv          the validation pairs (early stopping, best.weights.h5), question<TAB>answer
+metrics.jsonl      one JSON object a line; epoch records also carry valid_distinct2,
+                   valid_top10_share, valid_bleu2 (eval_replies > 0) and selected
+train.tsv          the cleaned training pairs, exactly those trained on, source<TAB>target
+                   (never a validation or test pair; export builds a retrieval index on it)
+valid.tsv          the validation pairs (early stopping, best.weights.h5), source<TAB>target
 test.tsv           with test_fraction > 0: pairs never trained on nor used to choose weights
+backward/          with direction "both": the backward model's own complete checkpoint
+                   folder (same split, cleaning and vocab.txt; its .tsv files swapped)
 ```
+
+The .tsv files hold the pairs as the folder's model maps them: question<TAB>answer for a
+forward model, answer<TAB>question for a backward one.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ WEIGHTS_FILE = "model.weights.h5"
 BEST_WEIGHTS_FILE = "best.weights.h5"  # the weights of the best validation loss so far
 STATE_DIR = "state"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_FILE = "train.tsv"
 VALID_FILE = "valid.tsv"
 TEST_FILE = "test.tsv"
 
@@ -78,7 +90,7 @@ def save_weights(out: Path, model, name: str = WEIGHTS_FILE) -> Path:
 
 
 def save_pairs(path: Path, pairs: list[tuple[str, str]]) -> Path:
-    """question<TAB>answer lines (valid.tsv, test.tsv)."""
+    """question<TAB>answer lines (train.tsv, valid.tsv, test.tsv)."""
     _atomic_write_text(path, "".join(f"{q}\t{a}\n" for q, a in pairs))
     return path
 
@@ -138,9 +150,13 @@ class TrainingState:
     track every sub-layer for ``tf.train.Checkpoint`` (the LSTMs go missing), and the lists
     also carry the dropout layers' seed-generator states. The data order is a function of
     (seed, epoch), so ``epoch`` and ``batch_in_epoch`` are its whole state.
+
+    With ``track_selection`` (select_by other than valid_loss) it also holds
+    ``best_selected``, the best selection score so far (lower is better: a metric where
+    higher is better is stored negated). Only then, so older checkpoints still restore.
     """
 
-    def __init__(self, model, optimizer, directory: Path):
+    def __init__(self, model, optimizer, directory: Path, *, track_selection: bool = False):
         import tensorflow as tf
 
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -148,6 +164,8 @@ class TrainingState:
         self.batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.best_valid_loss = tf.Variable(float("inf"), dtype=tf.float64, trainable=False)
         self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.best_selected = tf.Variable(float("inf"), dtype=tf.float64, trainable=False)
+        tracked = {"best_selected": self.best_selected} if track_selection else {}
         self.checkpoint = tf.train.Checkpoint(
             model=list(model.variables),
             optimizer=list(optimizer.variables),
@@ -156,6 +174,7 @@ class TrainingState:
             batch_in_epoch=self.batch_in_epoch,
             best_valid_loss=self.best_valid_loss,
             bad_epochs=self.bad_epochs,
+            **tracked,
         )
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(Path(directory) / STATE_DIR), max_to_keep=1

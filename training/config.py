@@ -12,6 +12,11 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BLOCKLIST = "data/blocklist.txt"  # relative to the project root (or the cwd)
 OPTIMIZERS = ("adam", "sgd")
+TOKENS = ("word", "char")  # jieba words, or one token a character (ASCII runs kept whole)
+DIRECTIONS = ("forward", "backward", "both")
+# select_by: the metric deciding best.weights.h5, and whether lower values are better.
+SELECT_BY = {"valid_loss": "lower", "valid_distinct2": "higher", "valid_bleu2": "higher",
+             "valid_top10_share": "lower"}
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1.0}  # sgd 1.0 is the original's
 
 
@@ -50,6 +55,16 @@ class TrainConfig:
     patience: int = field(
         default=3, metadata=_help("early stop after this many epochs without improvement (0 = off)")
     )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata=_help("label smoothing epsilon in [0, 1): loss = (1-e)*NLL - e*mean_v log p[v] "
+                       "(training loss only; validation stays plain NLL)"),
+    )
+    itf_power: float = field(
+        default=0.0,
+        metadata=_help("inverse token frequency loss weighting (Nakamura et al. 2019): weight "
+                       "each target token by 1/freq^power, mean 1 (0 = off)"),
+    )
     # -- data --
     max_src_len: int = field(default=30, metadata=_help("drop pairs whose question has more words"))
     max_tgt_len: int = field(default=30, metadata=_help("drop pairs whose answer has more words"))
@@ -68,11 +83,38 @@ class TrainConfig:
     max_answer_repeats: int = field(
         default=0, metadata=_help("keep each distinct answer at most this often (0 = no cap)")
     )
+    max_answer_entropy: float = field(
+        default=0.0,
+        metadata=_help("drop pairs whose answer's entropy (bits) over the questions it answers "
+                       "is above this (Csaky et al. 2019; applied before the repeat cap; 0 = off)"),
+    )
+    tokens: str = field(
+        default="word",
+        metadata=_help("word (jieba words) or char (one token a character, ASCII letter/digit "
+                       "runs whole); in char mode max_src_len/max_tgt_len count characters"),
+    )
     blocklist: str | None = field(
         default=DEFAULT_BLOCKLIST,
         metadata=_help("blocklist file ('none' = no blocklist); relative paths: cwd, then project"),
     )
     # -- run --
+    direction: str = field(
+        default="forward",
+        metadata=_help("forward (question -> answer), backward (answer -> question, for MMI "
+                       "reranking) or both (forward in OUT, backward in OUT/backward, in "
+                       "parallel, one core each)"),
+    )
+    eval_replies: int = field(
+        default=300,
+        metadata=_help("at each epoch end, greedily answer this many validation questions and "
+                       "record valid_distinct2, valid_top10_share, valid_bleu2 (0 = off)"),
+    )
+    select_by: str = field(
+        default="valid_loss",
+        metadata=_help("which epoch's weights become best.weights.h5: valid_loss, "
+                       "valid_distinct2, valid_bleu2 or valid_top10_share (early stopping "
+                       "always watches valid_loss)"),
+    )
     checkpoint_every: int = field(default=500, metadata=_help("save a checkpoint every N steps"))
     seed: int = field(default=1, metadata=_help("seed of weights, dropout, split and data order"))
     threads: int = field(
@@ -103,7 +145,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("max_steps", "max_minutes", "learning_rate", "clip_norm", "patience",
-                        "threads", "seed", "max_answer_repeats")
+                        "threads", "seed", "max_answer_repeats", "max_answer_entropy",
+                        "itf_power", "eval_replies")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -121,6 +164,15 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
                               f"got {self.optimizer!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name, allowed in (("tokens", TOKENS), ("direction", DIRECTIONS),
+                              ("select_by", tuple(SELECT_BY))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.select_by != "valid_loss" and not self.eval_replies:
+            raise ConfigError(f"select_by {self.select_by} needs eval_replies > 0")
         if self.vocab_size <= 4:
             raise ConfigError(f"vocab_size must be > 4 (4 special tokens), got {self.vocab_size}")
 
@@ -141,7 +193,7 @@ class TrainConfig:
         if isinstance(data.get("max_minutes"), int) and not isinstance(data["max_minutes"], bool):
             data["max_minutes"] = float(data["max_minutes"])
         for name in ("dropout", "learning_rate", "lr_decay", "clip_norm", "valid_fraction",
-                     "test_fraction"):
+                     "test_fraction", "label_smoothing", "itf_power", "max_answer_entropy"):
             if isinstance(data.get(name), int) and not isinstance(data[name], bool):
                 data[name] = float(data[name])
         return cls(**data)

@@ -73,8 +73,9 @@ def test_a_tiny_run_on_real_pairs_lowers_validation_loss(real_corpora, tmp_path)
 
 def test_a_test_split_is_set_aside_before_training_and_never_seen(synthetic_corpus, tmp_path):
     config = tiny_config(max_steps=1, test_fraction=0.1, valid_fraction=0.1)
-    train_pairs, valid_segmented, valid_texts, test_texts, _, report = prepare_data(
-        config, [synthetic_corpus], None)
+    data = prepare_data(config, [synthetic_corpus], None)
+    train_pairs, valid_texts, test_texts, report = (data.train_segmented, data.valid_texts,
+                                                     data.test_texts, data.report)
     assert len(test_texts) == round(report.kept * 0.1) and len(valid_texts) == len(test_texts)
     assert len(train_pairs) + len(valid_texts) + len(test_texts) == report.kept
     trained = {("".join(q), "".join(a)) for q, a in train_pairs}
