@@ -29,16 +29,16 @@ from training.environment import configure_tensorflow_environment  # noqa: E402
 
 configure_tensorflow_environment()
 
-from serve.runtime.decoding import (  # noqa: E402
-    DecodingOptions,
+from serve.runtime.engine import EngineStats, EngineStopped, Overloaded  # noqa: E402
+from serve.runtime.options import DecodingOptions  # noqa: E402
+from serve.runtime.rules import TokenRules  # noqa: E402
+from serve.runtime.search import (  # noqa: E402
     GenerationResult,
     SequenceDecoder,
-    TokenRules,
     make_rng,
     source_ids,
+    text_delta,
 )
-from serve.runtime.engine import EngineStats, EngineStopped, Overloaded  # noqa: E402
-from serve.runtime.tokenizer import detokenize  # noqa: E402
 
 CHECKPOINT_ENV = "XIAOX_BENCH_CHECKPOINT"
 
@@ -86,7 +86,7 @@ class _TensorFlowStream:
                 prev, h, c = np.array([token], np.int64), out.h, out.c
                 if token != model.eos_id:
                     piece = model.tokenizer.id_to_piece(token)
-                    delta = detokenize([last_piece, piece])[len(last_piece):]
+                    delta = text_delta(last_piece, piece)
                     last_piece = piece
                     if delta:
                         yield delta

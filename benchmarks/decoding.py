@@ -5,7 +5,7 @@
 1. Per decoder step (batch 1 and 32) and per reply (greedy and beam 5, replies forced to
    one length): onnxruntime int8 vs onnxruntime fp32 vs a TensorFlow step loop (the
    model's ``decode_step`` under ``tf.function``). The three share the numpy search code
-   (``serve/decoding.py``); only the step differs.
+   (``serve/runtime/search.py``); only the step differs.
 2. The bound for one step, measured in the same run: bytes of decoder weights read per
    step / memory bandwidth (numpy sum of a large array), and FLOPs per step (the
    decoder's MatMul/Gemm shapes) / GEMM throughput (onnxruntime MatMul fp32 and
@@ -29,15 +29,15 @@ from training.environment import configure_tensorflow_environment  # noqa: E402
 configure_tensorflow_environment()
 
 from benchmarks.common import fmt, log, questions_of  # noqa: E402
-from serve.runtime.decoding import (  # noqa: E402
-    DecodingOptions,
+from serve.runtime.engine import Engine  # noqa: E402
+from serve.runtime.model import EncoderState, OnnxSeq2Seq, StepOutput  # noqa: E402
+from serve.runtime.options import DecodingOptions  # noqa: E402
+from serve.runtime.search import (  # noqa: E402
     GenerationResult,
     beam_search,
     decode_alone,
     source_ids,
 )
-from serve.runtime.engine import Engine  # noqa: E402
-from serve.runtime.model import EncoderState, OnnxSeq2Seq, StepOutput  # noqa: E402
 
 BACKENDS = ("onnxruntime int8", "onnxruntime fp32", "TensorFlow step loop")
 STEP_BATCHES = (1, 32)
@@ -271,77 +271,78 @@ async def identical_to_alone(model: OnnxSeq2Seq, questions: list[str],
 
 # --- the run -------------------------------------------------------------------------------
 
-def run(args, weights, command: str) -> tuple[str, dict]:
-    """Measure everything; (markdown, data)."""
+def _tensorflow_threads(threads: int) -> None:
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # TensorFlow already ran in this process (tests): keep its threads
         log("TensorFlow is already initialised: its thread settings are kept")
-    quick = args.profile == "quick"
-    questions = questions_of(weights.checkpoint, args.questions)
-    forced = {"min_length": args.reply_tokens, "max_length": args.reply_tokens}
-    greedy, beam = DecodingOptions(**forced), DecodingOptions(beam_size=5, **forced)
 
-    repeats = 5 if quick else 10
-    log("measuring GEMM throughput ...")
-    gemm = gemm_throughput(args.threads, 512 if quick else 1024, repeats)
 
-    int8 = OnnxSeq2Seq.load(weights.int8_dir, intra_op_num_threads=args.threads)
-    fp32 = OnnxSeq2Seq.load(weights.fp32_dir, intra_op_num_threads=args.threads)
-    backends = {BACKENDS[0]: int8, BACKENDS[1]: fp32,
-                BACKENDS[2]: TensorFlowSteps(int8, weights.checkpoint)}
-    sources = [source_ids(int8, q) for q in questions]
+def typical_source(sources: list[list[int]]) -> list[int]:
+    """The source whose length is closest to the mean length."""
     src_len = max(1, round(statistics.mean(len(s) for s in sources)))
-    typical = min(sources, key=lambda s: abs(len(s) - src_len))
+    return min(sources, key=lambda s: abs(len(s) - src_len))
 
-    # FLOPs from the fp32 graph (int8 does the same products); weight bytes of each graph.
+
+def step_costs(weights, fp32: OnnxSeq2Seq, typical: list[int]) -> tuple[dict, dict]:
+    """FLOPs per step by batch size (from the fp32 graph: int8 does the same products)
+    and decoder weight bytes per backend."""
     state = fp32.encode([typical])
     flops = {b: matmul_flops(weights.fp32_dir / "decoder.onnx",
                              step_inputs(state, b, fp32.bos_id)) for b in STEP_BATCHES}
     weight_bytes = {BACKENDS[0]: initializer_bytes(weights.int8_dir / "decoder.onnx"),
                     BACKENDS[1]: initializer_bytes(weights.fp32_dir / "decoder.onnx")}
     weight_bytes[BACKENDS[2]] = weight_bytes[BACKENDS[1]]
+    return flops, weight_bytes
+
+
+def measure_bandwidth(weight_bytes: dict[str, int], quick: bool, repeats: int) -> dict:
     log("measuring memory bandwidth ...")
     dram_mb = 256 if quick else 1024
-    bandwidth = {"dram_array_mb": dram_mb,
-                 "dram_gb_s": read_bandwidth(dram_mb, repeats),
-                 # The step reads the same weights every time: they stay in the caches
-                 # when they fit, so the bound uses the bandwidth at their size.
-                 "at_weights_gb_s": {name: read_bandwidth(size / 2**20, 5 * repeats)
-                                     for name, size in weight_bytes.items()}}
-    rates = {BACKENDS[0]: gemm["ort_int8_gops"] or gemm["ort_fp32_gflops"],
-             BACKENDS[1]: gemm["ort_fp32_gflops"], BACKENDS[2]: gemm["ort_fp32_gflops"]}
+    return {"dram_array_mb": dram_mb,
+            "dram_gb_s": read_bandwidth(dram_mb, repeats),
+            # The step reads the same weights every time: they stay in the caches when
+            # they fit, so the bound uses the bandwidth at their size.
+            "at_weights_gb_s": {name: read_bandwidth(size / 2**20, 5 * repeats)
+                                for name, size in weight_bytes.items()}}
 
-    steps, replies = {}, {}
+
+def time_backends(backends: dict, typical: list[int], sources: list[list[int]], steps: int,
+                  greedy: DecodingOptions, beam: DecodingOptions) -> tuple[dict, dict]:
+    """Per backend: step latencies by batch size, and (seconds, tokens) per reply kind."""
+    step_times, replies = {}, {}
     for name, model in backends.items():
         log(f"timing {name} ...")
         state = model.encode([typical])
-        steps[name] = {b: step_seconds(model, state, b, args.steps) for b in STEP_BATCHES}
+        step_times[name] = {b: step_seconds(model, state, b, steps) for b in STEP_BATCHES}
         replies[name] = {
             "greedy": time_replies(lambda s, m=model: decode_alone(m, s, greedy), sources),
             "beam 5": time_replies(lambda s, m=model: beam_search(m, s, beam), sources),
         }
+    return step_times, replies
+
+
+def engine_throughput(model: OnnxSeq2Seq, questions: list[str], options: DecodingOptions,
+                      replies: int) -> dict:
+    """Replies/s at 1, 8 and 32 concurrent requests, one at a time and batched."""
     throughput = {}
     for concurrent in (1, 8, 32):
         log(f"engine replies/s at {concurrent} concurrent ...")
         throughput[concurrent] = {
-            batch: asyncio.run(replies_per_second(int8, questions, greedy,
+            batch: asyncio.run(replies_per_second(model, questions, options,
                                                   concurrent=concurrent, batch=batch,
-                                                  replies=args.replies))
+                                                  replies=replies))
             for batch in (1, 32)}
-    identical = {name: asyncio.run(identical_to_alone(model, questions[:32], greedy))
-                 for name, model in (("int8", int8), ("fp32", fp32))}
+    return throughput
 
-    data = {"command": command, "weights": weights.origin, "dims": weights.dims,
-            "threads": args.threads, "reply_tokens": args.reply_tokens,
-            "questions": len(questions), "source_tokens": len(typical),
-            "memory_bandwidth": bandwidth, "gemm": gemm, "steps": {}, "replies": {},
-            "engine_replies_per_s": {str(c): {f"batch_{b}": v for b, v in t.items()}
-                                     for c, t in throughput.items()},
-            "identical_to_alone": {k: list(v) for k, v in identical.items()}}
+
+def step_figures(steps: dict, flops: dict, weight_bytes: dict, bandwidth: dict,
+                 rates: dict) -> dict:
+    """Per backend and batch size: the measured step and its bounds."""
+    figures = {}
     for name in BACKENDS:
         per = {}
         for b in STEP_BATCHES:
@@ -356,19 +357,63 @@ def run(args, weights, command: str) -> tuple[str, dict]:
                            "bytes_bound_ms": 1e3 * bytes_bound,
                            "flops_bound_ms": 1e3 * flops_bound, "bound_ms": 1e3 * bound,
                            "percent_of_bound": 100 * bound / p50}
-        data["steps"][name] = per
-        data["replies"][name] = {
-            kind: {"p50_ms": 1e3 * statistics.median(sec), "p90_ms": 1e3 * float(
-                np.percentile(sec, 90)), "tokens_mean": statistics.mean(tok)}
-            for kind, (sec, tok) in replies[name].items()}
+        figures[name] = per
+    return figures
+
+
+def reply_figures(replies: dict) -> dict:
+    return {name: {kind: {"p50_ms": 1e3 * statistics.median(sec),
+                          "p90_ms": 1e3 * float(np.percentile(sec, 90)),
+                          "tokens_mean": statistics.mean(tok)}
+                   for kind, (sec, tok) in per.items()}
+            for name, per in replies.items()}
+
+
+def run(args, weights, command: str) -> tuple[str, dict]:
+    """Measure everything; (markdown, data)."""
+    _tensorflow_threads(args.threads)
+    quick = args.profile == "quick"
+    questions = questions_of(weights.checkpoint, args.questions)
+    forced = {"min_length": args.reply_tokens, "max_length": args.reply_tokens}
+    greedy, beam = DecodingOptions(**forced), DecodingOptions(beam_size=5, **forced)
+
+    repeats = 5 if quick else 10
+    log("measuring GEMM throughput ...")
+    gemm = gemm_throughput(args.threads, 512 if quick else 1024, repeats)
+
+    int8 = OnnxSeq2Seq.load(weights.int8_dir, intra_op_num_threads=args.threads)
+    fp32 = OnnxSeq2Seq.load(weights.fp32_dir, intra_op_num_threads=args.threads)
+    backends = {BACKENDS[0]: int8, BACKENDS[1]: fp32,
+                BACKENDS[2]: TensorFlowSteps(int8, weights.checkpoint)}
+    sources = [source_ids(int8, q) for q in questions]
+    typical = typical_source(sources)
+    flops, weight_bytes = step_costs(weights, fp32, typical)
+    bandwidth = measure_bandwidth(weight_bytes, quick, repeats)
+    rates = {BACKENDS[0]: gemm["ort_int8_gops"] or gemm["ort_fp32_gflops"],
+             BACKENDS[1]: gemm["ort_fp32_gflops"], BACKENDS[2]: gemm["ort_fp32_gflops"]}
+
+    steps, replies = time_backends(backends, typical, sources, args.steps, greedy, beam)
+    throughput = engine_throughput(int8, questions, greedy, args.replies)
+    identical = {name: asyncio.run(identical_to_alone(model, questions[:32], greedy))
+                 for name, model in (("int8", int8), ("fp32", fp32))}
+
+    data = {"command": command, "weights": weights.origin, "dims": weights.dims,
+            "threads": args.threads, "reply_tokens": args.reply_tokens,
+            "questions": len(questions), "source_tokens": len(typical),
+            "memory_bandwidth": bandwidth, "gemm": gemm,
+            "steps": step_figures(steps, flops, weight_bytes, bandwidth, rates),
+            "replies": reply_figures(replies),
+            "engine_replies_per_s": {str(c): {f"batch_{b}": v for b, v in t.items()}
+                                     for c, t in throughput.items()},
+            "identical_to_alone": {k: list(v) for k, v in identical.items()}}
     return report(data), data
 
 
-def report(data: dict) -> str:
-    cmd = f"`{data['command']}`"
-    tf_reply = data["replies"][BACKENDS[2]]
+# --- the report ----------------------------------------------------------------------------
+
+def _header_lines(data: dict) -> list[str]:
     dims = data["dims"]
-    lines = [
+    return [
         "## Decoding",
         "",
         f"- weights: {data['weights']}; vocab {dims['vocab_size']}, embed "
@@ -377,6 +422,11 @@ def report(data: dict) -> str:
         f"{data['questions']} held-out questions; every reply forced to "
         f"{data['reply_tokens']} tokens (min_length = max_length); steps over a "
         f"{data['source_tokens']}-token question",
+    ]
+
+
+def _step_lines(data: dict, cmd: str) -> list[str]:
+    lines = [
         "",
         "### One decoder step, and the bound for it",
         "",
@@ -397,8 +447,12 @@ def report(data: dict) -> str:
                 f"{s['flops'] / 1e6:.1f} | {s['bytes_bound_ms']:.3f} | "
                 f"{s['dram_bytes_bound_ms']:.3f} | {s['flops_bound_ms']:.3f} | "
                 f"{s['percent_of_bound']:.0f}% | {cmd} |")
+    return lines
+
+
+def _machine_lines(data: dict, cmd: str) -> list[str]:
     bw, gemm = data["memory_bandwidth"], data["gemm"]
-    lines += [
+    lines = [
         "",
         "| machine figure (this run) | value | command |",
         "| --- | ---: | --- |",
@@ -409,13 +463,19 @@ def report(data: dict) -> str:
         size = data["steps"][name]["1"]["weight_bytes"] / 1e6
         lines.append(f"| read bandwidth, 1 thread, array of {name}'s decoder weights "
                      f"({size:.1f} MB) | {gbs:.2f} GB/s | {cmd} |")
-    lines += [
+    return lines + [
         f"| GEMM fp32, onnxruntime MatMul {gemm['size']}^3, {data['threads']} thread(s) | "
         f"{fmt(gemm['ort_fp32_gflops'])} GFLOP/s | {cmd} |",
         f"| GEMM int8, onnxruntime MatMulInteger {gemm['size']}^3, {data['threads']} "
         f"thread(s) | {fmt(gemm['ort_int8_gops'])} GOP/s | {cmd} |",
         f"| GEMM fp32, numpy matmul {gemm['size']}^3, BLAS's own threads | "
         f"{fmt(gemm['numpy_fp32_gflops'])} GFLOP/s | {cmd} |",
+    ]
+
+
+def _reply_lines(data: dict, cmd: str) -> list[str]:
+    tf_reply = data["replies"][BACKENDS[2]]
+    lines = [
         "",
         "### Per reply (batch 1, one request alone)",
         "",
@@ -435,7 +495,11 @@ def report(data: dict) -> str:
             f"{100 * share:.0f}% | "
             f"{tf_reply['greedy']['p50_ms'] / g['p50_ms']:.1f}x | "
             f"{tf_reply['beam 5']['p50_ms'] / b['p50_ms']:.1f}x | {cmd} |")
-    lines += [
+    return lines
+
+
+def _engine_lines(data: dict, cmd: str) -> list[str]:
+    lines = [
         "",
         "### Engine replies/s (onnxruntime int8, greedy, in-process, no HTTP)",
         "",
@@ -446,5 +510,10 @@ def report(data: dict) -> str:
         lines.append(f"| {c} | {t['batch_1']:.1f} | {t['batch_32']:.1f} | "
                      f"{t['batch_32'] / t['batch_1']:.1f}x | {cmd} |")
     same = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in data["identical_to_alone"].items())
-    lines += ["", f"Concurrent greedy replies identical to the same request alone: {same}."]
-    return "\n".join(lines)
+    return lines + ["", f"Concurrent greedy replies identical to the same request alone: {same}."]
+
+
+def report(data: dict) -> str:
+    cmd = f"`{data['command']}`"
+    return "\n".join([*_header_lines(data), *_step_lines(data, cmd), *_machine_lines(data, cmd),
+                      *_reply_lines(data, cmd), *_engine_lines(data, cmd)])

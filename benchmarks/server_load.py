@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import ROOT, fmt, log, percentile, questions_of
-from tests.serve._helpers_server import ServerProcess, free_port
+from benchmarks.common import fmt, log, percentile, questions_of
+from benchmarks.processes import ServerProcess, free_port
 
 SETUPS = ("on", "off", "two", "baseline")
 SETUP_TITLES = {
@@ -177,23 +177,21 @@ class BaselineProcess(ServerProcess):
         super().__init__(model_dir, workdir, redis_url=redis_url)
         self.checkpoint, self.threads = checkpoint, threads
 
-    def launch(self) -> BaselineProcess:
-        import os
-
+    def command(self) -> list[str]:
         command = [sys.executable, "-m", "benchmarks.baseline", "--checkpoint",
                    str(self.checkpoint), "--model", str(self.model_dir), "--port",
                    str(self.port), "--threads", str(self.threads)]
-        if self.redis_url:
-            command += ["--redis-url", self.redis_url]
+        return command + (["--redis-url", self.redis_url] if self.redis_url else [])
+
+    def environment(self) -> dict[str, str]:
+        import os
+
         env = {k: v for k, v in os.environ.items() if not k.startswith("XIAOX_")}
         env.update({"XIAOX_SECRET_KEY_FILE": str(self.workdir / "secret_key"),
                     "XIAOX_LOG_LEVEL": "warning", "XIAOX_MAX_QUEUE": "1024",
                     "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2",
                     "PYTHONUNBUFFERED": "1"})
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        return self
+        return env
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -367,7 +365,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.1f}x"
 
 
-def report(data: dict) -> str:
+def _point_lines(data: dict) -> list[str]:
     lines = [
         "## Server under load (HTTP, SSE, 127.0.0.1)",
         "",
@@ -395,8 +393,11 @@ def report(data: dict) -> str:
                 f"{fmt(p['e2e_p99_ms'])} | {p['server_cpu_percent']:.0f} | "
                 f"{p['client_cpu_percent']:.0f} | `{p['command']}` |")
     lines += ["", "Setups:", ""]
-    lines += [f"- `{setup}`: {entry['title']}" for setup, entry in data["setups"].items()]
-    lines += [
+    return lines + [f"- `{setup}`: {entry['title']}" for setup, entry in data["setups"].items()]
+
+
+def _process_lines(data: dict) -> list[str]:
+    lines = [
         "",
         "### Process: cold start and peak memory",
         "",
@@ -409,9 +410,21 @@ def report(data: dict) -> str:
         rss = " / ".join(fmt(r, 0) for r in entry.get("peak_rss_mb", []))
         first = entry["points"][0]["command"] if entry["points"] else data["command"]
         lines.append(f"| {setup} | {cold} | {rss} | `{first}` |")
+    return lines
+
+
+def _rps(p: dict | None) -> float | None:
+    return None if p is None else p["replies_per_s"]
+
+
+def _ttft(p: dict | None) -> float | None:
+    return None if p is None else p["ttft_p50_ms"]
+
+
+def _ratio_lines(data: dict) -> list[str]:
     loads = sorted({p["concurrency"] for e in data["setups"].values() for p in e["points"]},
                    key=lambda c: (c is None, c or 0))
-    lines += [
+    lines = [
         "",
         "### Ratios (same run)",
         "",
@@ -422,14 +435,12 @@ def report(data: dict) -> str:
     for c in loads:
         on, off = _point(data, "on", c), _point(data, "off", c)
         base, two = _point(data, "baseline", c), _point(data, "two", c)
-
-        def rps(p: dict | None) -> float | None:
-            return None if p is None else p["replies_per_s"]
-
-        def ttft(p: dict | None) -> float | None:
-            return None if p is None else p["ttft_p50_ms"]
-
         label = "Poisson" if c is None else f"{c} clients"
-        lines.append(f"| {label} | {_ratio(rps(on), rps(off))} | {_ratio(rps(on), rps(base))} "
-                     f"| {_ratio(ttft(base), ttft(on))} | {_ratio(rps(two), rps(on))} |")
-    return "\n".join(lines)
+        lines.append(f"| {label} | {_ratio(_rps(on), _rps(off))} | "
+                     f"{_ratio(_rps(on), _rps(base))} | {_ratio(_ttft(base), _ttft(on))} | "
+                     f"{_ratio(_rps(two), _rps(on))} |")
+    return lines
+
+
+def report(data: dict) -> str:
+    return "\n".join([*_point_lines(data), *_process_lines(data), *_ratio_lines(data)])

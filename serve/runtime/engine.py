@@ -6,9 +6,14 @@ One asyncio task (the scheduler) owns the batch. Each loop iteration it
    (batch 1, its own source length) and the request joins the batch at this step;
 2. runs one decoder step for every active row in a worker thread (onnxruntime releases
    the GIL, so the event loop keeps serving while the step runs), padding ``memory`` and
-   ``memory_keys`` with zeros and ``src_mask`` with 0 to the batch's longest source;
-3. lets every row choose its token with its own rules and its own seeded RNG, sends the
-   text delta to its consumer, and drops finished and cancelled rows at once.
+   ``memory_keys`` with zeros and ``src_mask`` with 0 to the batch's longest source, and
+   lets every row choose its token with its own rules and its own seeded RNG
+   (``serve.runtime.batch_step``);
+3. sends each row's text delta to its consumer, and drops finished and cancelled rows
+   at once.
+
+A request's tokens and rules (a vocabulary scan for new suppressed words) are made in a
+worker thread too, before it is queued.
 
 Since every row's log-probs do not depend on the other rows (fp32 onnxruntime computes
 each row alone; the padding is masked out exactly) and a row's choice only depends on its
@@ -30,23 +35,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from serve.runtime.decoding import (
+from serve.runtime.batch_step import BatchRow, BatchStep
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.rules import TokenRules
+from serve.runtime.search import (
     MAX_SOURCE_LENGTH,
     DecodingCancelled,
-    DecodingOptions,
     GenerationResult,
     SequenceDecoder,
-    TokenRules,
     beam_search,
-    choose_token,
     make_rng,
-    process_rows,
     source_ids,
+    text_delta,
 )
-from serve.runtime.model import OnnxSeq2Seq, pad_memory
-from serve.runtime.tokenizer import detokenize
 
 __all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Stream"]
 
@@ -80,24 +82,17 @@ MetricCallback = Callable[[str, float], None]
 ``inter_token_latency``, ``request_latency``."""
 
 
-class _Request:
-    def __init__(self, src_ids: list[int], options: DecodingOptions, decoder: SequenceDecoder):
-        self.src_ids = src_ids
-        self.options = options
-        self.decoder = decoder
+class _Request(BatchRow):
+    """A queued or batched request: its row of the batch and its consumer's events."""
+
+    def __init__(self, src_ids: list[int], decoder: SequenceDecoder):
+        super().__init__(src_ids, decoder)
         self.events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.last_token_at: float | None = None
         self.last_piece = ""
         self.closed = False  # its "done" event was sent
-        # Per-row batch state, set when the encoder ran.
-        self.memory: np.ndarray | None = None
-        self.memory_keys: np.ndarray | None = None
-        self.src_mask: np.ndarray | None = None
-        self.h: np.ndarray | None = None
-        self.c: np.ndarray | None = None
-        self.prev_id = 0
 
 
 class Stream:
@@ -122,7 +117,7 @@ class Stream:
             if self.result.text:
                 yield self.result.text
             return
-        request = self._engine._submit(self._text, self._options)
+        request = await self._engine._submit(self._text, self._options)
         try:
             while True:
                 kind, value = await request.events.get()
@@ -162,11 +157,11 @@ class Engine:
         self._active: list[_Request] = []
         self._in_flight: list[_Request] = []  # the rows of the step running now
         self._beams_waiting = 0
+        self._preparing = 0  # requests whose tokens and rules are being made
         self._beam_lock: asyncio.Lock | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._batch_rows: list[_Request] = []  # the rows the padded memory below is for
-        self._batch_memory: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._batch = BatchStep(model)
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -195,7 +190,7 @@ class Engine:
                 request.events.put_nowait(("error", EngineStopped("the engine stopped")))
         self._waiting.clear()
         self._active, self._in_flight = [], []
-        self._batch_rows, self._batch_memory = [], None
+        self._batch.reset()
         self._update_sizes()
 
     # -- public API -----------------------------------------------------------------------
@@ -225,21 +220,31 @@ class Engine:
     def _check_capacity(self) -> None:
         if not self.running:
             raise EngineStopped("the engine is not running: await engine.start() first")
-        if len(self._waiting) + self._beams_waiting >= self.max_queue:
+        if len(self._waiting) + self._beams_waiting + self._preparing >= self.max_queue:
             self.stats.overloaded_total += 1
             raise Overloaded(f"the request queue is full ({self.max_queue} waiting)")
 
-    def _submit(self, text: str, options: DecodingOptions) -> _Request:
+    async def _submit(self, text: str, options: DecodingOptions) -> _Request:
         self._check_capacity()
-        src = source_ids(self.model, text, self.max_source_length)
-        rules = TokenRules.for_model(self.model, options)
-        request = _Request(src, options, SequenceDecoder(rules, make_rng(options.seed)))
+        self._preparing += 1
+        try:  # tokenizing and a vocabulary scan take milliseconds: not on the event loop
+            request = await asyncio.to_thread(self._prepare, text, options)
+        finally:
+            self._preparing -= 1
+        if not self.running:
+            raise EngineStopped("the engine stopped")
         self._waiting.append(request)
         self.stats.requests_total += 1
         self._update_sizes()
         assert self._wakeup is not None
         self._wakeup.set()
         return request
+
+    def _prepare(self, text: str, options: DecodingOptions) -> _Request:
+        """Worker thread: the request's source tokens, rules and decoder."""
+        src = source_ids(self.model, text, self.max_source_length)
+        rules = TokenRules.for_model(self.model, options)
+        return _Request(src, SequenceDecoder(rules, make_rng(options.seed)))
 
     def _cancel(self, request: _Request) -> None:
         """Called from the consumer's side: the row leaves before the next step."""
@@ -309,12 +314,13 @@ class Engine:
                 continue
             rows = self._in_flight = self._active + newcomers
             try:
-                tokens = await asyncio.to_thread(self._step, newcomers, rows)
+                tokens = await asyncio.to_thread(self._batch.step, newcomers, rows)
             except Exception as e:  # a failing step fails its rows, never the scheduler
                 for request in rows:
                     request.events.put_nowait(("error", e))
                 self.stats.requests_failed += len(rows)
-                self._active, self._batch_rows, self._batch_memory = [], [], None
+                self._active = []
+                self._batch.reset()
                 continue
             self.stats.steps_total += 1
             self._active = []
@@ -325,52 +331,14 @@ class Engine:
                     self._active.append(request)
             self._update_sizes()
 
-    def _step(self, newcomers: list[_Request], rows: list[_Request]) -> list[int]:
-        """Worker thread: encoders of the newcomers, one batched step, token choices."""
-        model = self.model
-        for request in newcomers:
-            state = model.encode([request.src_ids])
-            request.memory, request.memory_keys = state.memory[0], state.memory_keys[0]
-            request.src_mask, request.h, request.c = state.src_mask[0], state.h[0], state.c[0]
-            request.prev_id = model.bos_id
-        if self._batch_rows != rows:  # membership changed: re-pad the shared memory
-            self._batch_memory = pad_memory(
-                [(r.memory, r.memory_keys, r.src_mask) for r in rows]  # type: ignore[misc]
-            )
-            self._batch_rows = list(rows)
-        memory, keys, mask = self._batch_memory  # type: ignore[misc]
-        h = np.stack([r.h for r in rows])
-        c = np.stack([r.c for r in rows])
-        prev = np.array([r.prev_id for r in rows], np.int64)
-        out = model.step(prev, h, c, memory, keys, mask)
-        decoders = [r.decoder for r in rows]
-        processed = process_rows(
-            out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders]
-        )
-        greedy = np.argmax(processed, axis=1)  # the same as each row's own argmax
-        tokens = []
-        for i, request in enumerate(rows):
-            decoder = request.decoder
-            token = (
-                choose_token(processed[i], decoder.options, decoder.rng)
-                if decoder.options.sampling
-                else int(greedy[i])
-            )
-            decoder.accept(token, processed[i])
-            request.h, request.c, request.prev_id = out.h[i], out.c[i], token
-            tokens.append(token)
-        return tokens
-
     def _deliver(self, request: _Request, token: int, now: float) -> None:
         self.stats.tokens_total += 1
         if request.cancelled:
             return
         decoder = request.decoder
         if token != self.model.eos_id:
-            # The reply's text grows by this piece (and a space between two Latin words):
-            # detokenize the last two pieces instead of the whole reply at every token.
             piece = self.model.tokenizer.id_to_piece(token)
-            delta = detokenize([request.last_piece, piece])[len(request.last_piece) :]
+            delta = text_delta(request.last_piece, piece)
             request.last_piece = piece
             if request.last_token_at is None:
                 self._metric("time_to_first_token", now - request.submitted)

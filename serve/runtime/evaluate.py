@@ -4,7 +4,9 @@ For each decoding mode (greedy, beam 5 with no-repeat-ngram, the same beam with 
 anti-LM, nucleus sampling) it reports
 perplexity of the references, BLEU-1/2 on characters (sacrebleu), distinct-1/2 on
 characters, average reply length, UNK rates, the share of all replies taken by the 10 most
-frequent replies (the generic-reply problem) and blocklist hits.
+frequent replies (the generic-reply problem) and blocklist hits. The decoding flags set
+the options every mode starts from (``--max-length`` defaults to 30 here); each mode then
+sets its own.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from serve.runtime.blocklist import Blocklist, BlocklistError
-from serve.runtime.decoding import DecodingOptions, generate
+from serve.runtime.flags import add_decoding_flags, decoding_kwargs
 from serve.runtime.manifest import ModelError
 from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
 from serve.runtime.paths import DEFAULT_BLOCKLIST, DEFAULT_MODEL
+from serve.runtime.search import generate
 
 MAX_REPLY_TOKENS = 30
 # Chosen on the shipped model's validation pairs, never its test pairs: of the weights
@@ -108,17 +113,26 @@ def bleu(replies: list[str], references: list[str], order: int) -> float:
     return metric.corpus_score(replies, [references]).score
 
 
+def mode_options(base: Mapping | None, mode: dict, blocklist: Blocklist,
+                 pair_index: int = 0) -> DecodingOptions:
+    """A mode's options for one pair: the base options, the mode's own, the blocklist's
+    words suppressed, and a sampling seed of its own per pair."""
+    base = {"max_length": MAX_REPLY_TOKENS, **(base or {})}
+    words = (*base.get("suppress_words", ()), *blocklist.words)
+    options = {**base, **mode, "suppress_words": words}
+    if "seed" in mode:
+        options["seed"] = mode["seed"] + pair_index
+    return DecodingOptions(**options)
+
+
 def mode_report(
-    model: OnnxSeq2Seq, pairs: list[Pair], options: dict, blocklist: Blocklist
+    model: OnnxSeq2Seq, pairs: list[Pair], options: dict, blocklist: Blocklist,
+    base: Mapping | None = None,
 ) -> tuple[dict, list[str]]:
     replies, tokens, unks = [], 0, 0
     started = time.monotonic()
     for i, pair in enumerate(pairs):
-        per_request = dict(options)
-        if "seed" in per_request:
-            per_request["seed"] = per_request["seed"] + i
-        result = generate(model, pair.question, DecodingOptions(
-            max_length=MAX_REPLY_TOKENS, suppress_words=blocklist.words, **per_request))
+        result = generate(model, pair.question, mode_options(base, options, blocklist, i))
         replies.append(result.text)
         tokens += len(result.token_ids)
         unks += sum(t == model.unk_id for t in result.token_ids)
@@ -143,9 +157,11 @@ def source_unk_rate(model: OnnxSeq2Seq, pairs: list[Pair]) -> float:
 
 
 def evaluate(
-    model: OnnxSeq2Seq, pairs: list[Pair], blocklist: Blocklist, *, seed: int = 0
+    model: OnnxSeq2Seq, pairs: list[Pair], blocklist: Blocklist, *, seed: int = 0,
+    base: Mapping | None = None,
 ) -> tuple[dict, dict[str, list[str]]]:
-    """The whole report (one dict per mode, plus shared figures) and every reply."""
+    """The whole report (one dict per mode, plus shared figures) and every reply;
+    ``base``: the DecodingOptions keyword arguments every mode starts from."""
     report: dict = {
         "model": model.manifest.name,
         "pairs": len(pairs),
@@ -155,7 +171,8 @@ def evaluate(
     }
     replies = {}
     for name, options in decoding_modes(seed).items():
-        report["modes"][name], replies[name] = mode_report(model, pairs, options, blocklist)
+        report["modes"][name], replies[name] = mode_report(model, pairs, options, blocklist,
+                                                           base)
     return report, replies
 
 
@@ -188,7 +205,7 @@ def samples_table(pairs: list[Pair], replies: dict[str, list[str]], n: int, seed
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serve evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -199,23 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=1000, help="pairs to use (0 = all)")
     parser.add_argument("--blocklist", type=Path, default=DEFAULT_BLOCKLIST,
                         help="words suppressed in replies and counted as hits")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--samples", type=int, default=0,
                         help="also print this many random exchanges")
     parser.add_argument("--json", type=Path, default=None, help="write the report here too")
-    args = parser.parse_args(argv)
+    # The sampling mode's seed is --seed + the pair's index; scores are not reported.
+    add_decoding_flags(parser, defaults={"max_length": MAX_REPLY_TOKENS, "seed": 0},
+                       exclude=("return_scores",))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    base = decoding_kwargs(args)
+    seed = base.pop("seed")
     try:
+        for name, mode in decoding_modes(seed).items():  # a clash is an error before loading
+            try:
+                mode_options(base, mode, Blocklist())
+            except ValueError as e:
+                raise ValueError(f"the {name} mode with these options: {e}") from None
         pairs = read_pairs(args.data, args.limit)
         blocklist = Blocklist.load(args.blocklist)
         model = OnnxSeq2Seq.load(args.model)
     except (ModelError, BlocklistError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report, replies = evaluate(model, pairs, blocklist, seed=args.seed)
+    report, replies = evaluate(model, pairs, blocklist, seed=seed, base=base)
     print(markdown_table(report))
     if args.samples:
         print()
-        print(samples_table(pairs, replies, args.samples, args.seed))
+        print(samples_table(pairs, replies, args.samples, seed))
     if args.json:
         args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     return 0

@@ -1,8 +1,9 @@
 """The exported model on onnxruntime: two sessions, ``encode()`` and one decoder ``step()``.
 
-Nothing here knows about search; ``serve/decoding.py`` and ``serve/engine.py`` drive
-``step()``. Inputs and outputs are bound by name (tf2onnx orders a dict's outputs
-alphabetically), and the graphs' names are checked against the contract at load time.
+Nothing here knows about search or token rules; ``serve/runtime/search.py`` and
+``serve/runtime/engine.py`` drive ``step()``. Inputs and outputs are bound by name
+(tf2onnx orders a dict's outputs alphabetically), and the graphs' names are checked
+against the contract at load time.
 """
 
 from __future__ import annotations
@@ -47,17 +48,6 @@ class EncoderState:
     @property
     def lengths(self) -> np.ndarray:
         return self.src_mask.sum(axis=1).astype(np.int64)
-
-    def row(self, i: int) -> EncoderState:
-        """Row ``i`` alone, trimmed to its own source length."""
-        n = int(self.lengths[i])
-        return EncoderState(
-            self.memory[i : i + 1, :n].copy(),
-            self.memory_keys[i : i + 1, :n].copy(),
-            self.src_mask[i : i + 1, :n].copy(),
-            self.h[i : i + 1].copy(),
-            self.c[i : i + 1].copy(),
-        )
 
 
 @dataclass
@@ -119,8 +109,6 @@ class OnnxSeq2Seq:
         self.vocab_size = len(tokenizer.vocab)
         self.hidden_dim = int(manifest.dims["hidden_dim"])
         self.blocklist_words = blocklist_words
-        self._ids_containing: dict[tuple[str, ...], np.ndarray] = {}
-        self._word_guards: dict[tuple[str, ...], object] = {}
 
     @classmethod
     def load(
@@ -201,31 +189,3 @@ class OnnxSeq2Seq:
         }
         log_probs, h_out, c_out, attention = self.decoder.run(list(DECODER_OUTPUTS), feeds)
         return StepOutput(log_probs, h_out, c_out, attention)
-
-    def word_guard(self, words: tuple[str, ...]):
-        """serve.runtime.decoding.WordGuard for ``words`` (built once: it scans the vocabulary)."""
-        from serve.runtime.decoding import WordGuard
-
-        guard = self._word_guards.get(words)
-        if guard is None:
-            guard = self._word_guards[words] = WordGuard.build(self.tokenizer.vocab.tokens, words)
-        return guard
-
-    def ids_containing(self, words: tuple[str, ...]) -> np.ndarray:
-        """Every token id whose piece contains one of ``words`` (cached: the blocklist
-        is usually the same for every request)."""
-        cached = self._ids_containing.get(words)
-        if cached is None:
-            wanted = [w for w in words if w]
-            cached = np.array(
-                [
-                    i
-                    for i, piece in enumerate(self.tokenizer.vocab.tokens)
-                    if i >= 4 and any(w in piece.lower() for w in wanted)
-                ],
-                np.int64,
-            )
-            if len(self._ids_containing) >= 64:  # requests may bring their own word lists
-                self._ids_containing.clear()
-            self._ids_containing[words] = cached
-        return cached

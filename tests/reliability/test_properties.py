@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from serve.runtime.decoding import DecodingOptions, generate
 from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.search import generate
 
 pytestmark = pytest.mark.timeout(300)
 

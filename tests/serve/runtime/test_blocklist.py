@@ -30,7 +30,7 @@ def test_errors_name_the_file_and_line(tmp_path):
 
 
 def test_word_guard_bans_words_spelled_across_tokens():
-    from serve.runtime.decoding import WordGuard
+    from serve.runtime.rules import WordGuard
 
     pieces = ["<pad>", "<unk>", "<s>", "</s>", "傻", "逼", "瓜", "小", "黄鸡", "黄"]
     guard = WordGuard.build(pieces, ("傻逼", "小黄鸡"))
@@ -43,8 +43,9 @@ def test_word_guard_bans_words_spelled_across_tokens():
 def test_model_folder_blocklist_is_always_suppressed(shipped_model_dir):
     import numpy as np
 
-    from serve.runtime.decoding import DecodingOptions, TokenRules
     from serve.runtime.model import OnnxSeq2Seq
+    from serve.runtime.options import DecodingOptions
+    from serve.runtime.rules import TokenRules
 
     model = OnnxSeq2Seq.load(shipped_model_dir)
     vocab = model.tokenizer.vocab

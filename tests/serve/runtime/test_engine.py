@@ -8,9 +8,10 @@ import random
 
 import pytest
 
-from serve.runtime.decoding import DecodingOptions, beam_search, decode_alone, source_ids
 from serve.runtime.engine import Engine, EngineStopped, Overloaded
 from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.search import beam_search, decode_alone, source_ids
 
 QUESTIONS = [
     "你好",

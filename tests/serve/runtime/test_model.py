@@ -34,8 +34,6 @@ def test_encode_and_step_follow_the_contract(model):
     np.testing.assert_allclose(np.exp(out.log_probs).sum(axis=1), 1.0, rtol=1e-4)
     assert out.attention.shape == (batch, longest)
     assert not out.attention[0, len(ids[0]) :].any()  # masked positions get no weight
-    row = state.row(0)
-    assert row.memory.shape == (1, len(ids[0]), hidden)
 
 
 def test_an_empty_source_row_still_encodes(model):
@@ -62,14 +60,6 @@ def test_padding_to_a_longer_source_changes_nothing(tiny_model_dir):
         np.testing.assert_array_equal(batched.h[i], alone.h[0])
         np.testing.assert_array_equal(batched.c[i], alone.c[0])
         np.testing.assert_array_equal(batched.attention[i, :length], alone.attention[0])
-
-
-def test_ids_containing(model):
-    piece = model.tokenizer.id_to_piece(10)
-    ids = model.ids_containing((piece[0],))
-    assert 10 in ids
-    assert all(piece[0] in model.tokenizer.id_to_piece(int(i)) for i in ids)
-    assert model.ids_containing(()).size == 0
 
 
 def test_a_changed_file_is_refused(copy_of):

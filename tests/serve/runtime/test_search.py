@@ -1,126 +1,20 @@
-"""Decoding options, the logit rules and the three searches (greedy, sampling, beam)."""
+"""The three searches (greedy, sampling, beam) and the anti-LM, on real exported models."""
 
 from __future__ import annotations
-
-import re
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 
-from serve.runtime.decoding import (
-    DecodingOptions,
-    TokenRules,
-    apply_repetition_penalty,
-    beam_search,
-    choose_token,
-    decode_alone,
-    generate,
-    ngram_blocked_ids,
-    source_ids,
-)
 from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.rules import TokenRules
+from serve.runtime.search import beam_search, choose_token, decode_alone, generate, source_ids
 from tests.conftest import DEMO_CORPUS
 
 QUESTIONS = ["你好", "你叫什么名字", "今天天气怎么样", "我好累啊", "晚安", "你喜欢吃什么", "哈哈哈"]
 
 
-# -- options --------------------------------------------------------------------------------
-
-
-def test_defaults_are_ctranslate2s():
-    assert asdict(DecodingOptions()) == {
-        "beam_size": 1,
-        "num_hypotheses": 1,
-        "length_penalty": 1.0,
-        "repetition_penalty": 1.0,
-        "no_repeat_ngram_size": 0,
-        "min_length": 1,
-        "max_length": 40,
-        "sampling_temperature": 1.0,
-        "sampling_topk": 1,
-        "sampling_topp": 1.0,
-        "seed": None,
-        "disable_unk": True,
-        "suppress_words": (),
-        "return_scores": False,
-        "antilm_weight": 0.0,
-        "antilm_steps": 3,
-    }
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"beam_size": 0}, "beam_size must be an integer >= 1"),
-        ({"beam_size": 2.5}, "beam_size must be an integer"),
-        ({"max_length": 0}, "max_length must be an integer >= 1"),
-        ({"min_length": 5, "max_length": 4}, "must not exceed max_length"),
-        ({"num_hypotheses": 3, "beam_size": 2}, "must not exceed beam_size"),
-        ({"sampling_topp": 0.0}, "sampling_topp must be in"),
-        ({"sampling_topp": 1.5}, "sampling_topp must be in"),
-        ({"sampling_temperature": 0}, "sampling_temperature must be > 0"),
-        ({"sampling_topk": -1}, "sampling_topk must be an integer >= 0"),
-        ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
-        ({"length_penalty": float("nan")}, "length_penalty must be finite"),
-        ({"beam_size": 4, "sampling_topk": 0}, "sampling (sampling_topk != 1) needs beam_size=1"),
-        ({"seed": -3}, "seed must be"),
-        ({"no_repeat_ngram_size": True}, "no_repeat_ngram_size must be an integer"),
-        ({"antilm_weight": 0.5}, "antilm_weight needs beam search (beam_size > 1)"),
-        ({"antilm_weight": 1.0, "beam_size": 5}, "antilm_weight must be in [0, 1)"),
-        ({"antilm_weight": -0.1, "beam_size": 5}, "antilm_weight must be in [0, 1)"),
-        ({"antilm_steps": -1}, "antilm_steps must be an integer >= 0"),
-    ],
-)
-def test_bad_options_are_clear_value_errors(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        DecodingOptions(**kwargs)
-
-
-def test_an_unknown_option_is_named():
-    with pytest.raises(ValueError, match="unknown decoding option.*beam_width.*known: .*beam_size"):
-        DecodingOptions.from_kwargs(beam_width=4)
-
-
-def test_suppress_words_accepts_one_string():
-    assert DecodingOptions(suppress_words="笨").suppress_words == ("笨",)
-
-
-# -- the logit rules ------------------------------------------------------------------------
-
-
-def test_repetition_penalty_lowers_only_generated_tokens():
-    log_probs = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
-    out = apply_repetition_penalty(log_probs, [2, 2, 3], 1.5)
-    np.testing.assert_allclose(out[[0, 1]], log_probs[[0, 1]])
-    np.testing.assert_allclose(out[[2, 3]], log_probs[[2, 3]] * 1.5)
-    assert apply_repetition_penalty(log_probs, [2], 1.0) is log_probs
-
-
-def test_ngram_blocking():
-    assert ngram_blocked_ids([5, 6, 7, 5], 2) == [6]  # "5 6" exists: after 5, 6 is banned
-    assert sorted(ngram_blocked_ids([5, 6, 7, 5, 6], 3)) == [7]
-    assert sorted(ngram_blocked_ids([5, 6, 5], 1)) == [5, 6]
-    assert ngram_blocked_ids([5, 6], 0) == []
-    assert ngram_blocked_ids([5], 3) == []
-
-
-def _rules(**options) -> TokenRules:
-    return TokenRules(DecodingOptions(**options), eos_id=3, banned=np.array([0, 1, 2]))
-
-
-def test_rules_ban_specials_and_early_end_and_renormalize():
-    log_probs = np.log(np.full(8, 1 / 8, np.float32))
-    out = _rules(min_length=2).process(log_probs, [5])
-    assert np.all(np.isneginf(out[[0, 1, 2, 3]]))  # <pad> <unk> <s> banned, </s> too early
-    assert np.isclose(np.exp(out).sum(), 1.0)
-    assert np.isfinite(_rules(min_length=2).process(log_probs, [5, 6])[3])  # long enough
-
-
-def test_rules_fall_back_to_ending_when_everything_is_banned():
-    log_probs = np.log(np.full(6, 1 / 6, np.float32))
-    out = _rules(no_repeat_ngram_size=1, min_length=0).process(log_probs, [4, 5])
-    assert int(np.argmax(out)) == 3
+# -- choosing a token ----------------------------------------------------------------------
 
 
 def test_choose_token_greedy_top_k_and_top_p():
@@ -246,7 +140,7 @@ def test_unk_only_when_allowed(model):
 
 
 def test_beam_ranking_equals_a_stable_full_sort():
-    from serve.runtime.decoding import _top_ranked
+    from serve.runtime.search import _top_ranked
 
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -256,28 +150,6 @@ def test_beam_ranking_equals_a_stable_full_sort():
         n = int(rng.integers(1, 12))
         expected = np.argsort(-scores, kind="stable")[:n]
         np.testing.assert_array_equal(_top_ranked(scores, n), expected)
-
-
-def test_rules_of_a_row_do_not_depend_on_the_other_rows():
-    from serve.runtime.decoding import process_rows
-
-    rng = np.random.default_rng(1)
-    vocab = 3000
-    rules = [
-        TokenRules(
-            DecodingOptions(repetition_penalty=1.0 + 0.2 * (i % 2), no_repeat_ngram_size=i % 3,
-                            min_length=i % 4),
-            eos_id=3, banned=np.array([0, 1, 2]),
-        )
-        for i in range(33)
-    ]  # fmt: skip
-    histories = [rng.integers(4, vocab, size=i % 7).tolist() for i in range(33)]
-    for size in (1, 2, 7, 33):
-        batch = np.log(rng.dirichlet(np.ones(vocab), size=size)).astype(np.float32)
-        together = process_rows(batch, rules[:size], histories[:size])
-        for i in range(size):
-            alone = process_rows(batch[i : i + 1], rules[i : i + 1], histories[i : i + 1])
-            np.testing.assert_array_equal(together[i], alone[0])
 
 
 def test_antilm_first_token_is_the_mmi_argmax(model):

@@ -2,9 +2,10 @@
 
 import json
 
-from serve.runtime.decoding import DecodingOptions, generate
 from serve.runtime.manifest import load_manifest
 from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.search import generate
 from tests.conftest import SHIPPED_MODEL
 
 MAX_FOLDER_BYTES = 30 * 1024 * 1024

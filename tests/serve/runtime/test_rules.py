@@ -1,0 +1,135 @@
+"""The token rules: repetition, n-grams, suppressed words, and their vocabulary scans."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from serve.runtime.options import DecodingOptions
+from serve.runtime.rules import (
+    SCAN_CACHE_SIZE,
+    TokenRules,
+    apply_repetition_penalty,
+    ids_containing,
+    ngram_blocked_ids,
+    process_rows,
+    vocabulary_scans,
+    word_guard,
+)
+
+# -- the logit rules ------------------------------------------------------------------------
+
+
+def test_repetition_penalty_lowers_only_generated_tokens():
+    log_probs = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
+    out = apply_repetition_penalty(log_probs, [2, 2, 3], 1.5)
+    np.testing.assert_allclose(out[[0, 1]], log_probs[[0, 1]])
+    np.testing.assert_allclose(out[[2, 3]], log_probs[[2, 3]] * 1.5)
+    assert apply_repetition_penalty(log_probs, [2], 1.0) is log_probs
+
+
+def test_ngram_blocking():
+    assert ngram_blocked_ids([5, 6, 7, 5], 2) == [6]  # "5 6" exists: after 5, 6 is banned
+    assert sorted(ngram_blocked_ids([5, 6, 7, 5, 6], 3)) == [7]
+    assert sorted(ngram_blocked_ids([5, 6, 5], 1)) == [5, 6]
+    assert ngram_blocked_ids([5, 6], 0) == []
+    assert ngram_blocked_ids([5], 3) == []
+
+
+def _rules(**options) -> TokenRules:
+    return TokenRules(DecodingOptions(**options), eos_id=3, banned=np.array([0, 1, 2]))
+
+
+def test_rules_ban_specials_and_early_end_and_renormalize():
+    log_probs = np.log(np.full(8, 1 / 8, np.float32))
+    out = _rules(min_length=2).process(log_probs, [5])
+    assert np.all(np.isneginf(out[[0, 1, 2, 3]]))  # <pad> <unk> <s> banned, </s> too early
+    assert np.isclose(np.exp(out).sum(), 1.0)
+    assert np.isfinite(_rules(min_length=2).process(log_probs, [5, 6])[3])  # long enough
+
+
+def test_rules_fall_back_to_ending_when_everything_is_banned():
+    log_probs = np.log(np.full(6, 1 / 6, np.float32))
+    out = _rules(no_repeat_ngram_size=1, min_length=0).process(log_probs, [4, 5])
+    assert int(np.argmax(out)) == 3
+
+
+def test_rules_of_a_row_do_not_depend_on_the_other_rows():
+    rng = np.random.default_rng(1)
+    vocab = 3000
+    rules = [
+        TokenRules(
+            DecodingOptions(repetition_penalty=1.0 + 0.2 * (i % 2), no_repeat_ngram_size=i % 3,
+                            min_length=i % 4),
+            eos_id=3, banned=np.array([0, 1, 2]),
+        )
+        for i in range(33)
+    ]  # fmt: skip
+    histories = [rng.integers(4, vocab, size=i % 7).tolist() for i in range(33)]
+    for size in (1, 2, 7, 33):
+        batch = np.log(rng.dirichlet(np.ones(vocab), size=size)).astype(np.float32)
+        together = process_rows(batch, rules[:size], histories[:size])
+        for i in range(size):
+            alone = process_rows(batch[i : i + 1], rules[i : i + 1], histories[i : i + 1])
+            np.testing.assert_array_equal(together[i], alone[0])
+
+
+# -- the vocabulary scans -------------------------------------------------------------------
+
+
+def test_ids_containing(model):
+    piece = model.tokenizer.id_to_piece(10)
+    ids = ids_containing(model, (piece[0],))
+    assert 10 in ids
+    assert all(piece[0] in model.tokenizer.id_to_piece(int(i)) for i in ids)
+    assert ids_containing(model, ()).size == 0
+
+
+def test_the_scans_are_cached_per_model_and_bounded(model):
+    scans = vocabulary_scans(model)
+    first = ("你好",)
+    assert word_guard(model, first) is word_guard(model, first)  # built once
+    assert ids_containing(model, first) is ids_containing(model, first)
+    for i in range(3 * SCAN_CACHE_SIZE):  # every request with a word list of its own
+        TokenRules.for_model(model, DecodingOptions(suppress_words=(f"词{i}",)))
+        word_guard(model, first)  # used all along: the least recently used go, not it
+    assert len(scans.word_guards) == len(scans.ids_containing) == SCAN_CACHE_SIZE
+    assert word_guard(model, first) is word_guard(model, first)
+
+
+@pytest.mark.timeout(60)
+async def test_the_engine_builds_rules_off_the_event_loop(model, monkeypatch):
+    from serve.runtime import engine as engine_module
+
+    threads = []
+    built = engine_module.TokenRules.for_model
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return built(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module.TokenRules, "for_model", recording)
+    engine = engine_module.Engine(model)
+    await engine.start()
+    try:
+        await asyncio.gather(*(engine.generate("你好", max_length=3, suppress_words=(f"字{i}",))
+                               for i in range(4)))
+    finally:
+        await engine.stop()
+    assert len(threads) == 4 and threading.main_thread() not in threads
+
+
+def test_the_model_knows_nothing_of_the_rules():
+    """No import cycle: the model is below the rules and the search, not beside them."""
+    import ast
+    import inspect
+
+    from serve.runtime import model as model_module
+
+    tree = ast.parse(inspect.getsource(model_module))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"serve.runtime.rules", "serve.runtime.search",
+                           "serve.runtime.options"}
