@@ -1,4 +1,4 @@
-"""python -m export --checkpoint DIR --out artifacts/NAME [--quantize none|int8]"""
+"""python -m export --checkpoint DIR --out artifacts/NAME [--quantize none|int8] [--no-index]"""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export a training checkpoint to ONNX graphs (encoder + one decoder step), "
-        "check them against TensorFlow, and write a model folder with its manifest.",
+        description="Export a training checkpoint to ONNX graphs (encoder, one decoder step, "
+        "the scoring pass; the backward model's scoring pass when CHECKPOINT/backward/ "
+        "exists), check them against TensorFlow, build the reply index from the "
+        "checkpoint's train.tsv, and write a model folder with its manifest.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -46,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="words the served model must never say, copied into the folder "
         "('none' = no blocklist; default: the project's data/blocklist.txt)",
     )
+    parser.add_argument(
+        "--no-index",
+        dest="index",
+        action="store_false",
+        help="do not build the reply index (serve.runtime.retrieval) from train.tsv",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     return parser.parse_args(argv)
 
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             weights=args.weights,
             blocklist=None if args.blocklist == "none" else (args.blocklist or DEFAULT_BLOCKLIST),
+            index=args.index,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -83,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out} ({manifest.quantization})")
     for check, result in manifest.checks.items():
         print(f"  {check}: {result}")
+    if "skipped" in manifest.retrieval:
+        print(f"  reply index: skipped ({manifest.retrieval['skipped']})")
+    else:
+        print(
+            f"  reply index: {manifest.retrieval.get('indexed', 0)} replies, "
+            f"dropped {manifest.retrieval.get('dropped', {})}"
+        )
     return 0
 
 

@@ -1,4 +1,8 @@
-"""The two ONNX graphs: the encoder, and one decoder step with attention.
+"""The ONNX graphs: the encoder, one decoder step with attention, and the scoring pass.
+
+The scoring graph is the teacher-forced forward pass (``Seq2Seq.call``): it scores whole
+candidate replies, a batch of them in one onnxruntime call (the decoder has no input
+feeding, so the whole target runs through one fused LSTM op plus batched attention).
 
 Each is a ``tf.function`` with a fixed input signature (dynamic batch and source
 length) converted by ``tf2onnx.convert.from_function``; ``from_keras`` breaks on some
@@ -13,7 +17,15 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
-from serve.runtime.manifest import DECODER_OUTPUTS, ENCODER_OUTPUTS
+from serve.runtime.manifest import (
+    DECODER_FILE,
+    DECODER_OUTPUTS,
+    ENCODER_FILE,
+    ENCODER_OUTPUTS,
+    SCORE_FILE,
+    SCORE_OUTPUTS,
+)
+from serve.runtime.tokenizer import BOS_ID
 from training.model import Seq2Seq
 
 DEFAULT_OPSET = 17
@@ -53,6 +65,29 @@ def decoder_function(model: Seq2Seq) -> tf.types.experimental.GenericFunction:
     return decoder
 
 
+def score_function(model: Seq2Seq) -> tf.types.experimental.GenericFunction:
+    """(src_ids, src_len, tgt_ids, tgt_len) -> token_log_probs [B,T], 0 at padding."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int64, name="src_ids"),
+            tf.TensorSpec([None], tf.int64, name="src_len"),
+            tf.TensorSpec([None, None], tf.int64, name="tgt_ids"),
+            tf.TensorSpec([None], tf.int64, name="tgt_len"),
+        ]
+    )
+    def score(src_ids, src_len, tgt_ids, tgt_len):
+        # The decoder reads <s> then the target shifted right, as in training.
+        bos = tf.fill([tf.shape(tgt_ids)[0], 1], tf.constant(BOS_ID, tf.int64))
+        tgt_in = tf.concat([bos, tgt_ids[:, :-1]], axis=1)
+        log_probs = model((src_ids, src_len, tgt_in), training=False)  # [B,T,V]
+        picked = tf.gather(log_probs, tgt_ids, batch_dims=2)  # [B,T]
+        mask = tf.sequence_mask(tgt_len, tf.shape(tgt_ids)[1], dtype=picked.dtype)
+        return dict(zip(SCORE_OUTPUTS, [picked * mask], strict=True))
+
+    return score
+
+
 def forbidden_ops(graph: onnx.ModelProto) -> list[str]:
     """Op types of FORBIDDEN_OPS found anywhere in the graph (subgraphs included)."""
     found = []
@@ -84,12 +119,18 @@ def convert(function, path: Path, opset: int = DEFAULT_OPSET) -> onnx.ModelProto
     return graph
 
 
-def export_graphs(model: Seq2Seq, out_dir: Path, opset: int = DEFAULT_OPSET) -> tuple[Path, Path]:
-    """Write fp32 encoder.onnx and decoder.onnx into out_dir."""
-    encoder_path, decoder_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
-    convert(encoder_function(model), encoder_path, opset)
-    convert(decoder_function(model), decoder_path, opset)
-    return encoder_path, decoder_path
+def export_graphs(
+    model: Seq2Seq, out_dir: Path, opset: int = DEFAULT_OPSET, *, score_name: str = SCORE_FILE
+) -> tuple[Path, Path, Path]:
+    """Write fp32 encoder.onnx, decoder.onnx and the scoring graph ``score_name`` into out_dir."""
+    paths = out_dir / ENCODER_FILE, out_dir / DECODER_FILE, out_dir / score_name
+    for function, path in zip(
+        (encoder_function(model), decoder_function(model), score_function(model)),
+        paths,
+        strict=True,
+    ):
+        convert(function, path, opset)
+    return paths
 
 
 def quantize_int8(src: Path, dst: Path) -> None:

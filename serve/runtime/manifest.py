@@ -1,8 +1,9 @@
 """The model folder's ``manifest.json``: what export writes and serving trusts.
 
-One folder holds ``encoder.onnx``, ``decoder.onnx``, ``vocab.txt`` and this manifest.
-The manifest names every file with its sha256, so a half-copied or edited model is
-refused with a clear error instead of answering nonsense.
+One folder holds ``encoder.onnx``, ``decoder.onnx``, ``vocab.txt`` and this manifest, and
+optionally ``score.onnx``, ``backward_score.onnx`` and the reply index ``index/``.
+The manifest names every file (subfolders included, as ``index/...``) with its sha256, so
+a half-copied or edited model is refused with a clear error instead of answering nonsense.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+SCORE_FILE = "score.onnx"  # the teacher-forced pass: log p(reply | message), optional
+BACKWARD_SCORE_FILE = "backward_score.onnx"  # the backward model's: log p(message | reply)
+INDEX_DIR = "index"  # the reply index (serve.runtime.retrieval), optional
 
 # The graphs' contract, bound by name (ONNX orders dict outputs alphabetically).
 ENCODER_INPUTS = ("src_ids", "src_len")
 ENCODER_OUTPUTS = ("memory", "memory_keys", "h0", "c0")
 DECODER_INPUTS = ("prev_ids", "h", "c", "memory", "memory_keys", "src_mask")
 DECODER_OUTPUTS = ("log_probs", "h_out", "c_out", "attention")
+# tgt_ids: the reply's tokens then </s>, padded with <pad>; tgt_len counts </s>.
+# token_log_probs [B,T]: log p(tgt_ids[t] | source, tgt_ids[:t]), 0 at padding.
+SCORE_INPUTS = ("src_ids", "src_len", "tgt_ids", "tgt_len")
+SCORE_OUTPUTS = ("token_log_probs",)
 
 
 class ModelError(Exception):
@@ -48,19 +56,22 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
     training: dict[str, Any] = field(default_factory=dict)  # config, metrics, corpora, commands
     checks: dict[str, Any] = field(default_factory=dict)  # export's parity results
+    # the reply index: counts per filter, pairs indexed, k1/b, tokenizer, source file
+    retrieval: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2, sort_keys=True) + "\n"
 
     def write(self, model_dir: str | Path, *, hash_files: bool = True) -> Path:
-        """Write the manifest, hashing every other file of the folder first."""
+        """Write the manifest, hashing every other file of the folder first (those of
+        subfolders too, named by their relative POSIX path, e.g. ``index/params.json``)."""
         model_dir = Path(model_dir)
         if hash_files:
             self.files = {
-                p.name: sha256_of(p)
-                for p in sorted(model_dir.iterdir())
-                if p.is_file() and p.name != MANIFEST_FILE
+                p.relative_to(model_dir).as_posix(): sha256_of(p)
+                for p in sorted(model_dir.rglob("*"))
+                if p.is_file() and p.relative_to(model_dir).as_posix() != MANIFEST_FILE
             }
         path = model_dir / MANIFEST_FILE
         path.write_text(self.to_json(), encoding="utf-8")
@@ -92,6 +103,8 @@ class Manifest:
             if required not in self.files:
                 raise ModelError(f"{model_dir}: the manifest does not list {required}")
         for name, expected in self.files.items():
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ModelError(f"{model_dir}: the manifest names a file outside it: {name}")
             path = model_dir / name
             if not path.is_file():
                 raise ModelError(f"{model_dir}: {name} is missing")

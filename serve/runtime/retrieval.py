@@ -1,0 +1,103 @@
+"""The reply index: BM25 over the questions 小X was trained on, returning their replies.
+
+``python -m export`` builds it (export/reply_index.py) from the checkpoint's ``train.tsv``,
+filtered (no names, URLs, blocklisted words, long jokes...), into the model folder:
+
+```
+index/           bm25s's own files (data/indices/indptr .npy, vocab and params .json)
+index/pairs.json [[question, reply], ...]: document i of the BM25 index is pair i
+```
+
+Questions are tokenized with the model's own tokenizer (jieba words, character fallback),
+so a message and an indexed question are split the same way. Ranking is bm25s's (numpy
+only); nothing here imports TensorFlow.
+
+    index = ReplyIndex.load(model_dir)          # None when the folder has no index
+    index.search("今天好冷", k=5)               # [Retrieved(question, reply, score), ...]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.runtime.manifest import INDEX_DIR, Manifest, ModelError
+from serve.runtime.tokenizer import UNK_ID, Tokenizer
+
+PAIRS_FILE = "pairs.json"
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    question: str  # the indexed question that matched
+    reply: str  # its reply, as indexed (normalised, the old bots' names made 小X)
+    score: float  # BM25 score of the question for the message (higher is closer)
+
+
+def index_tokens(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The terms BM25 sees: the model's token pieces, without ``<unk>`` and without pure
+    punctuation (a "?" would match every question). One function for build and query."""
+    return [
+        tokenizer.id_to_piece(i)
+        for i in tokenizer.encode(text)
+        if i != UNK_ID and any(ch.isalnum() for ch in tokenizer.id_to_piece(i))
+    ]
+
+
+class ReplyIndex:
+    """A loaded reply index. ``search`` is thread-safe: bm25s scoring only reads its arrays
+    and the tokenizer serialises jieba."""
+
+    def __init__(self, retriever, pairs: list[tuple[str, str]], tokenizer: Tokenizer):
+        self._retriever = retriever
+        self._pairs = pairs
+        self._tokenizer = tokenizer
+        self._terms = retriever.vocab_dict
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, tokenizer: Tokenizer | None = None) -> ReplyIndex | None:
+        """The folder's index, or None when it has none. ``tokenizer``: the model's (read
+        from the folder's vocab.txt and manifest when not given). Files are not re-hashed
+        here: loading the model folder verifies every sha256 of the manifest, index included.
+        """
+        model_dir = Path(model_dir)
+        index_dir = model_dir / INDEX_DIR
+        if not (index_dir / PAIRS_FILE).is_file():
+            return None
+        import bm25s  # imported on demand: a folder without an index never pays for it
+
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_dir(model_dir, Manifest.read(model_dir).tokenizer)
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
+        try:
+            # backend numpy: numba, when installed, would compile on load (slow cold start)
+            retriever = bm25s.BM25.load(index_dir, show_progress=False, backend="numpy")
+            pairs = [tuple(p) for p in json.loads((index_dir / PAIRS_FILE).read_text("utf-8"))]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{index_dir}: unreadable reply index ({e})") from e
+        if len(pairs) != int(retriever.scores["num_docs"]):
+            raise ModelError(
+                f"{index_dir}: {len(pairs)} pairs for {retriever.scores['num_docs']} documents"
+            )
+        return cls(retriever, pairs, tokenizer)
+
+    def search(self, text: str, k: int = 5) -> list[Retrieved]:
+        """The replies of the (at most ``k``) questions closest to ``text``, best first;
+        only questions sharing a term with it (none for a message of unknown words)."""
+        terms = [t for t in index_tokens(self._tokenizer, text) if t in self._terms]
+        k = min(k, len(self._pairs))
+        if not terms or k < 1:
+            return []
+        docs, scores = self._retriever.retrieve(
+            [terms], k=k, show_progress=False, n_threads=0, return_as="tuple"
+        )
+        return [
+            Retrieved(*self._pairs[int(doc)], float(score))
+            for doc, score in zip(docs[0], scores[0], strict=True)
+            if score > 0
+        ]

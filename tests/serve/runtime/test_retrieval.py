@@ -1,0 +1,113 @@
+"""serve.runtime.retrieval: loading a model folder's reply index and querying it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from export.reply_index import build_reply_index
+from serve.runtime.manifest import Manifest, ModelError, load_manifest
+from serve.runtime.retrieval import PAIRS_FILE, ReplyIndex, Retrieved, index_tokens
+from serve.runtime.tokenizer import Tokenizer
+
+PAIRS = [
+    ("今天天气好冷啊", "多穿点衣服，别着凉。"),
+    ("今天天气怎么样", "阳光明媚，适合出去走走。"),
+    ("你喜欢吃火锅吗", "喜欢，尤其是麻辣的。"),
+    ("周末去哪里玩", "去公园散散步吧。"),
+    ("我好累啊", "早点休息，明天会更好。"),
+    ("你会唱歌吗", "我只会唱两只老虎。"),
+    ("你几岁了", "我永远十八岁。"),
+    ("晚上吃什么", "吃饺子吧。"),
+]
+
+
+@pytest.fixture(scope="module")
+def indexed_model(shipped_model_dir, tmp_path_factory) -> Path:
+    """A copy of the shipped model folder with a small index built into it."""
+    folder = tmp_path_factory.mktemp("retrieval") / "model"
+    shutil.copytree(shipped_model_dir, folder)
+    shutil.rmtree(folder / "index", ignore_errors=True)
+    source = folder.parent / "train.tsv"
+    source.write_text("".join(f"{q}\t{a}\n" for q, a in PAIRS), encoding="utf-8")
+    manifest = Manifest.read(folder)
+    tokenizer = Tokenizer.from_dir(folder, manifest.tokenizer)
+    manifest.retrieval = build_reply_index(source, folder / "index", tokenizer)
+    manifest.write(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index(indexed_model) -> ReplyIndex:
+    loaded = ReplyIndex.load(indexed_model)
+    assert loaded is not None
+    return loaded
+
+
+def test_a_folder_without_an_index_loads_none(shipped_model_dir, tmp_path):
+    assert ReplyIndex.load(tmp_path) is None
+    if not (shipped_model_dir / "index").exists():
+        assert ReplyIndex.load(shipped_model_dir) is None
+
+
+def test_search_ranks_by_bm25_best_first(index):
+    results = index.search("今天好冷", k=3)
+    assert all(isinstance(r, Retrieved) for r in results)
+    assert results[0].question == "今天天气好冷啊"
+    assert len(results) <= 3
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    assert all(r.score > 0 for r in results)
+
+
+def test_k_is_respected_and_unknown_messages_retrieve_nothing(index):
+    assert len(index.search("今天天气", k=1)) == 1
+    assert len(index.search("今天天气", k=100)) <= len(PAIRS)
+    assert index.search("qwzxv", k=5) == []
+    assert index.search("", k=5) == []
+    assert index.search("？？？", k=5) == []  # punctuation is not a term
+    assert index.search("今天天气", k=0) == []
+
+
+def test_search_is_thread_safe(index):
+    queries = ["今天天气冷", "火锅好吃", "周末玩什么", "好累", "唱首歌", "几岁", "吃什么"] * 8
+    serial = [index.search(q, k=3) for q in queries]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(lambda q: index.search(q, k=3), queries)) == serial
+
+
+def test_index_terms_are_the_models_pieces(indexed_model):
+    tokenizer = Tokenizer.from_dir(indexed_model, Manifest.read(indexed_model).tokenizer)
+    terms = index_tokens(tokenizer, "今天天气好冷啊！")
+    assert terms and "！" not in terms and "<unk>" not in terms
+    assert all(t in tokenizer.vocab for t in terms)
+
+
+def test_the_manifest_hashes_the_index_and_catches_a_changed_file(indexed_model, tmp_path):
+    manifest = load_manifest(indexed_model)
+    assert f"index/{PAIRS_FILE}" in manifest.files
+    assert manifest.retrieval["indexed"] == len(PAIRS)
+    copy = shutil.copytree(indexed_model, tmp_path / "copy")
+    pairs = json.loads((copy / "index" / PAIRS_FILE).read_text(encoding="utf-8"))
+    pairs[0][1] = "something else"
+    (copy / "index" / PAIRS_FILE).write_text(json.dumps(pairs), encoding="utf-8")
+    with pytest.raises(ModelError, match="index/pairs.json"):
+        load_manifest(copy)
+
+
+def test_a_truncated_pairs_file_is_refused(indexed_model, tmp_path):
+    copy = shutil.copytree(indexed_model, tmp_path / "copy")
+    pairs = json.loads((copy / "index" / PAIRS_FILE).read_text(encoding="utf-8"))
+    (copy / "index" / PAIRS_FILE).write_text(json.dumps(pairs[:-1]), encoding="utf-8")
+    with pytest.raises(ModelError, match="pairs"):
+        ReplyIndex.load(copy)
+
+
+def test_loading_is_fast(indexed_model):
+    started = time.perf_counter()
+    ReplyIndex.load(indexed_model)
+    assert time.perf_counter() - started < 2.0
