@@ -58,6 +58,8 @@ class Manifest:
     checks: dict[str, Any] = field(default_factory=dict)  # export's parity results
     # the reply index: counts per filter, pairs indexed, k1/b, tokenizer, source file
     retrieval: dict[str, Any] = field(default_factory=dict)
+    # serve.runtime.selection.SelectionWeights, tuned on the validation pairs
+    selection: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
