@@ -169,7 +169,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class _Request:
+class _CompletionRequest:
     """A checked chat completion request: what to answer, and how."""
 
     text: str
@@ -181,7 +181,7 @@ class _Request:
     created: int
 
 
-def _parse(request: Request, body: dict[str, Any]) -> _Request:
+def _parse(request: Request, body: dict[str, Any]) -> _CompletionRequest:
     """The request's body checked against this server and its model: ApiError if wrong."""
     from serve.runtime.search import source_ids
 
@@ -208,11 +208,11 @@ def _parse(request: Request, body: dict[str, Any]) -> _Request:
     stream_options = body.get("stream_options") or {}
     include_usage = isinstance(stream_options, dict) and bool(
         stream_options.get("include_usage"))
-    return _Request(text, options, prompt_tokens, stream, include_usage,
+    return _CompletionRequest(text, options, prompt_tokens, stream, include_usage,
                     completion_id, created)
 
 
-async def _complete(chat, req: _Request) -> Response:
+async def _complete(chat, req: _CompletionRequest) -> Response:
     """The whole reply in one JSON ``chat.completion``."""
     from serve.runtime.engine import EngineStopped, Overloaded
 
@@ -230,7 +230,7 @@ async def _complete(chat, req: _Request) -> Response:
     })
 
 
-async def _stream(chat, req: _Request) -> Response:
+async def _stream(chat, req: _CompletionRequest) -> Response:
     """The reply as ``chat.completion.chunk`` events, once the engine has begun it."""
     from serve.runtime.engine import EngineStopped, Overloaded
 
@@ -248,7 +248,7 @@ async def _stream(chat, req: _Request) -> Response:
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _chunks(name: str, req: _Request, engine_stream, deltas,
+async def _chunks(name: str, req: _CompletionRequest, engine_stream, deltas,
                   first: str | None) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return _chunk(req.completion_id, req.created, name, delta, finish_reason)

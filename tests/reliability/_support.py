@@ -15,9 +15,9 @@ import httpx
 import redis
 
 from serve.web.broker import parse_id
-from tests.serve._helpers_server import (  # noqa: F401 (sse_lines is re-exported)
+from tests.serve._helpers_server import (
+    BackgroundStream,
     StrictSSEParser,
-    cancel_and_wait,
     sse_lines,
 )
 
@@ -45,7 +45,7 @@ def check_event(event: dict[str, str]) -> dict:
     return {"id": event["id"], "event": event["event"], "data": data}
 
 
-class ReconnectingStream:
+class ReconnectingStream(BackgroundStream):
     """``GET /stream`` read in a background task like a browser's EventSource would: on
     any end or error it reconnects (to ``base_urls`` in turn) with ``Last-Event-ID``.
 
@@ -55,16 +55,14 @@ class ReconnectingStream:
 
     def __init__(self, cookies: httpx.Cookies, base_urls: list[str], room: str,
                  last_event_id: str | None = None, retry_seconds: float = 0.2):
+        super().__init__()
         self.cookies, self.base_urls, self.room = cookies, base_urls, room
         self.last_event_id = last_event_id
         self.retry_seconds = retry_seconds
-        self.events: list[dict] = []
         self.connections = 0  # 200 responses
         self.refusals: list[int] = []  # non-200 statuses met while reconnecting
         self.failures: list[str] = []  # transport errors met while reconnecting
         self.protocol_error: AssertionError | None = None
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
 
     async def start(self, wait_subscribed: bool = True) -> ReconnectingStream:
         """Begin reading; by default wait for the first event (the client's own ``join``,
@@ -74,9 +72,16 @@ class ReconnectingStream:
             await self.wait_for(lambda events: self.connections > 0 and bool(events), 20)
         return self
 
-    async def close(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+    def _got(self, event: dict) -> None:
+        self.last_event_id = event["id"]
+        super()._got(event)
+
+    def _failure(self) -> BaseException | None:
+        return self.protocol_error
+
+    def _progress(self) -> str:
+        return (f"{len(self.events)} events, refusals {self.refusals[-5:]}, "
+                f"failures {self.failures[-5:]}")
 
     async def _run(self) -> None:
         attempt = 0
@@ -111,31 +116,7 @@ class ReconnectingStream:
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         pending = ""
         async for chunk in response.aiter_bytes():
-            lines, pending = sse_lines(pending + decoder.decode(chunk))
-            for line in lines:
-                event = parser.feed(line)
-                if event is not None:
-                    event = check_event(event)
-                    self.events.append(event)
-                    self.last_event_id = event["id"]
-                    self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[list[dict]], bool],
-                       timeout: float = 30.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.events):
-            if self.protocol_error is not None:
-                raise self.protocol_error
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"waited {timeout}s; {len(self.events)} events, "
-                                   f"refusals {self.refusals[-5:]}, failures {self.failures[-5:]}")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
-            except TimeoutError:
-                pass
-        return self.events
+            pending = self._feed(parser, pending, decoder.decode(chunk), check_event)
 
     @property
     def ids(self) -> list[str]:

@@ -23,12 +23,13 @@ import pytest
 
 from serve.web.security.text import ROOM_PATTERN
 from tests.conftest import RedisServer
-from tests.reliability._support import ReconnectingStream, sse_lines
+from tests.reliability._support import ReconnectingStream
 from tests.serve._helpers_server import (
     ServerProcess,
     StrictSSEParser,
     bot_reply_to,
     login,
+    sse_lines,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]

@@ -21,8 +21,6 @@ import httpx
 
 from tests.conftest import ROOT, free_port
 
-__all__ = ["ROOT", "free_port"]  # imported from here too (benchmarks/server_load.py)
-
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
     """Cancel a background reader task and wait until it has really ended."""
@@ -271,11 +269,68 @@ def split_lines(raw: str) -> list[str]:
     return [*lines, rest]
 
 
-class ChatStream:
-    """``GET /stream`` read in a background task; parsed events collected in order."""
+class BackgroundStream:
+    """Events that a background task reads from ``GET /stream``, in order, and a wait for
+    them. Subclasses run the task (``_task``) and feed what they read to ``_feed``."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def _got(self, event: dict) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def _feed(self, parser: StrictSSEParser, pending: str, text: str,
+              convert: Callable[[dict[str, str]], dict]) -> str:
+        """Every complete line of ``pending + text`` to ``parser``, each event it completes
+        (``convert``ed) to ``events``: the unterminated rest."""
+        lines, pending = sse_lines(pending + text)
+        for line in lines:
+            event = parser.feed(line)
+            if event is not None:
+                self._got(convert(event))
+        return pending
+
+    def _failure(self) -> BaseException | None:
+        """What ended the reading for good (raised by ``wait_for``), or None."""
+        return None
+
+    def _progress(self) -> str:
+        return f"events so far: {self.events}"
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def wait_for(self, predicate: Callable[[list[dict]], bool],
+                       timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.events):
+            failure = self._failure()
+            if failure is not None:
+                raise failure
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"waited {timeout}s; {self._progress()}")
+            self._changed.clear()
+            try:  # in slices: a predicate may look at more than the events
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+        return self.events
+
+    def of_type(self, *types: str) -> list[dict]:
+        return [e for e in self.events if e["event"] in types]
+
+
+class ChatStream(BackgroundStream):
+    """One ``GET /stream`` connection; its events' ``data`` parsed as JSON."""
 
     def __init__(self, client: httpx.AsyncClient, room: str = "lobby",
                  last_event_id: str | None = None, via_header: bool = True):
+        super().__init__()
         self.client, self.room = client, room
         self.headers = {"Accept": "text/event-stream"}
         self.params = {"room": room}
@@ -284,13 +339,10 @@ class ChatStream:
                 self.headers["Last-Event-ID"] = last_event_id
             else:
                 self.params["last_event_id"] = last_event_id
-        self.events: list[dict] = []  # {"id", "event", "data": parsed JSON}
         self.status: int | None = None
         self.response_headers: httpx.Headers | None = None
         self.parser = StrictSSEParser()
-        self._changed = asyncio.Event()
         self._opened = asyncio.Event()
-        self._task: asyncio.Task | None = None
         self.error: BaseException | None = None
 
     async def __aenter__(self) -> ChatStream:
@@ -303,9 +355,8 @@ class ChatStream:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+    def _failure(self) -> BaseException | None:
+        return self.error
 
     async def _run(self) -> None:
         try:
@@ -320,13 +371,7 @@ class ChatStream:
                     return
                 pending = ""
                 async for chunk in response.aiter_text():
-                    lines, pending = sse_lines(pending + chunk)
-                    for line in lines:
-                        event = self.parser.feed(line)
-                        if event is not None:
-                            event["data"] = json.loads(event["data"])
-                            self.events.append(event)
-                            self._changed.set()
+                    pending = self._feed(self.parser, pending, chunk, _json_data)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # surfaced by wait_for
@@ -334,24 +379,9 @@ class ChatStream:
             self._opened.set()
             self._changed.set()
 
-    async def wait_for(self, predicate: Callable[[list[dict]], bool],
-                       timeout: float = 30.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.events):
-            if self.error:
-                raise self.error
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"events so far: {self.events}")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
-        return self.events
 
-    def of_type(self, *types: str) -> list[dict]:
-        return [e for e in self.events if e["event"] in types]
+def _json_data(event: dict[str, str]) -> dict:
+    return {**event, "data": json.loads(event["data"])}
 
 
 def bot_reply_to(message_id: str) -> Callable[[list[dict]], bool]:

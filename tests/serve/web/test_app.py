@@ -12,8 +12,8 @@ import pytest
 
 from serve.web.broker import parse_id
 from serve.web.settings import parse_settings, settings_from_env
+from tests.conftest import ROOT
 from tests.serve._helpers_server import (
-    ROOT,
     ChatStream,
     ServerProcess,
     bot_reply_to,
@@ -268,7 +268,7 @@ def test_bad_options_are_clear_errors(model_dir, tmp_path):
     bad_env = run_serve(env={"XIAOX_PORT": "eighty"})
     assert bad_env.returncode == 2 and "XIAOX_PORT" in bad_env.stderr
     assert run_serve("--port", "x").returncode == 2
-    helped = run_serve("--help")
+    helped = run_serve("run", "--help")  # the server's flags (``--help`` lists the commands)
     assert helped.returncode == 0 and "--redis-url" in helped.stdout
 
 
