@@ -386,22 +386,23 @@ def _train_in_parallel(jobs, data: PreparedData, vocab: Vocab, *, resume: bool,
 
     context = multiprocessing.get_context("spawn")  # fork would copy threads and locks
     cores = _cores()
-    children = []
-    for index, (job_config, direction, folder) in enumerate(jobs):
-        pinned = cores[index::len(jobs)] if len(cores) >= len(jobs) else None
-        receiver, sender = context.Pipe(duplex=False)
-        job_data = data.swapped() if direction == "backward" else data
-        process = context.Process(
-            target=_child_main, name=f"training-{direction}",
-            args=(sender, job_config, job_data, vocab.tokens, folder, resume, command,
-                  direction, pinned))
-        process.start()
-        sender.close()
-        children.append((direction, folder, process, receiver))
     previous = None
     if threading.current_thread() is threading.main_thread():
+        # The children handle Ctrl-C (each saves); this process only waits for them.
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
+        children = []
+        for index, (job_config, direction, folder) in enumerate(jobs):
+            pinned = cores[index::len(jobs)] if len(cores) >= len(jobs) else None
+            receiver, sender = context.Pipe(duplex=False)
+            job_data = data.swapped() if direction == "backward" else data
+            process = context.Process(
+                target=_child_main, name=f"training-{direction}",
+                args=(sender, job_config, job_data, vocab.tokens, folder, resume, command,
+                      direction, pinned))
+            process.start()
+            sender.close()
+            children.append((direction, folder, process, receiver))
         results = [_child_result(direction, process, receiver)
                    for direction, _, process, receiver in children]
     finally:
@@ -429,6 +430,8 @@ def _raise_child_failures(results: list[tuple], folders: list[Path]) -> None:
             raise errors.get(detail[0], RuntimeError)(f"{direction} model: {detail[1]}")
         if status == "crash":
             raise RuntimeError(f"{direction} model: {detail[0]}")
+    if any(status == "killed" for _, status, *_ in results):
+        raise KeyboardInterrupt  # a second Ctrl-C: stopped without saving
     interrupted = [(detail[0], folder) for (_, status, *detail), folder
                    in zip(results, folders, strict=True) if status == "interrupted"]
     if interrupted:
@@ -459,7 +462,9 @@ def _child_main(conn, config: TrainConfig, data: PreparedData, vocab_tokens: lis
         conn.send(("interrupted", e.step))
     except (ConfigError, CorpusError, ckpt.CheckpointError) as e:
         conn.send(("error", type(e).__name__, str(e)))
-    except BaseException:  # noqa: BLE001 - the parent reports it; a second Ctrl-C lands here
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        conn.send(("killed",))
+    except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("crash", traceback.format_exc(limit=5)))
     finally:
         conn.close()
