@@ -88,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from serve.runtime.manifest import portable_command
     from training.checkpoint import CheckpointError
     from training.corpus import CorpusError
+    from training.train import TrainingInterrupted, train
 
     try:
         config = resolve_config(args)
-        from training.train import TrainingInterrupted, train
-
         out = train(config, args.corpus, args.out, resume=args.resume, formats=args.formats,
                     command=portable_command("python -m training", argv))
     except (ConfigError, CorpusError, CheckpointError) as e:

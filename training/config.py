@@ -80,6 +80,13 @@ class TrainConfig:
                        "used to pick a checkpoint (test.tsv; 0 = none)"),
     )
     test_max: int = field(default=2000, metadata=_help("at most this many test pairs"))
+    holdout_from: str = field(
+        default="",
+        metadata=_help("an earlier run's folder ('' = none): its valid.tsv and test.tsv "
+                       "are this run's too, and pairs equal to them are kept out of training "
+                       "(runs with other cleaning or tokens, compared on the same held-out "
+                       "pairs); test_fraction and valid_fraction are then unused"),
+    )
     max_answer_repeats: int = field(
         default=0, metadata=_help("keep each distinct answer at most this often (0 = no cap)")
     )

@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from serve.runtime.blocklist import Blocklist, BlocklistError
-from serve.runtime.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer, TokenizerSettings, Vocab
+from serve.runtime.tokenizer import (
+    PAD_ID,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    TokenizerSettings,
+    Vocab,
+    normalize,
+)
 from training import checkpoint as ckpt
 from training.config import SELECT_BY, ConfigError, TrainConfig
 from training.corpus import CleaningReport, CorpusError, Pair, clean_pairs, read_corpus
@@ -98,6 +105,9 @@ def prepare_data(config: TrainConfig, corpora: list[Path],
     """Read, clean and split. The test pairs come off the shuffled pairs first, then the
     validation pairs; the rest is trained on."""
     raw, corpora_info = _read_corpora(corpora, formats)
+    held_out = read_held_out(Path(config.holdout_from)) if config.holdout_from else None
+    if held_out is not None:
+        raw = [pair for pair in raw if pair_key(pair) not in held_out.keys]
     blocklist_path = config.blocklist_path()
     try:
         blocklist = Blocklist.load(blocklist_path) if blocklist_path is not None else None
@@ -113,6 +123,18 @@ def prepare_data(config: TrainConfig, corpora: list[Path],
     log.info(report.line())
     if report.kept == 0:
         raise CorpusError(f"the corpus is empty after cleaning ({report.line()})")
+    if held_out is not None:  # again after cleaning: it rewrites some texts (bot names)
+        kept = [i for i, pair in enumerate(texts) if pair_key(pair) not in held_out.keys]
+        log.info("held-out pairs of %s: %d valid, %d test; %d more removed after cleaning",
+                 Path(config.holdout_from).name, len(held_out.valid), len(held_out.test),
+                 len(texts) - len(kept))
+        return PreparedData(
+            train_segmented=[segmented[i] for i in kept], train_texts=[texts[i] for i in kept],
+            valid_segmented=[(segmenter.segment(q), segmenter.segment(a))
+                             for q, a in held_out.valid],
+            valid_texts=held_out.valid, test_texts=held_out.test,
+            corpora=corpora_info, report=report,
+        )
     n_test = min(config.test_max, round(report.kept * config.test_fraction))
     if config.test_fraction:
         n_test = max(1, n_test)
@@ -131,6 +153,33 @@ def prepare_data(config: TrainConfig, corpora: list[Path],
         test_texts=[texts[i] for i in test_idx],
         corpora=corpora_info, report=report,
     )
+
+
+@dataclass
+class HeldOut:
+    """An earlier run's held-out pairs, and their keys to keep them out of training."""
+
+    valid: list[Pair]
+    test: list[Pair]
+    keys: set[Pair]
+
+
+def pair_key(pair: Pair) -> Pair:
+    return normalize(pair[0]), normalize(pair[1])
+
+
+def read_held_out(run: Path) -> HeldOut:
+    """``run``'s valid.tsv and test.tsv (a forward run's: question<TAB>answer)."""
+    from serve.runtime.evaluate import read_pairs
+
+    try:
+        valid = [(p.question, p.answer) for p in read_pairs(run / ckpt.VALID_FILE, 0)]
+        test_file = run / ckpt.TEST_FILE
+        test = ([(p.question, p.answer) for p in read_pairs(test_file, 0)]
+                if test_file.is_file() else [])
+    except ValueError as e:
+        raise CorpusError(f"holdout_from: {e}") from None
+    return HeldOut(valid, test, {pair_key(p) for p in valid + test})
 
 
 def build_vocab(config: TrainConfig, data: PreparedData) -> Vocab:

@@ -88,6 +88,19 @@ def test_a_test_split_is_set_aside_before_training_and_never_seen(synthetic_corp
     assert not (plain / "test.tsv").exists()
 
 
+def test_holdout_from_reuses_an_earlier_runs_held_out_pairs(synthetic_corpus, tmp_path):
+    first = train(tiny_config(max_steps=1, test_fraction=0.1, valid_fraction=0.1),
+                  [synthetic_corpus], tmp_path / "first")
+    # Another cleaning (a repeat cap) keeps other pairs, but the held-out ones are the same.
+    config = tiny_config(max_steps=1, holdout_from=str(first), max_answer_repeats=1)
+    data = prepare_data(config, [synthetic_corpus], None)
+    read = lambda name: [tuple(line.split("\t"))  # noqa: E731
+                         for line in (first / name).read_text(encoding="utf-8").splitlines()]
+    assert data.valid_texts == read("valid.tsv") and data.test_texts == read("test.tsv")
+    assert not set(data.train_texts) & (set(data.valid_texts) | set(data.test_texts))
+    assert data.train_texts
+
+
 def test_interrupted_and_resumed_ends_with_the_same_weights(synthetic_corpus, tmp_path):
     # 152 training pairs = 10 batches an epoch: stop mid-epoch, resume across epoch ends.
     whole = train(tiny_config(epochs=3, max_steps=24), [synthetic_corpus], tmp_path / "whole")
