@@ -125,7 +125,7 @@ def onnx_score_function(path: Path, threads: int = 2) -> ScoreFn:
     return score
 
 
-def tensorflow_score_function(function) -> ScoreFn:
+def tensorflow_score_function(function: Callable[..., dict]) -> ScoreFn:
     """graphs.score_function's tf.function as a numpy ScoreFn."""
     return lambda *batch: function(*batch)[SCORE_OUTPUTS[0]].numpy()
 

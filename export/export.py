@@ -318,10 +318,25 @@ def _index(
     )
 
 
-def _folder_bytes(out_dir: Path) -> int:
-    return sum(
+def _check_blocklist(blocklist: Path | None) -> None:
+    if blocklist is not None:
+        try:
+            Blocklist.load(blocklist)
+        except BlocklistError as e:
+            raise ExportError(str(e)) from e
+
+
+def _folder_bytes(out_dir: Path, quantize: str) -> int:
+    """The folder's weight (the manifest aside); an int8 folder over 30 MB is refused."""
+    size = sum(
         p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
     )
+    if quantize == "int8" and size > MAX_FOLDER_BYTES:
+        raise ExportError(
+            f"{out_dir}: {size / 2**20:.1f} MB, over the "
+            f"{MAX_FOLDER_BYTES / 2**20:.0f} MB a model folder may weigh"
+        )
+    return size
 
 
 # -- phase 5: the manifest ---------------------------------------------------------------
@@ -389,11 +404,7 @@ def export_model(
     blocklist = Path(blocklist) if blocklist is not None else None
     forward = _load(checkpoint_dir, weights)
     backward = _load_backward(forward, weights)
-    if blocklist is not None:
-        try:
-            Blocklist.load(blocklist)
-        except BlocklistError as e:
-            raise ExportError(str(e)) from e
+    _check_blocklist(blocklist)
     inputs = _check_inputs(forward, backward, _held_out_pairs(checkpoint_dir, check_samples))
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -408,21 +419,11 @@ def export_model(
         _install(final_dir, out_dir, checkpoint_dir, blocklist, backward is not None)
     retrieval = _index(forward, out_dir, blocklist, index)
     checks["export_seconds"] = round(time.monotonic() - started, 1)
-    checks["folder_bytes"] = _folder_bytes(out_dir)
-    if quantize == "int8" and checks["folder_bytes"] > MAX_FOLDER_BYTES:
-        raise ExportError(
-            f"{out_dir}: {checks['folder_bytes'] / 2**20:.1f} MB, over the "
-            f"{MAX_FOLDER_BYTES / 2**20:.0f} MB a model folder may weigh"
-        )
+    checks["folder_bytes"] = _folder_bytes(out_dir, quantize)
     manifest = _manifest(
-        forward,
-        backward,
-        name=name or out_dir.name,
-        opset=opset,
-        quantize=quantize,
-        weights=weights,
-        command=command,
-    )
+        forward, backward, name=name or out_dir.name, opset=opset, quantize=quantize,
+        weights=weights, command=command,
+    )  # fmt: skip
     manifest.checks, manifest.retrieval = checks, retrieval
     manifest.write(out_dir)
     return manifest

@@ -25,10 +25,11 @@ HELD_OUT_FILES = ("valid.tsv", "test.tsv")
 MAX_REPLY_CHARS = 60  # longer replies are jokes and copy-pasted stories, not chat
 BM25_K1, BM25_B = 1.5, 0.75  # bm25s's defaults (Lucene's BM25)
 BOT_NAME = "小X"
-# How the xiaohuangji corpus's bot calls itself (XHJ_5w.txt: 小通 1,546 lines, 小黄鸭 63,
-# 黄小通; 小黄鸡 is the bot's public name). Longest first; 大小通吃 is an idiom, not a name.
-# 鸡鸡 and 黄鸡 are left to the blocklist, which drops them (they are insults there too).
-_BOT_NAMES = re.compile(r"黄小通|小黄鸡|小黄鸭|(?<!大)小通")
+# How the xiaohuangji corpus's bot calls itself (XHJ_5w.txt: 小通 1,546 lines, simsimi 70
+# (SimSimi, the Korean bot 小黄鸡 localised), 小黄鸭 63, 黄小通; 小黄鸡 is its public name).
+# Longest first; 大小通吃 is an idiom, not a name. 鸡鸡 and 黄鸡 are left to the blocklist,
+# which drops them (they are insults there too). 小鸡 is not there (and 小鸡炖蘑菇 is a dish).
+_BOT_NAMES = re.compile(r"黄小通|小黄鸡|小黄鸭|(?<!大)小通|simsimi", re.IGNORECASE)
 _URL = re.compile(r"https?://|www\.|\b[a-z0-9-]+\.(?:com|cn|net|org|cc|me)\b", re.IGNORECASE)
 # "@小通", "@you"; not the emoticon "@_@"
 _MENTION = re.compile(r"@[A-Za-z0-9\u4e00-\u9fff]")

@@ -91,6 +91,7 @@ def test_no_valid_or_test_pair_is_indexed(built):
 def test_the_old_bots_names_become_xiaox(built):
     assert ("你叫什么名字", "我是小X，你呢？") in indexed(built[0])
     assert rename_bots("小通在此，小黄鸡也在，黄小通来了") == "小X在此，小X也在，小X来了"
+    assert rename_bots("我叫SimSimi") == "我叫小X"
     assert rename_bots("大小通吃") == "大小通吃"  # an idiom, not the bot
 
 
