@@ -23,6 +23,12 @@ differ from the same row alone in the last digits.
 
 Beam search requests do not join the shared batch: each runs its own decode (a batch of
 ``beam_size`` rows) in a worker thread, one beam at a time, and returns its final n-best.
+
+A reply chosen among candidates (``serve.runtime.replies``: the hybrid mode, or several
+proposals) is made of parts that batch the same way: retrieval in a worker thread, the
+model's proposals as ordinary rows of the shared batch, and the scoring of every
+candidate of every concurrent request in one call per graph (``ScoreBatcher``). The
+chosen reply then streams piece by piece like a decoded one.
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ from dataclasses import dataclass
 from serve.runtime.batch_step import BatchRow, BatchStep
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
+from serve.runtime.replies import (
+    ReplySources,
+    generated_candidates,
+    reply_deltas,
+    score_pairs,
+)
 from serve.runtime.rules import TokenRules
+from serve.runtime.score_batcher import ScoreBatcher
 from serve.runtime.search import (
     MAX_SOURCE_LENGTH,
     DecodingCancelled,
@@ -49,6 +62,7 @@ from serve.runtime.search import (
     source_ids,
     text_delta,
 )
+from serve.runtime.selection import usable
 
 __all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Stream"]
 
@@ -112,6 +126,11 @@ class Stream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[str]:
+        if self._engine.sources.needs_selection(self._options):  # chosen, then streamed
+            self.result = await self._engine._select(self._text, self._options)
+            for delta in reply_deltas(self._engine.model, self.result.text):
+                yield delta
+            return
         if self._options.beam_size > 1:  # beam search has no partial text: one final delta
             self.result = await self._engine.generate(self._text, options=self._options)
             if self.result.text:
@@ -144,7 +163,10 @@ class Engine:
         max_queue: int = 256,
         max_source_length: int = MAX_SOURCE_LENGTH,
         on_metric: MetricCallback | None = None,
+        sources: ReplySources | None = None,
     ):
+        """``sources``: the folder's reply index, scoring graphs and selection weights
+        (``ReplySources.load(model)``); None serves plain generation."""
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.model = model
@@ -162,6 +184,8 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._batch = BatchStep(model)
+        self.sources = sources or ReplySources()
+        self._scoring = ScoreBatcher(lambda pairs: score_pairs(self.sources, pairs))
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -208,6 +232,12 @@ class Engine:
     ) -> GenerationResult:
         """The whole reply. Cancelling the awaiting task frees the request's slot."""
         options = _options(options, kwargs)
+        if self.sources.needs_selection(options):
+            return await self._select(text, options)
+        return await self._generate_plain(text, options)
+
+    async def _generate_plain(self, text: str, options: DecodingOptions) -> GenerationResult:
+        """The decoder's own reply, no selection."""
         if options.beam_size > 1:
             return await self._generate_beam(text, options)
         stream = Stream(self, text, options)
@@ -298,6 +328,29 @@ class Engine:
         self.stats.tokens_total += len(result.token_ids) + (result.finish_reason == "stop")
         self._metric("request_latency", time.perf_counter() - started)
         return result
+
+    async def _select(self, text: str, options: DecodingOptions) -> GenerationResult:
+        """A reply chosen among candidates (module docstring); cancelling the caller
+        cancels its proposals' rows."""
+        sources, started = self.sources, time.perf_counter()
+        hybrid = sources.mode(options) == "hybrid"
+        async with asyncio.TaskGroup() as group:
+            found = group.create_task(asyncio.to_thread(
+                self._retrieve, text, options.retrieval_candidates if hybrid else 0))
+            proposals = [group.create_task(self._generate_plain(text, o))
+                         for o in sources.proposals(options)]
+        src, retrieved = found.result()
+        generated = [p.result() for p in proposals]
+        candidates = usable([*retrieved, *generated_candidates(self.model, generated)], text)
+        scores = await self._scoring.score([(src, c.token_ids) for c in candidates])
+        result = sources.choose(self.model, text, candidates, scores, generated, options)
+        self._metric("selection_latency", time.perf_counter() - started)
+        return result
+
+    def _retrieve(self, text: str, k: int):
+        """Worker thread: the message's source ids and its retrieved candidates."""
+        src = source_ids(self.model, text, self.max_source_length)
+        return src, self.sources.retrieved(self.model, text, k) if k else []
 
     # -- the scheduler --------------------------------------------------------------------
     async def _schedule(self) -> None:

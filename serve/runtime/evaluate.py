@@ -1,10 +1,14 @@
 """``python -m serve evaluate --data FILE``: reply quality on held-out pairs, no TensorFlow.
 
 For each decoding mode (greedy, beam 5 with no-repeat-ngram, the same beam with the MMI
-anti-LM, nucleus sampling) it reports
+anti-LM, nucleus sampling, and, where the model folder has them, sampled replies reranked
+by the forward and backward models and the hybrid mode: retrieved and generated replies
+reranked) it reports
 perplexity of the references, BLEU-1/2 on characters (sacrebleu), distinct-1/2 on
 characters, average reply length, UNK rates, the share of all replies taken by the 10 most
-frequent replies (the generic-reply problem) and blocklist hits. The decoding flags set
+frequent replies (the generic-reply problem), blocklist hits, empty replies, echoes of the
+message and replies over 60 characters. ``--sheet`` writes every mode's reply to each
+prompt as a sheet to rate by hand (sensible, specific: SSA). The decoding flags set
 the options every mode starts from (``--max-length`` defaults to 30 here); each mode then
 sets its own.
 """
@@ -30,7 +34,9 @@ from serve.runtime.manifest import ModelError
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
 from serve.runtime.paths import DEFAULT_BLOCKLIST, DEFAULT_MODEL
-from serve.runtime.search import generate
+from serve.runtime.replies import ReplySources, select_reply
+from serve.runtime.search import GenerationResult
+from serve.runtime.tokenizer import normalize
 
 MAX_REPLY_TOKENS = 30
 # Chosen on the shipped model's validation pairs, never its test pairs: of the weights
@@ -39,16 +45,29 @@ ANTILM_WEIGHT = 0.5
 ANTILM_STEPS = 3
 
 
-def decoding_modes(seed: int) -> dict[str, dict]:
-    """The ways of answering that the report compares (CDial-GPT's sampling)."""
+SAMPLING = {"sampling_topk": 0, "sampling_topp": 0.9, "sampling_temperature": 0.7}
+RERANKED_SAMPLES = 4  # the model's proposals in the reranked modes
+
+
+def decoding_modes(seed: int, sources: ReplySources | None = None) -> dict[str, dict]:
+    """The ways of answering that the report compares (CDial-GPT's sampling); the
+    reranked modes only where the folder has what they need."""
     beam5 = {"beam_size": 5, "no_repeat_ngram_size": 2, "length_penalty": 1.0}
-    return {
-        "greedy": {},
-        "beam5": beam5,
-        "beam5_antilm": {**beam5, "antilm_weight": ANTILM_WEIGHT, "antilm_steps": ANTILM_STEPS},
-        "sampling": {"sampling_topk": 0, "sampling_topp": 0.9, "sampling_temperature": 0.7,
-                     "seed": seed},
+    plain = {"reply_mode": "generate"}
+    modes = {
+        "greedy": plain,
+        "beam5": {**plain, **beam5},
+        "beam5_antilm": {**plain, **beam5, "antilm_weight": ANTILM_WEIGHT,
+                         "antilm_steps": ANTILM_STEPS},
+        "sampling": {**plain, **SAMPLING, "seed": seed},
     }
+    if sources is not None and sources.scorer is not None and sources.scorer.has_backward:
+        modes["sampling_mmi"] = {**plain, **SAMPLING, "seed": seed,
+                                 "generated_candidates": RERANKED_SAMPLES}
+    if sources is not None and sources.index is not None:
+        modes["hybrid"] = {"reply_mode": "hybrid", **SAMPLING, "seed": seed,
+                           "generated_candidates": RERANKED_SAMPLES}
+    return modes
 
 
 @dataclass
@@ -120,22 +139,33 @@ def mode_options(base: Mapping | None, mode: dict, blocklist: Blocklist,
     base = {"max_length": MAX_REPLY_TOKENS, **(base or {})}
     words = (*base.get("suppress_words", ()), *blocklist.words)
     options = {**base, **mode, "suppress_words": words}
-    if "seed" in mode:
-        options["seed"] = mode["seed"] + pair_index
+    if "seed" in mode:  # proposals take seed, seed+1, ...: pairs' seeds must not overlap
+        options["seed"] = mode["seed"] + pair_index * RERANKED_SAMPLES
     return DecodingOptions(**options)
+
+
+def is_echo(reply: str, message: str) -> bool:
+    """The reply repeats the message (the whole message, or inside a longer reply)."""
+    said, text = normalize(message), normalize(reply)
+    return bool(said) and (text == said or (len(said) >= 4 and said in text))
+
+
+def answer_all(model: OnnxSeq2Seq, sources: ReplySources, questions: list[str], options: dict,
+               blocklist: Blocklist, base: Mapping | None = None) -> list[GenerationResult]:
+    return [select_reply(model, sources, q, mode_options(base, options, blocklist, i))
+            for i, q in enumerate(questions)]
 
 
 def mode_report(
     model: OnnxSeq2Seq, pairs: list[Pair], options: dict, blocklist: Blocklist,
-    base: Mapping | None = None,
+    base: Mapping | None = None, sources: ReplySources | None = None,
 ) -> tuple[dict, list[str]]:
-    replies, tokens, unks = [], 0, 0
     started = time.monotonic()
-    for i, pair in enumerate(pairs):
-        result = generate(model, pair.question, mode_options(base, options, blocklist, i))
-        replies.append(result.text)
-        tokens += len(result.token_ids)
-        unks += sum(t == model.unk_id for t in result.token_ids)
+    results = answer_all(model, sources or ReplySources(), [p.question for p in pairs],
+                         options, blocklist, base)
+    replies = [r.text for r in results]
+    tokens = sum(len(r.token_ids) for r in results)
+    unks = sum(t == model.unk_id for r in results for t in r.token_ids)
     top10 = sum(n for _, n in Counter(replies).most_common(10))
     report = {
         "bleu1": bleu(replies, [p.answer for p in pairs], 1),
@@ -146,6 +176,10 @@ def mode_report(
         "reply_unk_rate": unks / max(tokens, 1),
         "top10_share": top10 / len(replies),
         "blocklist_hits": sum(bool(blocklist.hits(r)) for r in replies),
+        "empty": sum(not r for r in replies),
+        "echoes": sum(is_echo(r, p.question) for r, p in zip(replies, pairs, strict=True)),
+        "over_60_chars": sum(len(r) > 60 for r in replies),
+        "retrieved_share": sum(r.source == "retrieved" for r in results) / len(results),
         "seconds": round(time.monotonic() - started, 1),
     }
     return report, replies
@@ -158,7 +192,7 @@ def source_unk_rate(model: OnnxSeq2Seq, pairs: list[Pair]) -> float:
 
 def evaluate(
     model: OnnxSeq2Seq, pairs: list[Pair], blocklist: Blocklist, *, seed: int = 0,
-    base: Mapping | None = None,
+    base: Mapping | None = None, sources: ReplySources | None = None,
 ) -> tuple[dict, dict[str, list[str]]]:
     """The whole report (one dict per mode, plus shared figures) and every reply;
     ``base``: the DecodingOptions keyword arguments every mode starts from."""
@@ -170,15 +204,16 @@ def evaluate(
         "modes": {},
     }
     replies = {}
-    for name, options in decoding_modes(seed).items():
+    for name, options in decoding_modes(seed, sources).items():
         report["modes"][name], replies[name] = mode_report(model, pairs, options, blocklist,
-                                                           base)
+                                                           base, sources)
     return report, replies
 
 
 def markdown_table(report: dict) -> str:
     columns = ["bleu1", "bleu2", "distinct1", "distinct2", "avg_length", "reply_unk_rate",
-               "top10_share", "blocklist_hits"]
+               "top10_share", "blocklist_hits", "empty", "echoes", "over_60_chars",
+               "retrieved_share"]
     lines = [
         f"model `{report['model']}` on {report['pairs']} held-out pairs: perplexity "
         f"{report['perplexity']:.1f}, source UNK rate {report['source_unk_rate']:.2%}",
@@ -195,7 +230,7 @@ def markdown_table(report: dict) -> str:
 
 def samples_table(pairs: list[Pair], replies: dict[str, list[str]], n: int, seed: int) -> str:
     """``n`` exchanges drawn at random with a fixed seed (not hand-picked)."""
-    picked = sorted(random.Random(seed).sample(range(len(pairs)), min(n, len(pairs))))
+    picked = sample_indices(len(pairs), n, seed)
     lines = ["| question | reference | " + " | ".join(replies) + " |",
              "| --- | --- |" + " --- |" * len(replies)]
     cell = lambda s: s.replace("|", "\\|") or "(empty)"  # noqa: E731
@@ -203,6 +238,16 @@ def samples_table(pairs: list[Pair], replies: dict[str, list[str]], n: int, seed
         row = [pairs[i].question, pairs[i].answer, *(r[i] for r in replies.values())]
         lines.append("| " + " | ".join(cell(s) for s in row) + " |")
     return "\n".join(lines)
+
+
+def rating_sheet(questions: list[str], replies: dict[str, list[str]]) -> str:
+    """A TSV to rate by hand: one row per (prompt, mode), with empty ``sensible`` and
+    ``specific`` columns (1 or 0; SSA is the mean of their two shares)."""
+    lines = ["prompt\tmode\treply\tsensible\tspecific"]
+    for i, question in enumerate(questions):
+        for mode, texts in replies.items():
+            lines.append(f"{question}\t{mode}\t{texts[i]}\t\t")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=0,
                         help="also print this many random exchanges")
     parser.add_argument("--json", type=Path, default=None, help="write the report here too")
+    parser.add_argument("--sheet", type=Path, default=None,
+                        help="write a rating sheet (TSV: prompt, mode, reply, sensible, "
+                             "specific) of --samples random pairs, or of every pair if 0")
     # The sampling mode's seed is --seed + the pair's index; scores are not reported.
     add_decoding_flags(parser, defaults={"max_length": MAX_REPLY_TOKENS, "seed": 0},
-                       exclude=("return_scores",))
+                       exclude=("return_scores", "return_candidates"))
     return parser
 
 
@@ -230,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     base = decoding_kwargs(args)
     seed = base.pop("seed")
     try:
-        for name, mode in decoding_modes(seed).items():  # a clash is an error before loading
+        # A clash is an error before loading.
+        for name, mode in decoding_modes(seed, ReplySources()).items():
             try:
                 mode_options(base, mode, Blocklist())
             except ValueError as e:
@@ -238,14 +287,27 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(args.data, args.limit)
         blocklist = Blocklist.load(args.blocklist)
         model = OnnxSeq2Seq.load(args.model)
+        sources = ReplySources.load(model)
     except (ModelError, BlocklistError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report, replies = evaluate(model, pairs, blocklist, seed=seed, base=base)
+    report, replies = evaluate(model, pairs, blocklist, seed=seed, base=base, sources=sources)
     print(markdown_table(report))
     if args.samples:
         print()
         print(samples_table(pairs, replies, args.samples, seed))
     if args.json:
         args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    if args.sheet:
+        picked = sample_indices(len(pairs), args.samples, seed)
+        args.sheet.write_text(rating_sheet([pairs[i].question for i in picked],
+                                           {m: [r[i] for i in picked] for m, r in replies.items()}),
+                              encoding="utf-8")
     return 0
+
+
+def sample_indices(total: int, n: int, seed: int) -> list[int]:
+    """``n`` indices drawn at random with a fixed seed (all of them when n is 0)."""
+    if not n or n >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), n))

@@ -7,6 +7,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+REPLY_MODES = (None, "hybrid", "generate")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DecodingOptions:
@@ -47,6 +49,17 @@ class DecodingOptions:
       antilm_steps: Reply tokens the anti-LM applies to. (default 3)
       return_scores: Fill GenerationResult.score and the hypotheses' scores. (default
         False)
+      reply_mode: "hybrid": the reply is chosen among retrieved replies (the folder's
+        reply index) and the model's own, reranked by the forward and backward models;
+        "generate": the model's own replies only (reranked when there are several).
+        None = hybrid when the model folder has a reply index. (default None)
+      retrieval_candidates: Hybrid: how many retrieved replies (of the most similar
+        questions) are considered. (default 8)
+      generated_candidates: How many replies the model proposes for reranking when
+        sampling (seeds seed, seed+1, ...); a beam proposes its num_hypotheses, greedy
+        one. (default 1)
+      return_candidates: Fill GenerationResult.candidates with every candidate and its
+        scores. (default False)
 
     Where the defaults differ from CTranslate2's, it is for a chat reply: a streamed
     reply needs beam_size 1 (a beam's best is only known at its end); a reply is a
@@ -71,6 +84,10 @@ class DecodingOptions:
     antilm_weight: float = 0.0
     antilm_steps: int = 3
     return_scores: bool = False
+    reply_mode: str | None = None
+    retrieval_candidates: int = 8
+    generated_candidates: int = 1
+    return_candidates: bool = False
 
     def __post_init__(self) -> None:
         words = self.suppress_words
@@ -143,7 +160,8 @@ def validate(o: DecodingOptions) -> None:
     """Each value in its range, and the values consistent with each other."""
     for name, low in (("beam_size", 1), ("num_hypotheses", 1), ("no_repeat_ngram_size", 0),
                       ("min_length", 0), ("max_length", 1), ("sampling_topk", 0),
-                      ("antilm_steps", 0)):
+                      ("antilm_steps", 0), ("retrieval_candidates", 1),
+                      ("generated_candidates", 1)):
         _integer(o, name, low)
     _number(o, "length_penalty")
     if not 0 <= _number(o, "antilm_weight") < 1:
@@ -173,3 +191,9 @@ def validate(o: DecodingOptions) -> None:
         raise ValueError(f"seed must be a non-negative integer or None, got {o.seed!r}")
     if not all(isinstance(w, str) for w in o.suppress_words):
         raise ValueError("suppress_words must be strings")
+    if o.reply_mode not in REPLY_MODES:
+        raise ValueError(f"reply_mode must be one of {', '.join(map(str, REPLY_MODES))}, "
+                         f"got {o.reply_mode!r}")
+    if o.generated_candidates > 1 and not o.sampling:
+        raise ValueError("generated_candidates > 1 needs sampling (greedy proposes one "
+                         "reply, a beam its num_hypotheses)")

@@ -35,6 +35,8 @@ class GenerationResult:
     score: float | None  # None unless return_scores
     finish_reason: str  # "stop" (</s>) or "length" (max_length reached)
     hypotheses: list[tuple[str, float | None]] = field(default_factory=list)  # n-best, best first
+    source: str = "generated"  # or "retrieved": where the chosen reply came from
+    candidates: list = field(default_factory=list)  # selection.Candidate, with return_candidates
 
 
 class DecodingCancelled(Exception):

@@ -165,12 +165,11 @@ async def test_overloaded_past_the_queue_bound(model):
 async def test_seeded_sampling_reproduces_through_the_engine(model):
     async with running(model) as engine:
         options = DecodingOptions(sampling_topk=0, sampling_temperature=1.3, seed=42, max_length=20)
-        first, second = await asyncio.gather(
-            engine.generate("你好", options), engine.generate("你好", options)
-        )
+        # One after the other: concurrent rows of the int8 model share their activations'
+        # quantization scale, so only the fp32 test above can promise equality in a batch.
+        first = await engine.generate("你好", options)
+        second = await engine.generate("你好", options)
         assert first == second
-        third = await engine.generate("你好", options)
-        assert third == first
 
 
 async def test_beam_runs_beside_the_batch_and_returns_the_n_best(model):

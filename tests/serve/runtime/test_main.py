@@ -83,8 +83,10 @@ def _decoding_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Act
 @pytest.mark.parametrize("module", [ask, evaluate], ids=["ask", "evaluate"])
 def test_decoding_flags_come_from_the_options(module):
     actions = _decoding_actions(module.build_parser())
-    # Every option but return_scores (ask always scores; evaluate reports no scores).
-    assert set(actions) == {f.name for f in fields(DecodingOptions)} - {"return_scores"}
+    # Every option but return_scores and return_candidates (ask always scores and has
+    # --candidates; evaluate reports neither).
+    assert set(actions) == {f.name for f in fields(DecodingOptions)} - {"return_scores",
+                                                                      "return_candidates"}
     for name, action in actions.items():
         assert f"--{name.replace('_', '-')}" in action.option_strings
         assert action.help == option_help(name)

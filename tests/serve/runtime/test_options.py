@@ -87,7 +87,19 @@ def test_our_defaults():
         "return_scores": False,
         "antilm_weight": 0.0,
         "antilm_steps": 3,
+        "reply_mode": None,
+        "retrieval_candidates": 8,
+        "generated_candidates": 1,
+        "return_candidates": False,
     }
+
+
+def test_reply_options_are_checked():
+    with pytest.raises(ValueError, match="reply_mode"):
+        DecodingOptions(reply_mode="retrieve")
+    with pytest.raises(ValueError, match="needs sampling"):
+        DecodingOptions(generated_candidates=3)  # greedy proposes one reply
+    assert DecodingOptions(generated_candidates=3, sampling_topk=0).generated_candidates == 3
 
 
 def test_options_are_keyword_only():

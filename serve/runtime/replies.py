@@ -1,0 +1,159 @@
+"""Where a reply comes from: the decoder alone, or a choice among candidates.
+
+A model folder may hold, beside its encoder and decoder, a reply index (retrieval),
+scoring graphs (forward and backward) and tuned selection weights (its manifest's
+``selection``). ``ReplySources`` bundles them and decides, per request, whether the reply
+is decoded as it streams (plain generation) or chosen (``serve.runtime.selection``):
+
+- ``reply_mode="hybrid"``: the replies of the ``retrieval_candidates`` most similar
+  indexed questions, plus the model's own proposals, reranked;
+- ``reply_mode="generate"``: the model's own proposals only, reranked when there are
+  several (``generated_candidates`` samples, or a beam's ``num_hypotheses``).
+
+The engine runs the proposals through its shared batch and the scoring through one
+batched call (``serve.runtime.engine``); ``select_reply`` here does the same one request at
+a time, for ``serve ask``, ``serve evaluate`` and tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.retrieval import ReplyIndex
+from serve.runtime.scoring import CandidateScorer, IdPair, PairScore
+from serve.runtime.search import GenerationResult, generate, source_ids, text_delta
+from serve.runtime.selection import Candidate, SelectionWeights, rank, usable
+
+
+@dataclass
+class ReplySources:
+    """The model folder's reply index, scoring graphs and selection weights (each may be
+    absent: a folder exported before them serves as plain generation)."""
+
+    index: ReplyIndex | None = None
+    scorer: CandidateScorer | None = None
+    weights: SelectionWeights = field(default_factory=SelectionWeights)
+
+    @classmethod
+    def load(cls, model: OnnxSeq2Seq, *, intra_op_num_threads: int = 0) -> ReplySources:
+        return cls(
+            index=ReplyIndex.load(model.model_dir, model.tokenizer),
+            scorer=CandidateScorer.load(model.model_dir,
+                                        intra_op_num_threads=intra_op_num_threads),
+            weights=SelectionWeights.from_dict(model.manifest.selection),
+        )
+
+    def mode(self, options: DecodingOptions) -> str:
+        """The request's reply mode: hybrid by default where there is an index."""
+        if options.reply_mode == "hybrid" and self.index is None:
+            raise ValueError("reply_mode hybrid needs a model folder with a reply index")
+        if options.reply_mode is None:
+            return "hybrid" if self.index is not None else "generate"
+        return options.reply_mode
+
+    def needs_selection(self, options: DecodingOptions) -> bool:
+        """Whether the reply is chosen among candidates rather than decoded as it streams."""
+        if self.mode(options) == "hybrid":
+            return True
+        several = options.num_hypotheses > 1 if options.beam_size > 1 else len(
+            self.proposals(options)) > 1
+        return several and self.scorer is not None
+
+    def proposals(self, options: DecodingOptions) -> list[DecodingOptions]:
+        """The decodes whose replies are the model's candidates: one, or one per sample
+        (seeds seed, seed+1, ...)."""
+        plain = replace(options, reply_mode="generate", generated_candidates=1,
+                        return_candidates=False)
+        if not options.sampling or options.generated_candidates == 1:
+            return [plain]
+        return [replace(plain, seed=None if options.seed is None else options.seed + i)
+                for i in range(options.generated_candidates)]
+
+    def retrieved(self, model: OnnxSeq2Seq, text: str, k: int) -> list[Candidate]:
+        """The replies of the ``k`` indexed questions closest to ``text`` (worker thread:
+        BM25 and jieba take a millisecond or two)."""
+        if self.index is None:
+            return []
+        return [
+            Candidate(text=hit.reply, token_ids=tuple(model.tokenizer.encode(hit.reply)),
+                      source="retrieved", retrieval_score=hit.score)
+            for hit in self.index.search(text, k)
+        ]
+
+    def choose(self, model: OnnxSeq2Seq, message: str, candidates: Sequence[Candidate],
+               scores: Sequence[PairScore], generated: Sequence[GenerationResult],
+               options: DecodingOptions) -> GenerationResult:
+        """The best candidate as a GenerationResult (the first proposal when no candidate
+        may be said)."""
+        scored = [with_scores(c, s) for c, s in zip(candidates, scores, strict=True)]
+        ranked = rank(scored, self.weights)
+        if not ranked:
+            return generated[0]
+        best = ranked[0]
+        from_model = next((g for g in generated if g.text == best.text), None)
+        return GenerationResult(
+            text=best.text,
+            token_ids=list(best.token_ids),
+            score=best.score if options.return_scores else None,
+            finish_reason=from_model.finish_reason if from_model else "stop",
+            hypotheses=[(c.text, c.score if options.return_scores else None)
+                        for c in ranked[: max(options.num_hypotheses, 1)]],
+            source=best.source,
+            candidates=ranked if options.return_candidates else [],
+        )
+
+
+def generated_candidates(model: OnnxSeq2Seq, results: Sequence[GenerationResult]
+                         ) -> list[Candidate]:
+    """The model's proposals as candidates (a beam's whole n-best)."""
+    out = []
+    for result in results:
+        texts = [t for t, _ in result.hypotheses] or [result.text]
+        for i, text in enumerate(texts):
+            ids = result.token_ids if i == 0 else model.tokenizer.encode(text)
+            out.append(Candidate(text=text, token_ids=tuple(ids), source="generated"))
+    return out
+
+
+def with_scores(candidate: Candidate, score: PairScore) -> Candidate:
+    return replace(candidate, forward=score.forward, reply_length=score.reply_length,
+                   backward=score.backward or 0.0, message_length=score.message_length)
+
+
+def score_pairs(sources: ReplySources, pairs: Sequence[IdPair]) -> list[PairScore]:
+    """Scores of (message ids, reply ids) pairs in one call per graph (zeros where the
+    folder has no scoring graphs: then only the retrieval term ranks)."""
+    if sources.scorer is None:
+        return [PairScore(0.0, len(r) + 1, None, len(m) + 1) for m, r in pairs]
+    return sources.scorer.score(pairs)
+
+
+def select_reply(model: OnnxSeq2Seq, sources: ReplySources, text: str,
+                 options: DecodingOptions) -> GenerationResult:
+    """One request's reply without an engine: proposals decoded one after another, the
+    retrieved replies, one scoring call, the choice."""
+    if not sources.needs_selection(options):
+        return generate(model, text, options)
+    src = source_ids(model, text)
+    generated = [generate(model, text, o) for o in sources.proposals(options)]
+    retrieved = (sources.retrieved(model, text, options.retrieval_candidates)
+                 if sources.mode(options) == "hybrid" else [])
+    candidates = usable([*retrieved, *generated_candidates(model, generated)], text)
+    scores = score_pairs(sources, [(src, c.token_ids) for c in candidates])
+    return sources.choose(model, text, candidates, scores, generated, options)
+
+
+def reply_deltas(model: OnnxSeq2Seq, text: str) -> list[str]:
+    """A chosen reply's text in the pieces a decoded reply would stream in (the
+    tokenizer's words or characters), so that it streams like one."""
+    pieces = model.tokenizer.segment(text)
+    deltas, last = [], ""
+    for piece in pieces:
+        delta = text_delta(last, piece)
+        last = piece
+        if delta:
+            deltas.append(delta)
+    return deltas
