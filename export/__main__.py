@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="do not build the reply index (serve.runtime.retrieval) from train.tsv",
     )
+    parser.add_argument(
+        "--tune-samples",
+        type=int,
+        default=300,
+        help="validation pairs the reply selection weights are tuned on (0 = untuned)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     return parser.parse_args(argv)
 
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             weights=args.weights,
             blocklist=None if args.blocklist == "none" else (args.blocklist or DEFAULT_BLOCKLIST),
             index=args.index,
+            tune_samples=args.tune_samples,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

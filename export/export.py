@@ -387,16 +387,18 @@ def export_model(
     blocklist: str | Path | None = DEFAULT_BLOCKLIST,
     command: str = "",
     index: bool = True,
+    tune_samples: int = 300,
 ) -> Manifest:
     """Export, check and write a model folder; return its manifest.
 
     ``weights``: "best" (best validation loss) or "latest". ``blocklist`` is copied into
     the folder: serving suppresses its words, and the reply index drops replies with one.
     ``index``: build the reply index from the checkpoint's train.tsv (skipped, and said so
-    in ``manifest.retrieval``, when the file is absent). Raises ExportError when a
-    checkpoint is unusable, when an fp32 graph disagrees with TensorFlow (log-probs by more
-    than 1e-4, a greedy reply, a reply's summed score vs the decoder steps by more than
-    1e-3), or when an int8 folder exceeds 30 MB.
+    in ``manifest.retrieval``, when the file is absent). ``tune_samples``: validation pairs
+    the selection weights are tuned on (export.tune; 0 = untuned defaults). Raises
+    ExportError when a checkpoint is unusable, when an fp32 graph disagrees with TensorFlow
+    (log-probs by more than 1e-4, a greedy reply, a reply's summed score vs the decoder
+    steps by more than 1e-3), or when an int8 folder exceeds 30 MB.
     """
     if quantize not in ("none", "int8"):
         raise ExportError(f"--quantize must be none or int8, not {quantize!r}")
@@ -426,4 +428,9 @@ def export_model(
     )  # fmt: skip
     manifest.checks, manifest.retrieval = checks, retrieval
     manifest.write(out_dir)
+    from export.tune import tune_selection
+
+    valid_file = checkpoint_dir / "valid.tsv"
+    if tune_samples and valid_file.is_file():
+        manifest = tune_selection(out_dir, valid_file, tune_samples)
     return manifest

@@ -60,6 +60,9 @@ class Manifest:
     retrieval: dict[str, Any] = field(default_factory=dict)
     # serve.runtime.selection.SelectionWeights, tuned on the validation pairs
     selection: dict[str, Any] = field(default_factory=dict)
+    # the folder's default DecodingOptions (the chat room's), like Hugging Face's
+    # generation_config.json
+    generation: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -8,6 +8,14 @@ import re
 from dataclasses import dataclass, fields
 
 REPLY_MODES = (None, "hybrid", "generate")
+# What a newly exported model folder serves the chat room with (its manifest's
+# "generation"): nucleus sampling as CDial-GPT (p 0.9, T 0.7), repeats discouraged, and
+# in the hybrid mode two samples beside eight retrieved replies.
+DEFAULT_GENERATION = {
+    "max_length": 30, "sampling_topk": 0, "sampling_topp": 0.9, "sampling_temperature": 0.7,
+    "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "retrieval_candidates": 8,
+    "generated_candidates": 2,
+}
 
 
 @dataclass(frozen=True, kw_only=True)

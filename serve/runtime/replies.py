@@ -131,18 +131,26 @@ def score_pairs(sources: ReplySources, pairs: Sequence[IdPair]) -> list[PairScor
     return sources.scorer.score(pairs)
 
 
-def select_reply(model: OnnxSeq2Seq, sources: ReplySources, text: str,
-                 options: DecodingOptions) -> GenerationResult:
-    """One request's reply without an engine: proposals decoded one after another, the
-    retrieved replies, one scoring call, the choice."""
-    if not sources.needs_selection(options):
-        return generate(model, text, options)
+def gather_candidates(model: OnnxSeq2Seq, sources: ReplySources, text: str,
+                      options: DecodingOptions
+                      ) -> tuple[list[GenerationResult], list[Candidate], list[PairScore]]:
+    """One request's proposals, usable candidates and their scores, without an engine:
+    the proposals decoded one after another, the retrieved replies, one scoring call."""
     src = source_ids(model, text)
     generated = [generate(model, text, o) for o in sources.proposals(options)]
     retrieved = (sources.retrieved(model, text, options.retrieval_candidates)
                  if sources.mode(options) == "hybrid" else [])
     candidates = usable([*retrieved, *generated_candidates(model, generated)], text)
-    scores = score_pairs(sources, [(src, c.token_ids) for c in candidates])
+    return generated, candidates, score_pairs(sources, [(src, c.token_ids)
+                                                        for c in candidates])
+
+
+def select_reply(model: OnnxSeq2Seq, sources: ReplySources, text: str,
+                 options: DecodingOptions) -> GenerationResult:
+    """One request's reply without an engine (``serve ask``, ``serve evaluate``)."""
+    if not sources.needs_selection(options):
+        return generate(model, text, options)
+    generated, candidates, scores = gather_candidates(model, sources, text, options)
     return sources.choose(model, text, candidates, scores, generated, options)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve.runtime.selection import Candidate, SelectionWeights, rank, usable
-from serve.runtime.tuning import reciprocal_ranks, tune_weights
+from serve.runtime.tuning import chosen_similarity, similarity, tune_weights
 
 
 def candidate(text: str, *, source: str = "generated", forward: float = -8.0,
@@ -54,17 +54,24 @@ def test_echoes_overlong_empty_and_duplicate_replies_are_never_candidates():
     assert [(c.text, c.source) for c in kept] == [("出去玩吧", "retrieved")]
 
 
-def test_tuning_finds_the_weights_that_rank_the_real_reply_first():
-    # In every group the real reply (index 0) has the worse forward score but the better
-    # backward one, so only a backward weight ranks it first.
+def test_tuning_finds_the_weights_whose_choices_overlap_the_real_replies_most():
+    # In every group the candidate like the real reply (index 0, overlap 50) has the worse
+    # forward score but the better backward one, so only a backward weight chooses it.
     groups = [[(-2.0, -2.0, 0.0), (-1.0, -6.0, 0.0), (-1.5, -5.0, 0.0)] for _ in range(10)]
-    weights = tune_weights(groups, [0] * 10, chosen_on="constructed")
+    overlaps = [[50.0, 5.0, 0.0] for _ in range(10)]
+    weights = tune_weights(groups, overlaps, chosen_on="constructed")
     assert weights.backward > 0
     assert weights.retrieval == 0.0  # no retrieval signal here: the smallest weight wins
-    assert weights.objective["mrr_of_the_real_reply"] == 1.0
-    assert weights.objective["mrr_forward_only"] == round(1 / 3, 4)
+    assert weights.objective["mean_bleu2_of_the_chosen"] == 50.0
+    assert weights.objective["mean_bleu2_forward_only"] == 5.0
+    assert weights.chosen_on == "constructed"
 
 
-def test_ties_count_against_the_real_reply():
-    features = np.array([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    assert reciprocal_ranks(features, np.array([0]), np.zeros(3))[0] == 0.5
+def test_equal_scores_earn_their_mean_and_absent_rows_never_win():
+    features = np.array([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [np.nan] * 3]])
+    overlap = np.array([[1.0, 2.0, 3.0]])
+    assert chosen_similarity(features, overlap, np.ones(3))[0] == 1.5
+
+
+def test_similarity_is_higher_for_the_closer_reply():
+    assert similarity("多穿点衣服", "记得多穿衣服") > similarity("我也是", "记得多穿衣服")
