@@ -1,11 +1,11 @@
 """The baseline in the original's architecture, behind the same HTTP routes as ours.
 
 The original rebuilt a TensorFlow model and decoded one request at a time. Here the
-real app (``serve.web.app.create_app``) runs under uvicorn in this process, with
-``serve.runtime.engine.Engine`` replaced before startup by ``TensorFlowEngine``: the checkpoint's
-TensorFlow model stepped by a ``tf.function`` (the same ``decode_step`` export converts),
-one request at a time under an ``asyncio.Lock``. Routes, SSE framing, broker and
-tokenizer are the app's own, so a load client sees only the engine differ.
+real server (``python -m serve run``) runs with its ``engine`` setting naming
+``TensorFlowEngine``: the checkpoint's TensorFlow model stepped by a ``tf.function`` (the
+same ``decode_step`` export converts), one request at a time under an ``asyncio.Lock``.
+Routes, SSE framing, broker and tokenizer are the app's own, so a load client sees only
+the engine differ. (This package never imports the web server: it starts it.)
 
     python -m benchmarks.baseline --checkpoint DIR --model MODEL_DIR --port 8001
 
@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from serve.runtime.search import (  # noqa: E402
 )
 
 CHECKPOINT_ENV = "XIAOX_BENCH_CHECKPOINT"
+THREADS_ENV = "XIAOX_BENCH_TF_THREADS"
 
 
 class _TensorFlowStream:
@@ -110,8 +110,13 @@ class TensorFlowEngine:
 
     def __init__(self, model, *, max_batch_size: int = 1, max_queue: int = 256,
                  on_metric=None, **_ignored):
+        import tensorflow as tf
+
         from benchmarks.decoding import TensorFlowSteps
 
+        threads = int(os.environ.get(THREADS_ENV, "1"))
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
         self.model = model
         self.max_batch_size = 1
         self.max_queue = max_queue
@@ -164,25 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m benchmarks.baseline: {args.checkpoint} is not a checkpoint folder",
               file=sys.stderr)
         return 2
-    started = time.perf_counter()
-    import tensorflow as tf
-    import uvicorn
-
-    import serve.runtime.engine
-    from serve.web.app import create_app
-    from serve.web.settings import settings_from_env
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    os.environ[CHECKPOINT_ENV] = str(args.checkpoint.resolve())
-    serve.runtime.engine.Engine = TensorFlowEngine  # type: ignore[misc]  # app.py imports it at startup
-    settings = settings_from_env(model_dir=args.model, port=args.port, redis_url=args.redis_url,
-                                 threads=args.threads, max_batch_size=1)
-    print(f"baseline: TensorFlow imported in {time.perf_counter() - started:.1f} s",
-          file=sys.stderr)
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=args.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=2)
-    return 0
+    env = {**os.environ, CHECKPOINT_ENV: str(args.checkpoint.resolve()),
+           THREADS_ENV: str(args.threads), "XIAOX_ENGINE": f"{__name__}:TensorFlowEngine"}
+    command = [sys.executable, "-m", "serve", "run", "--model", str(args.model), "--host",
+               "127.0.0.1", "--port", str(args.port), "--threads", str(args.threads),
+               "--max-batch-size", "1"]
+    command += ["--redis-url", args.redis_url] if args.redis_url else []
+    os.execve(sys.executable, command, env)
 
 
 if __name__ == "__main__":

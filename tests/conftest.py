@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -115,8 +116,10 @@ def shipped_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(shipped_model_dir) -> Path:
-    """The model the serving tests run on: the shipped one (no TensorFlow needed)."""
-    return shipped_model_dir
+    """The model the serving tests run on: the shipped one (no TensorFlow needed), or the
+    folder named by $XIAOX_TEST_MODEL (to run the serving suite on another export)."""
+    other = os.environ.get("XIAOX_TEST_MODEL")
+    return Path(other) if other else shipped_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,14 @@ FAILED_REPLY = "（小X 走神了，没能回答。）"
 UNREADABLE_REPLY = "（小X 没看懂这条消息。）"
 
 
+def _import(target: str):
+    """``module:name`` -> that object (an engine other than ours, for benchmarks)."""
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class Chat:
     """Everything the routes share: settings, engine, broker, metrics, reply tasks."""
 
@@ -77,23 +85,31 @@ class Chat:
 
     @property
     def reply_options(self) -> dict[str, Any]:
-        # Nucleus sampling (CDial-GPT's p=0.9, T=0.7): of the decoding modes only sampling
-        # gives the shipped model's replies some variety on held-out pairs (README).
-        return {"max_length": self.settings.reply_max_tokens, "no_repeat_ngram_size": 3,
-                "repetition_penalty": 1.2, "sampling_topk": 0, "sampling_topp": 0.9,
-                "sampling_temperature": 0.7}
+        """The room's decoding: the model folder's own default generation settings (its
+        manifest's ``generation``; the hybrid mode where it has a reply index), else
+        nucleus sampling as CDial-GPT (p 0.9, T 0.7)."""
+        generation = self.engine.model.manifest.generation if self.engine else {}
+        defaults = generation or {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2,
+                                  "sampling_topk": 0, "sampling_topp": 0.9,
+                                  "sampling_temperature": 0.7}
+        return {**defaults, "max_length": self.settings.reply_max_tokens}
 
     async def start(self) -> None:
         from serve.runtime.engine import Engine
         from serve.runtime.model import OnnxSeq2Seq
+        from serve.runtime.replies import ReplySources
 
         s = self.settings
         # Loading reads and hashes the model files: keep the event loop free meanwhile.
         model = await asyncio.to_thread(OnnxSeq2Seq.load, s.model_path,
                                         intra_op_num_threads=s.threads)
+        sources = await asyncio.to_thread(ReplySources.load, model,
+                                          intra_op_num_threads=s.threads)
         self.model_name = model.manifest.name or "xiaox"
-        self.engine = Engine(model, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                             on_metric=self.metrics.on_engine_metric)
+        engine_class = _import(s.engine) if s.engine else Engine
+        self.engine = engine_class(model, max_batch_size=s.max_batch_size,
+                                   max_queue=s.max_queue,
+                                   on_metric=self.metrics.on_engine_metric, sources=sources)
         await self.engine.start()
         self.metrics.watch_engine(self.engine)
         self.model_error = None

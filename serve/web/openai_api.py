@@ -104,6 +104,8 @@ def decoding_options(body: dict[str, Any], default_max_tokens: int) -> dict[str,
     elif ("sampling_temperature" in options or "sampling_topp" in options) \
             and "sampling_topk" not in options and options.get("beam_size", 1) == 1:
         options["sampling_topk"] = 0
+    if body.get("logprobs") is True:  # the scores we have: each candidate reply's
+        options["return_candidates"] = True
     try:
         DecodingOptions.from_kwargs(**options)
     except (ValueError, TypeError) as e:
@@ -225,9 +227,24 @@ async def _complete(chat, req: _CompletionRequest) -> Response:
         "model": chat.model_name, "system_fingerprint": None,
         "choices": [{"index": 0, "logprobs": None,
                      "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason}],
+                     "finish_reason": result.finish_reason, **_candidates(result)}],
         "usage": _usage(req.prompt_tokens, len(result.token_ids)),
     })
+
+
+def _candidates(result) -> dict[str, Any]:
+    """With ``return_candidates`` (or ``logprobs``): every candidate reply and its scores,
+    best first (an extension field: OpenAI's clients ignore it)."""
+    if not result.candidates:
+        return {}
+    top = max((c.retrieval_score for c in result.candidates if c.source == "retrieved"),
+              default=0.0)
+    out = []
+    for c in result.candidates:
+        forward, backward, retrieval = c.features(top)
+        out.append({"text": c.text, "source": c.source, "score": c.score,
+                    "forward": forward, "backward": backward, "retrieval": retrieval})
+    return {"xiaox_source": result.source, "xiaox_candidates": out}
 
 
 async def _stream(chat, req: _CompletionRequest) -> Response:

@@ -49,6 +49,9 @@ class Settings:
     reply_max_tokens: int = 40
     drain_seconds: float = 20.0
     log_level: str = "info"
+    # "module:callable" that builds the engine as serve.runtime.engine.Engine is built
+    # (empty: that Engine); the TensorFlow baseline benchmark swaps in its own this way.
+    engine: str = ""
 
     @property
     def model_path(self) -> Path:
