@@ -81,8 +81,8 @@ def measure(
     import keras
     import numpy as np
 
+    from training.loss import compile_steps
     from training.model import ModelConfig, build_model
-    from training.train import compile_steps
 
     keras.utils.set_random_seed(seed)
     model = build_model(

@@ -15,7 +15,9 @@ import tensorflow as tf  # noqa: E402
 from serve.runtime.tokenizer import EOS_ID, Vocab  # noqa: E402
 from training.checkpoint import load_checkpoint, read_metrics  # noqa: E402
 from training.config import ConfigError  # noqa: E402
-from training.train import itf_weights, prepare_data, train, training_loss  # noqa: E402
+from training.data import prepare_data  # noqa: E402
+from training.loss import itf_weights, training_loss  # noqa: E402
+from training.train import train  # noqa: E402
 
 from .test_train import tiny_config, weights_of  # noqa: E402
 

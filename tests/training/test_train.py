@@ -10,10 +10,12 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from serve.runtime.tokenizer import BOS_ID, Vocab  # noqa: E402
+from training.batches import make_batches, pad_batch  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint, read_metrics  # noqa: E402
 from training.config import ConfigError, TrainConfig  # noqa: E402
 from training.corpus import CorpusError  # noqa: E402
-from training.train import make_batches, pad_batch, prepare_data, train  # noqa: E402
+from training.data import prepare_data  # noqa: E402
+from training.train import train  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
 
