@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_throughput [--steps 20] [--batch-size 64] [--threads 0]
 
-Runs ``training.train.compile_steps`` (the step ``python -m training`` runs: forward,
+Runs ``training.loss.compile_steps`` (the step ``python -m training`` runs: forward,
 masked loss, gradients, clipping, Adam) on random batches with the lengths of real chat
 pairs, and prints the machine it ran on. Tokens count source plus target tokens, padding
 excluded, as the progress bar does. Speed is reported together with its ratio to the

@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from serve.runtime.manifest import INDEX_DIR, Manifest, ModelError
 from serve.runtime.tokenizer import UNK_ID, Tokenizer
 
@@ -93,11 +95,10 @@ class ReplyIndex:
         k = min(k, len(self._pairs))
         if not terms or k < 1:
             return []
-        docs, scores = self._retriever.retrieve(
-            [terms], k=k, show_progress=False, n_threads=0, return_as="tuple"
-        )
-        return [
-            Retrieved(*self._pairs[int(doc)], float(score))
-            for doc, score in zip(docs[0], scores[0], strict=True)
-            if score > 0
-        ]
+        # bm25s scores every question; its own top-k (``retrieve``) takes 30 ms here to
+        # select 8 of 75k, an argpartition of the same scores 1 ms.
+        scores = self._retriever.get_scores([self._terms[t] for t in terms])
+        head = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        head = head[np.lexsort((head, -scores[head]))]  # best first, ties by index
+        return [Retrieved(*self._pairs[int(doc)], float(scores[doc]))
+                for doc in head if scores[doc] > 0]

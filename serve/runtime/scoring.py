@@ -50,7 +50,8 @@ def _session(model_dir: Path, manifest: Manifest, name: str, intra: int, inter: 
         return None
     if name not in manifest.files:  # a graph the manifest does not vouch for is not served
         raise ModelError(f"{model_dir}: {name} is not listed in the manifest")
-    session = ort_session(path, intra, inter)
+    # A batch's [B,T,V] log-probs are tens of MB: freed after each call, not kept.
+    session = ort_session(path, intra, inter, memory_arena=False)
     have_in = {i.name for i in session.get_inputs()}
     have_out = {o.name for o in session.get_outputs()}
     if have_in != set(SCORE_INPUTS) or not set(SCORE_OUTPUTS) <= have_out:

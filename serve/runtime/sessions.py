@@ -9,9 +9,13 @@ import onnxruntime as ort
 from serve.runtime.manifest import ModelError
 
 
-def ort_session(path: str | Path, intra: int = 0, inter: int = 1) -> ort.InferenceSession:
-    """A CPU session of ``path``; ``intra=0`` lets onnxruntime pick (one thread per core)."""
+def ort_session(path: str | Path, intra: int = 0, inter: int = 1, *,
+                memory_arena: bool = True) -> ort.InferenceSession:
+    """A CPU session of ``path``; ``intra=0`` lets onnxruntime pick (one thread per core).
+    ``memory_arena=False`` returns a run's memory when it ends (the arena keeps its peak:
+    right for the decoder's small steady steps, wrong for a graph whose inputs vary a lot)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     options.intra_op_num_threads = intra
     options.inter_op_num_threads = inter
     # Several sessions (and processes) share few cores: spinning threads would steal them.

@@ -1,0 +1,133 @@
+"""The cost of choosing a reply: hybrid vs generation-only, in one process, one run.
+
+    python -m benchmarks.hybrid [--model DIR] [--concurrency 32] [--requests 256]
+
+On a model folder with a reply index and scoring graphs (the shipped one), the engine
+answers the same messages with the chat room's default generation settings twice: once
+generation only (``reply_mode="generate"``, one sampled reply, streamed as it is decoded),
+once hybrid (retrieved and generated candidates, scored in batches, the best streamed).
+Each figure is measured at ``--concurrency`` concurrent requests; the ratio of the two is
+the cost of the hybrid mode. Also measured: the cold start of the model folder (model,
+index and scoring graphs loaded) and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.common import (
+    DEFAULT_OUT,
+    SHIPPED_MODEL,
+    fmt,
+    log,
+    machine,
+    machine_lines,
+    percentile,
+    write_results,
+)
+from serve.runtime.engine import Engine
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DEFAULT_GENERATION, DecodingOptions
+from serve.runtime.replies import ReplySources
+
+MESSAGES = Path(__file__).resolve().parent.parent / "data" / "everyday_messages.txt"
+
+
+async def _load(engine: Engine, options: DecodingOptions, messages: list[str],
+                concurrency: int, requests: int) -> dict:
+    """``requests`` replies, ``concurrency`` at a time: replies/s and full-reply latency."""
+    latencies: list[float] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            started = time.perf_counter()
+            async for _ in engine.stream(messages[i % len(messages)],
+                                         replace(options, seed=i)):
+                pass
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    seconds = time.perf_counter() - started
+    return {"replies_per_s": requests / seconds, "seconds": seconds,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+
+
+async def measure(model_dir: Path, concurrency: int, requests: int, threads: int) -> dict:
+    started = time.perf_counter()
+    model = OnnxSeq2Seq.load(model_dir, intra_op_num_threads=threads)
+    sources = ReplySources.load(model, intra_op_num_threads=threads)
+    if sources.index is None or sources.scorer is None:
+        raise SystemExit(f"{model_dir}: no reply index or scoring graph to measure")
+    engine = Engine(model, max_batch_size=32, max_queue=4 * requests, sources=sources)
+    await engine.start()  # jieba's dictionary and the first session runs
+    cold_start = time.perf_counter() - started
+    messages = [m for m in MESSAGES.read_text(encoding="utf-8").splitlines() if m.strip()]
+    base = DecodingOptions(**(model.manifest.generation or DEFAULT_GENERATION))
+    figures = {}
+    try:
+        await _load(engine, replace(base, reply_mode="generate"), messages, 4, 16)  # warm
+        for mode in ("generate", "hybrid"):
+            options = replace(base, reply_mode=mode,
+                              generated_candidates=1 if mode == "generate"
+                              else base.generated_candidates)
+            log(f"{mode}: {requests} replies, {concurrency} at a time")
+            figures[mode] = await _load(engine, options, messages, concurrency, requests)
+        figures["scoring_calls"] = engine._scoring.calls
+    finally:
+        await engine.stop()
+    figures["cold_start_s"] = cold_start
+    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures["ratio"] = figures["hybrid"]["replies_per_s"] / figures["generate"]["replies_per_s"]
+    return figures
+
+
+def report(data: dict, command: str) -> str:
+    g, h = data["figures"]["generate"], data["figures"]["hybrid"]
+    f = data["figures"]
+    return "\n".join([
+        "# The hybrid mode's cost (in-process engine)", "",
+        f"`{command}`", "", *machine_lines(data["machine"]), "",
+        f"model `{data['model']}`, {data['concurrency']} concurrent requests, "
+        f"{data['requests']} replies per mode, the folder's default generation settings", "",
+        "| mode | replies/s | p50 full reply (ms) | p99 full reply (ms) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| generation only | {fmt(g['replies_per_s'])} | {fmt(g['p50_ms'])} | "
+        f"{fmt(g['p99_ms'])} |",
+        f"| hybrid | {fmt(h['replies_per_s'])} | {fmt(h['p50_ms'])} | {fmt(h['p99_ms'])} |",
+        "",
+        f"- hybrid / generation-only replies/s: {f['ratio']:.2f} (target >= 0.40)",
+        f"- scoring calls for {data['requests']} hybrid replies: {f['scoring_calls']}",
+        f"- cold start (model, index, scoring graphs, first run): {f['cold_start_s']:.2f} s",
+        f"- peak RSS of this process: {f['peak_rss_mb']:.0f} MB",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.hybrid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model folder")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    command = "python -m benchmarks.hybrid " + " ".join(argv if argv is not None
+                                                       else sys.argv[1:])
+    info = machine()
+    figures = asyncio.run(measure(args.model, args.concurrency, args.requests, args.threads))
+    data = {"machine": info, "model": args.model.name, "concurrency": args.concurrency,
+            "requests": args.requests, "figures": figures, "command": command.strip()}
+    write_results(args.out, "hybrid", report(data, command.strip()), data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
