@@ -97,6 +97,21 @@ def read_pairs(path: Path, limit: int) -> list[Pair]:
 
 def perplexity(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = 64) -> float:
     """exp(mean negative log-likelihood) of the reference answers (and their </s>)."""
+    return math.exp(reference_nll(model, pairs, batch_size)[0])
+
+
+def char_perplexity(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = 64) -> float:
+    """The same likelihood per character of the references (and their </s>): comparable
+    between models that cut text into different tokens (words or characters)."""
+    _, total_nll, _ = reference_nll(model, pairs, batch_size)
+    chars = sum(len(model.tokenizer.decode(model.tokenizer.encode(p.answer)[:MAX_REPLY_TOKENS]))
+                + 1 for p in pairs)
+    return math.exp(total_nll / chars)
+
+
+def reference_nll(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = 64
+                  ) -> tuple[float, float, int]:
+    """(mean NLL per token, total NLL, tokens) of the reference answers and their </s>."""
     tok = model.tokenizer
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(pairs), batch_size):
@@ -117,7 +132,7 @@ def perplexity(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = 64) -> f
             total_nll -= float(picked[real].sum())
             total_tokens += int(real.sum())
             prev, h, c = target[:, step], out.h, out.c
-    return math.exp(total_nll / max(total_tokens, 1))
+    return total_nll / max(total_tokens, 1), total_nll, total_tokens
 
 
 def distinct(replies: list[str], n: int) -> float:
@@ -200,6 +215,7 @@ def evaluate(
         "model": model.manifest.name,
         "pairs": len(pairs),
         "perplexity": perplexity(model, pairs),
+        "char_perplexity": char_perplexity(model, pairs),
         "source_unk_rate": source_unk_rate(model, pairs),
         "modes": {},
     }
@@ -216,7 +232,8 @@ def markdown_table(report: dict) -> str:
                "retrieved_share"]
     lines = [
         f"model `{report['model']}` on {report['pairs']} held-out pairs: perplexity "
-        f"{report['perplexity']:.1f}, source UNK rate {report['source_unk_rate']:.2%}",
+        f"{report['perplexity']:.1f} (per character {report['char_perplexity']:.1f}), source "
+        f"UNK rate {report['source_unk_rate']:.2%}",
         "",
         "| decoding | " + " | ".join(columns) + " |",
         "| --- |" + " --- |" * len(columns),
