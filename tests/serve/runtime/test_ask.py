@@ -18,10 +18,30 @@ SHIPPED = ROOT / "artifacts" / "xiaox"
 
 @pytest.fixture(scope="module")
 def model_dir(request) -> Path:
-    """The shipped model (runs without TensorFlow); a tiny exported one until it exists."""
+    """The serving tests' model (runs without TensorFlow); a tiny exported one until the
+    shipped one exists."""
     if (SHIPPED / "manifest.json").is_file():
-        return request.getfixturevalue("shipped_model_dir")
+        return request.getfixturevalue("model_dir")
     return request.getfixturevalue("tiny_model_dir")
+
+
+def test_ask_shows_every_candidate_of_a_hybrid_reply(model_dir, capsys):
+    argv = ["今天好冷", "--model", str(model_dir), "--reply-mode", "hybrid", "--candidates",
+            "--sampling-topk", "0", "--generated-candidates", "2", "--seed", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("score = ") and "retrieval" in lines[0]
+    rows = [line for line in lines[1:-1] if line.startswith("  [")]
+    assert any(" retrieved " in r for r in rows) and any(" generated " in r for r in rows)
+    assert rows[0].rsplit("  ", 1)[-1] == lines[-1]  # the best candidate is the reply
+
+
+def test_ask_in_generate_mode_retrieves_nothing(model_dir, capsys):
+    argv = ["今天好冷", "--model", str(model_dir), "--reply-mode", "generate", "--candidates",
+            "--sampling-topk", "0", "--generated-candidates", "3", "--seed", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert " retrieved " not in out and " generated " in out
 
 
 def test_the_default_model_is_the_shipped_folder():

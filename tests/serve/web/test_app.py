@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from tests.serve._helpers_server import (
     bot_reply_to,
     login,
     metric_value,
+    running,
     send,
 )
 
@@ -88,6 +90,31 @@ async def test_send_streams_the_message_then_the_bots_reply_token_by_token(serve
         assert final["role"] == "bot" and final["user"] == "小X"
         assert final["text"] == "".join(e["data"]["delta"] for e in reply if e["event"] == "token")
         assert ids.index(sent["id"]) < ids.index(reply[0]["id"])
+
+
+async def test_a_retrieved_reply_reaches_the_room_in_several_token_events(model_dir, tmp_path):
+    # A copy of the model folder whose selection always takes the best retrieved reply (the
+    # manifest is not among the files it hashes).
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["selection"] = {"forward": 0.0, "backward": 0.0, "retrieval": 1.0}
+    (folder / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False))
+    with running(ServerProcess(folder, tmp_path / "work")) as (server,):
+        async with server.client() as c:
+            await login(c, "冷冷")
+            async with ChatStream(c, room="r-retrieved") as stream:
+                sent = await send(c, "今天好冷", room="r-retrieved")
+                await stream.wait_for(bot_reply_to(sent["id"]))
+    reply = [e for e in stream.events if e["data"].get("reply_id") == sent["reply_id"]]
+    tokens = [e["data"]["delta"] for e in reply if e["event"] == "token"]
+    final = reply[-1]["data"]["text"]
+    assert len(tokens) > 1 and "".join(tokens) == final
+    from serve.runtime.model import OnnxSeq2Seq
+    from serve.runtime.retrieval import ReplyIndex
+
+    index = ReplyIndex.load(folder, OnnxSeq2Seq.load(folder).tokenizer)
+    assert final in {hit.reply for hit in index.search("今天好冷", 8)}
 
 
 async def test_join_and_leave_notices(server):

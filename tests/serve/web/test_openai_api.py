@@ -92,6 +92,23 @@ def test_a_completion(server, model_name):
         assert post(c, ask(model=model_name), headers={}).status_code == 401
 
 
+def test_reply_mode_is_an_extra_field_and_logprobs_show_the_candidates(server, model_name):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        hybrid = post(c, ask("今天好冷", model=model_name, reply_mode="hybrid", logprobs=True,
+                             temperature=0.7, seed=3)).json()["choices"][0]
+        sources = {cand["source"] for cand in hybrid["xiaox_candidates"]}
+        assert sources == {"retrieved", "generated"}
+        best = hybrid["xiaox_candidates"][0]
+        assert hybrid["message"]["content"] == best["text"]
+        assert hybrid["xiaox_source"] == best["source"]
+        assert {"score", "forward", "backward", "retrieval"} <= set(best)
+        plain = post(c, ask("今天好冷", model=model_name, reply_mode="generate",
+                            logprobs=True)).json()
+        assert "xiaox_candidates" not in plain["choices"][0]  # one greedy reply: no choice
+        bad = post(c, ask("今天好冷", model=model_name, reply_mode="retrieve"))
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_decoding_option"
+
+
 def test_a_stream_parses_strictly_and_matches_the_completion(server, model_name):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         whole = post(c, ask("今天天气怎么样", model=model_name)).json()
