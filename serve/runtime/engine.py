@@ -335,8 +335,7 @@ class Engine:
         sources, started = self.sources, time.perf_counter()
         hybrid = sources.mode(options) == "hybrid"
         async with asyncio.TaskGroup() as group:
-            found = group.create_task(asyncio.to_thread(
-                self._retrieve, text, options.retrieval_candidates if hybrid else 0))
+            found = group.create_task(asyncio.to_thread(self._retrieve, text, options, hybrid))
             proposals = [group.create_task(self._generate_plain(text, o))
                          for o in sources.proposals(options)]
         src, retrieved = found.result()
@@ -347,10 +346,10 @@ class Engine:
         self._metric("selection_latency", time.perf_counter() - started)
         return result
 
-    def _retrieve(self, text: str, k: int):
+    def _retrieve(self, text: str, options: DecodingOptions, hybrid: bool):
         """Worker thread: the message's source ids and its retrieved candidates."""
         src = source_ids(self.model, text, self.max_source_length)
-        return src, self.sources.retrieved(self.model, text, k) if k else []
+        return src, self.sources.retrieved(self.model, text, options) if hybrid else []
 
     # -- the scheduler --------------------------------------------------------------------
     async def _schedule(self) -> None:

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, fields
 
 REPLY_MODES = (None, "hybrid", "generate")
+MAX_RETRIEVAL_CANDIDATES = 32
+MAX_GENERATED_CANDIDATES = 8
 # What a newly exported model folder serves the chat room with (its manifest's
 # "generation"): nucleus sampling as CDial-GPT (p 0.9, T 0.7), repeats discouraged, and
 # in the hybrid mode two samples beside eight retrieved replies.
@@ -62,10 +64,10 @@ class DecodingOptions:
         "generate": the model's own replies only (reranked when there are several).
         None = hybrid when the model folder has a reply index. (default None)
       retrieval_candidates: Hybrid: how many retrieved replies (of the most similar
-        questions) are considered. (default 8)
+        questions) are considered, at most 32. (default 8)
       generated_candidates: How many replies the model proposes for reranking when
-        sampling (seeds seed, seed+1, ...); a beam proposes its num_hypotheses, greedy
-        one. (default 1)
+        sampling (seeds seed, seed+1, ...), at most 8; a beam proposes its
+        num_hypotheses, greedy one. (default 1)
       return_candidates: Fill GenerationResult.candidates with every candidate and its
         scores. (default False)
 
@@ -202,6 +204,10 @@ def validate(o: DecodingOptions) -> None:
     if o.reply_mode not in REPLY_MODES:
         raise ValueError(f"reply_mode must be one of {', '.join(map(str, REPLY_MODES))}, "
                          f"got {o.reply_mode!r}")
+    for name, cap in (("retrieval_candidates", MAX_RETRIEVAL_CANDIDATES),
+                      ("generated_candidates", MAX_GENERATED_CANDIDATES)):
+        if getattr(o, name) > cap:  # each is work for one request: bounded
+            raise ValueError(f"{name} must be at most {cap}, got {getattr(o, name)!r}")
     if o.generated_candidates > 1 and not o.sampling:
         raise ValueError("generated_candidates > 1 needs sampling (greedy proposes one "
                          "reply, a beam its num_hypotheses)")

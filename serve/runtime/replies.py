@@ -72,16 +72,19 @@ class ReplySources:
         return [replace(plain, seed=None if options.seed is None else options.seed + i)
                 for i in range(options.generated_candidates)]
 
-    def retrieved(self, model: OnnxSeq2Seq, text: str, k: int) -> list[Candidate]:
-        """The replies of the ``k`` indexed questions closest to ``text`` (worker thread:
-        BM25 and jieba take a millisecond or two)."""
+    def retrieved(self, model: OnnxSeq2Seq, text: str, options: DecodingOptions
+                  ) -> list[Candidate]:
+        """The replies of the ``retrieval_candidates`` indexed questions closest to
+        ``text`` that obey the request's rules (worker thread: BM25 and jieba take a
+        millisecond or two)."""
         if self.index is None:
             return []
-        return [
+        hits = [
             Candidate(text=hit.reply, token_ids=tuple(model.tokenizer.encode(hit.reply)),
                       source="retrieved", retrieval_score=hit.score)
-            for hit in self.index.search(text, k)
+            for hit in self.index.search(text, options.retrieval_candidates)
         ]
+        return [c for c in hits if obeys(c, options, model)]
 
     def choose(self, model: OnnxSeq2Seq, message: str, candidates: Sequence[Candidate],
                scores: Sequence[PairScore], generated: Sequence[GenerationResult],
@@ -104,6 +107,22 @@ class ReplySources:
             source=best.source,
             candidates=ranked if options.return_candidates else [],
         )
+
+
+def obeys(candidate: Candidate, options: DecodingOptions, model: OnnxSeq2Seq) -> bool:
+    """A retrieved reply keeps the rules a decoded one keeps: its length, no suppressed
+    word, no <unk> if disabled, no repeated n-gram."""
+    ids, text = candidate.token_ids, candidate.text.lower()
+    if not options.min_length <= len(ids) <= options.max_length:
+        return False
+    words = (*options.suppress_words, *model.blocklist_words)
+    if any(w and w.lower() in text for w in words):
+        return False
+    if options.disable_unk and model.unk_id in ids:
+        return False
+    n = options.no_repeat_ngram_size
+    grams = [ids[i:i + n] for i in range(len(ids) - n + 1)] if n > 0 else []
+    return len(grams) == len(set(grams))
 
 
 def generated_candidates(model: OnnxSeq2Seq, results: Sequence[GenerationResult]
@@ -138,7 +157,7 @@ def gather_candidates(model: OnnxSeq2Seq, sources: ReplySources, text: str,
     the proposals decoded one after another, the retrieved replies, one scoring call."""
     src = source_ids(model, text)
     generated = [generate(model, text, o) for o in sources.proposals(options)]
-    retrieved = (sources.retrieved(model, text, options.retrieval_candidates)
+    retrieved = (sources.retrieved(model, text, options)
                  if sources.mode(options) == "hybrid" else [])
     candidates = usable([*retrieved, *generated_candidates(model, generated)], text)
     return generated, candidates, score_pairs(sources, [(src, c.token_ids)

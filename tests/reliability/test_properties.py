@@ -1,7 +1,7 @@
 """Property tests: any combination of decoding options either is refused with a clear
 ValueError or decodes within its limits against the shipped model.
 
-(The tokenizer round trip is tests/serve/test_tokenizer.py's property test. The app
+(The tokenizer round trip is tests/serve/runtime/test_tokenizer.py's property test. The app
 publishes no OpenAPI description, so there is nothing for Schemathesis to read; the
 fuzz tests of tests/serve/test_security.py and the tables of test_bad_input.py cover
 the routes instead.)
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
-from serve.runtime.search import generate
+from serve.runtime.replies import ReplySources, select_reply
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,6 +52,9 @@ OPTION_VALUES = {
     "suppress_words": st.lists(st.text(min_size=1, max_size=2), max_size=3).map(tuple)
     | st.text(min_size=1, max_size=2) | st.just((1, 2)) | st.just(("你",)),
     "return_scores": st.booleans(),
+    "reply_mode": st.sampled_from([None, "hybrid", "generate", "retrieve", ""]) | WRONG_TYPES,
+    "retrieval_candidates": ints(-1, 40),
+    "generated_candidates": ints(-1, 10),
     "beam": st.integers(1, 3),  # a misspelt name must be refused, not ignored
 }
 @st.composite
@@ -75,11 +78,16 @@ def valid_options(draw) -> dict:
         "suppress_words": draw(st.lists(st.text(min_size=1, max_size=2), max_size=3)
                                .map(tuple)),
         "return_scores": draw(st.booleans()),
+        "reply_mode": draw(st.sampled_from([None, "hybrid", "generate"])),
+        "retrieval_candidates": draw(st.integers(1, 8)),
     }
     names = draw(st.sets(st.sampled_from(sorted(options))))  # the rest keep their defaults
     if "num_hypotheses" in names:
         names.add("beam_size")
-    return {name: options[name] for name in names}
+    chosen = {name: options[name] for name in names}
+    if chosen.get("sampling_topk", 1) != 1 and chosen.get("beam_size", 1) == 1:
+        chosen["generated_candidates"] = draw(st.integers(1, 3))
+    return chosen
 
 
 OPTIONS = st.one_of(valid_options().map(lambda o: ("valid", o)),
@@ -87,13 +95,19 @@ OPTIONS = st.one_of(valid_options().map(lambda o: ("valid", o)),
 
 
 @pytest.fixture(scope="module")
-def model(shipped_model_dir) -> OnnxSeq2Seq:
-    return OnnxSeq2Seq.load(shipped_model_dir, intra_op_num_threads=1)
+def model(model_dir) -> OnnxSeq2Seq:
+    return OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def sources(model) -> ReplySources:
+    return ReplySources.load(model, intra_op_num_threads=1)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(drawn=OPTIONS, question=st.sampled_from(QUESTIONS))
-def test_any_options_are_refused_clearly_or_decode_within_their_limits(model, drawn, question):
+def test_any_options_are_refused_clearly_or_decode_within_their_limits(model, sources, drawn,
+                                                                       question):
     kind, kwargs = drawn
     try:
         options = DecodingOptions.from_kwargs(**kwargs)
@@ -103,7 +117,7 @@ def test_any_options_are_refused_clearly_or_decode_within_their_limits(model, dr
         event("refused")
         return
     event("decoded")
-    result = generate(model, question, options)
+    result = select_reply(model, sources, question, options)
     assert isinstance(result.text, str)
     assert len(result.token_ids) <= options.max_length
     assert result.finish_reason in ("stop", "length")
