@@ -1,7 +1,11 @@
 """``python -m training --corpus FILE --out DIR``: train xiaoX's seq2seq from chat corpora.
 
 Settings come from, lowest first: the defaults, the saved run (with ``--resume``),
-``--config FILE.toml``, then the flags.
+``--config`` (a TOML file, or an earlier run's ``config.json`` or folder), then the flags.
+
+``--config RUN/config.json --corpus SAME.tsv --out NEW`` reproduces a run: every
+TrainConfig setting is taken from it, but the corpora are not settings and must still be
+given with --corpus (a warning names them when they differ from the recorded ones).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from training.config import ConfigError, TrainConfig, read_toml
+from training.config import ConfigError, TrainConfig, read_config_file
 from training.corpus import FORMATS
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+log = logging.getLogger("training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a corpus file (repeat for several)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="the checkpoint folder to write (export reads it)")
-    parser.add_argument("--config", type=Path, metavar="FILE.toml",
-                        help="TOML file of the settings below (top level or a [train] table)")
+    parser.add_argument("--config", type=Path, metavar="PATH",
+                        help="the settings below from a TOML file (top level or a [train] "
+                             "table), or from an earlier run's config.json or folder (its "
+                             "train section, to reproduce it: --corpus must still be given)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run saved in --out (step, optimizer, data order)")
     parser.add_argument("--format", action="append", choices=FORMATS, dest="formats",
@@ -60,7 +68,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume and (args.out / CONFIG_FILE).is_file():
         settings.update(read_config(args.out)["train"])
     if args.config is not None:
-        settings.update(read_toml(args.config))
+        config_file = read_config_file(args.config)
+        settings.update(config_file.settings)
+        given = [Path(c).name for c in args.corpus]
+        if config_file.corpora is not None and config_file.corpora != given:
+            log.warning("warning: %s recorded the corpora %s, this run reads %s", args.config,
+                        ", ".join(map(str, config_file.corpora)) or "(none)", ", ".join(given))
     settings.update({f.name: getattr(args, f.name) for f in fields(TrainConfig)
                      if getattr(args, f.name) is not None})
     return TrainConfig.from_dict(settings, source=str(args.config or "settings"))

@@ -15,6 +15,8 @@ train.tsv          the cleaned training pairs, exactly those trained on, source<
                    (never a validation or test pair; export builds a retrieval index on it)
 valid.tsv          the validation pairs (early stopping, best.weights.h5), source<TAB>target
 test.tsv           with test_fraction > 0: pairs never trained on nor used to choose weights
+tensorboard/       TensorBoard event files: metrics.jsonl's figures as scalars, sample
+                   replies as text (training.summaries); a resume appends a file
 backward/          with direction "both": the backward model's own complete checkpoint
                    folder (same split, cleaning and vocab.txt; its .tsv files swapped)
 ```

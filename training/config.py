@@ -1,10 +1,13 @@
-"""``TrainConfig``: every knob of a training run, from defaults, a TOML file and CLI flags.
+"""``TrainConfig``: every knob of a training run, from defaults, a TOML file (or an earlier
+run's ``config.json``) and CLI flags.
 
 This module imports neither TensorFlow nor jieba, so ``python -m training --help`` is instant.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +21,9 @@ DIRECTIONS = ("forward", "backward", "both")
 SELECT_BY = {"valid_loss": "lower", "valid_distinct2": "higher", "valid_bleu2": "higher",
              "valid_top10_share": "lower"}
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1.0}  # sgd 1.0 is the original's
+RUN_CONFIG_FILE = "config.json"  # a checkpoint folder's (training.checkpoint.CONFIG_FILE)
+
+log = logging.getLogger("training")
 
 
 class ConfigError(ValueError):
@@ -233,3 +239,41 @@ def read_toml(path: str | Path) -> dict:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return data.get("train", data)
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The settings of a ``--config`` file; ``corpora``: the corpus file names a run's
+    config.json records (the corpora themselves are --corpus flags), None for TOML."""
+
+    settings: dict
+    corpora: list[str] | None = None
+
+
+def read_config_file(path: str | Path) -> ConfigFile:
+    """A TOML file, or a checkpoint folder's config.json (or the folder itself).
+
+    From a config.json the whole ``train`` section is taken, run-control values such as
+    max_minutes included (a reproduction is the same run); a field this TrainConfig does not
+    know (a run of another version) is dropped with a warning.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUN_CONFIG_FILE
+    if path.suffix.lower() != ".json":
+        return ConfigFile(read_toml(path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+        raise ConfigError(f"{path}: not a checkpoint folder's config.json (no train section)")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data["train"]) - known)
+    if unknown:
+        log.warning("warning: %s: ignoring setting(s) this version does not know: %s", path,
+                    ", ".join(unknown))
+    corpora = [c.get("file") for c in data.get("corpora", []) if isinstance(c, dict)]
+    return ConfigFile({k: v for k, v in data["train"].items() if k in known}, corpora)

@@ -17,6 +17,7 @@ from training.config import SELECT_BY
 from training.corpus import Pair
 from training.loss import compile_steps, itf_weights
 from training.reply_metrics import make_greedy_decoder, reply_metrics
+from training.summaries import SAMPLE_REPLIES, Summaries
 
 log = logging.getLogger("training")
 
@@ -46,6 +47,7 @@ class Loop:
             model, optimizer, config.clip_norm, label_smoothing=config.label_smoothing,
             token_weights=weights)
         self.decoder = None  # made at the first epoch end that needs it
+        self.summaries: Summaries | None = None  # OUT/tensorboard/, open while run() runs
 
     def validate(self) -> float:
         total, count = 0.0, 0.0
@@ -56,11 +58,12 @@ class Loop:
             total, count = total + float(loss_sum), count + float(n)
         return total / max(count, 1.0)
 
-    def replies(self) -> dict[str, float]:
-        """Greedy replies to the first ``eval_replies`` validation questions, measured."""
+    def replies(self) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+        """Greedy replies to the first ``eval_replies`` validation questions, measured; and
+        the first ``SAMPLE_REPLIES`` of them as (question, reply, reference) for TensorBoard."""
         n = min(self.config.eval_replies, len(self.valid_data))
         if not n:
-            return {}
+            return {}, []
         if self.decoder is None:
             self.decoder = make_greedy_decoder(self.model)
         # Sorted by length so that a batch pads little; the metrics do not depend on order.
@@ -72,7 +75,9 @@ class Loop:
             for row, ids in zip(rows, self.decoder([self.valid_data[i][0] for i in rows]),
                                 strict=True):
                 replies[row] = self.tokenizer.decode(ids)
-        return reply_metrics(replies, [a for _, a in self.valid_texts[:n]])
+        samples = [(q, reply, a) for (q, a), reply
+                   in zip(self.valid_texts[:SAMPLE_REPLIES], replies, strict=False)]
+        return reply_metrics(replies, [a for _, a in self.valid_texts[:n]]), samples
 
     def save(self) -> None:
         self.state.save()
@@ -87,9 +92,12 @@ class Loop:
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.summaries = Summaries(self.out)
         try:
             self._run()
         finally:
+            self.summaries.close()
+            self.summaries = None
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 
@@ -108,6 +116,8 @@ class Loop:
             "time": round(time.time(), 3),
         }
         ckpt.append_metrics(self.out, record)
+        if self.summaries is not None:
+            self.summaries.record(record)
         if valid_loss is not None:
             replies = "".join(f", {k[6:]} {record[k]:.3f}" for k in
                               ("valid_distinct2", "valid_top10_share", "valid_bleu2")
@@ -204,10 +214,13 @@ class Loop:
         """Validate, choose the best weights, early-stop, decay SGD's rate on a plateau."""
         cfg, state = self.config, self.state
         valid_loss = self.validate()
-        figures = {"valid_loss": valid_loss, **(self.replies() if cfg.eval_replies else {})}
+        reply_figures, samples = self.replies() if cfg.eval_replies else ({}, [])
+        figures = {"valid_loss": valid_loss, **reply_figures}
         selected = self._select(figures)
         self._metrics("epoch", train_loss, valid_loss, tokens_per_s,
                       {**figures, "selected": selected})
+        if self.summaries is not None:
+            self.summaries.samples(int(state.step.numpy()), samples)
         if selected:
             ckpt.save_weights(self.out, self.model, ckpt.BEST_WEIGHTS_FILE)
         if valid_loss < float(state.best_valid_loss.numpy()):  # early stopping: valid_loss

@@ -7,8 +7,8 @@ weights, bit for bit, as an uninterrupted one.
 
 The concepts live in their own modules: ``data`` (read, clean, split, vocabulary),
 ``batches``, ``loss``, ``reply_metrics``, ``loop`` (one model's epochs and steps),
-``resume`` (its checks), ``job`` (one model into one folder) and ``directions``
-(forward, backward or both in parallel processes).
+``summaries`` (its TensorBoard event files), ``resume`` (its checks), ``job`` (one model
+into one folder) and ``directions`` (forward, backward or both in parallel processes).
 """
 
 from __future__ import annotations

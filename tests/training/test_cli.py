@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.training._helpers import TINY, run_cli, start_cli
+from training.checkpoint import read_metrics
 
 
 def assert_one_clear_error(result, *fragments: str) -> None:
@@ -105,3 +106,26 @@ def test_ctrl_c_saves_and_resume_ends_where_an_uninterrupted_run_does(tmp_path,
     # The recipe: the command that started the run, then the one that resumed it.
     assert "--resume" not in config["command"] and len(config["resumed_with"]) == 1
     assert "--resume" in config["resumed_with"][0]
+
+
+@pytest.mark.tensorflow
+def test_a_run_is_reproduced_from_its_config_json(tmp_path, synthetic_corpus):
+    pytest.importorskip("tensorflow")
+    first, second = tmp_path / "first", tmp_path / "second"
+    result = run_cli("--corpus", synthetic_corpus, *TINY, "--epochs", "2", "--max-steps", "12",
+                     "--checkpoint-every", "5", "--eval-replies", "4", "--dropout", "0.1",
+                     "--out", first, timeout=300)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("--config", first / "config.json", "--corpus", synthetic_corpus,
+                     "--out", second, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr  # the same corpus, every setting known
+
+    def config(folder):
+        return json.loads((folder / "config.json").read_text("utf-8"))
+
+    assert config(second)["train"] == config(first)["train"]
+    assert config(second)["corpora"] == config(first)["corpora"]
+    assert [m["step"] for m in read_metrics(second)] == [m["step"] for m in read_metrics(first)]
+    for a, b in zip(final_weights(first), final_weights(second), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -90,3 +90,46 @@ def test_the_recorded_command_has_no_absolute_path():
     argv = ["--corpus", "/somewhere/data/x.tsv", "--out=/tmp/run", "--epochs", "2"]
     command = portable_command("python -m training", argv)
     assert command == "python -m training --corpus x.tsv --out=run --epochs 2"
+
+
+def write_run_config(folder, train: dict, corpora: list[str]):
+    import json
+
+    folder.mkdir()
+    path = folder / "config.json"
+    path.write_text(json.dumps({"format_version": 1, "train": train,
+                                "corpora": [{"file": c, "format": "tsv", "pairs": 9}
+                                            for c in corpora]}), encoding="utf-8")
+    return path
+
+
+def test_config_reads_a_runs_config_json_or_its_folder(tmp_path, caplog):
+    recorded = {**TrainConfig(embed_dim=24, max_minutes=5.0, epochs=3).to_dict(),
+                "retired_setting": 1}
+    path = write_run_config(tmp_path / "run", recorded, ["chat.tsv"])
+    for given in (path, path.parent):
+        caplog.clear()
+        args = build_parser().parse_args(["--corpus", "other.tsv", "--out", "o", "--config",
+                                          str(given), "--epochs", "2"])
+        config = resolve_config(args)
+        assert (config.embed_dim, config.max_minutes, config.epochs) == (24, 5.0, 2)
+        assert "retired_setting" in caplog.text  # ignored, with a warning
+        assert "chat.tsv" in caplog.text and "other.tsv" in caplog.text
+    caplog.clear()
+    args = build_parser().parse_args(["--corpus", "chat.tsv", "--out", "o", "--config",
+                                      str(path)])
+    resolve_config(args)
+    assert "chat.tsv" not in caplog.text  # the same corpora: no warning
+
+
+@pytest.mark.parametrize(("text", "message"),
+                         [("{", "not valid JSON"), ('{"model": {}}', "no train section"),
+                          (None, "config file not found")])
+def test_a_bad_config_json_raises_a_clear_error(tmp_path, text, message):
+    from training.config import read_config_file
+
+    path = tmp_path / "config.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        read_config_file(path)
