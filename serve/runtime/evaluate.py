@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,18 @@ def read_pairs(path: Path, limit: int) -> list[Pair]:
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs[:limit] if limit else pairs
+
+
+def read_prompts(path: Path) -> list[Pair]:
+    """One message a line, with no reference reply (``--prompts``: replies to rate only)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
+    prompts = [Pair(line.strip(), "") for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
 
 
 def perplexity(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = 64) -> float:
@@ -182,9 +194,11 @@ def mode_report(
     tokens = sum(len(r.token_ids) for r in results)
     unks = sum(t == model.unk_id for r in results for t in r.token_ids)
     top10 = sum(n for _, n in Counter(replies).most_common(10))
+    references = [p.answer for p in pairs]
+    with_references = all(references)
     report = {
-        "bleu1": bleu(replies, [p.answer for p in pairs], 1),
-        "bleu2": bleu(replies, [p.answer for p in pairs], 2),
+        "bleu1": bleu(replies, references, 1) if with_references else None,
+        "bleu2": bleu(replies, references, 2) if with_references else None,
         "distinct1": distinct(replies, 1),
         "distinct2": distinct(replies, 2),
         "avg_length": float(np.mean([len(r) for r in replies])),
@@ -208,19 +222,30 @@ def source_unk_rate(model: OnnxSeq2Seq, pairs: list[Pair]) -> float:
 def evaluate(
     model: OnnxSeq2Seq, pairs: list[Pair], blocklist: Blocklist, *, seed: int = 0,
     base: Mapping | None = None, sources: ReplySources | None = None,
+    modes: Sequence[str] = (),
 ) -> tuple[dict, dict[str, list[str]]]:
     """The whole report (one dict per mode, plus shared figures) and every reply;
-    ``base``: the DecodingOptions keyword arguments every mode starts from."""
+    ``base``: the DecodingOptions keyword arguments every mode starts from; ``modes``: only
+    these (default: every mode the folder allows). Prompts without references get no
+    perplexity nor BLEU."""
+    with_references = all(p.answer for p in pairs)
     report: dict = {
         "model": model.manifest.name,
         "pairs": len(pairs),
-        "perplexity": perplexity(model, pairs),
-        "char_perplexity": char_perplexity(model, pairs),
+        "perplexity": perplexity(model, pairs) if with_references else None,
+        "char_perplexity": char_perplexity(model, pairs) if with_references else None,
         "source_unk_rate": source_unk_rate(model, pairs),
         "modes": {},
     }
     replies = {}
-    for name, options in decoding_modes(seed, sources).items():
+    available = decoding_modes(seed, sources)
+    unknown = sorted(set(modes) - set(available))
+    if unknown:
+        raise ValueError(f"no mode {', '.join(unknown)} for this folder; it has "
+                         f"{', '.join(available)}")
+    for name, options in available.items():
+        if modes and name not in modes:
+            continue
         report["modes"][name], replies[name] = mode_report(model, pairs, options, blocklist,
                                                            base, sources)
     return report, replies
@@ -232,15 +257,15 @@ def markdown_table(report: dict) -> str:
                "retrieved_share"]
     lines = [
         f"model `{report['model']}` on {report['pairs']} held-out pairs: perplexity "
-        f"{report['perplexity']:.1f} (per character {report['char_perplexity']:.1f}), source "
+        f"{fmt(report['perplexity'])} (per character {fmt(report['char_perplexity'])}), source "
         f"UNK rate {report['source_unk_rate']:.2%}",
         "",
         "| decoding | " + " | ".join(columns) + " |",
         "| --- |" + " --- |" * len(columns),
     ]
     for mode, figures in report["modes"].items():
-        cells = [f"{figures[c]:.3f}" if isinstance(figures[c], float) else str(figures[c])
-                 for c in columns]
+        cells = [f"{figures[c]:.3f}" if isinstance(figures[c], float)
+                 else "-" if figures[c] is None else str(figures[c]) for c in columns]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -255,6 +280,10 @@ def samples_table(pairs: list[Pair], replies: dict[str, list[str]], n: int, seed
         row = [pairs[i].question, pairs[i].answer, *(r[i] for r in replies.values())]
         lines.append("| " + " | ".join(cell(s) for s in row) + " |")
     return "\n".join(lines)
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def rating_sheet(questions: list[str], replies: dict[str, list[str]]) -> str:
@@ -272,8 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m serve evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, required=True,
-                        help="held-out question<TAB>answer pairs, e.g. a checkpoint's valid.tsv")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path,
+                        help="held-out question<TAB>answer pairs, e.g. a checkpoint's test.tsv")
+    source.add_argument("--prompts", type=Path,
+                        help="messages, one a line, with no reference (replies and variety "
+                             "only: no perplexity, no BLEU), e.g. data/everyday_messages.txt")
+    parser.add_argument("--modes", default="",
+                        help="comma-separated modes to run (default: every mode the folder "
+                             "allows: greedy, beam5, beam5_antilm, sampling, sampling_mmi, "
+                             "hybrid)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder")
     parser.add_argument("--limit", type=int, default=1000, help="pairs to use (0 = all)")
     parser.add_argument("--blocklist", type=Path, default=DEFAULT_BLOCKLIST,
@@ -301,14 +338,21 @@ def main(argv: list[str] | None = None) -> int:
                 mode_options(base, mode, Blocklist())
             except ValueError as e:
                 raise ValueError(f"the {name} mode with these options: {e}") from None
-        pairs = read_pairs(args.data, args.limit)
+        pairs = (read_pairs(args.data, args.limit) if args.data
+                 else read_prompts(args.prompts)[: args.limit or None])
         blocklist = Blocklist.load(args.blocklist)
         model = OnnxSeq2Seq.load(args.model)
         sources = ReplySources.load(model)
     except (ModelError, BlocklistError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report, replies = evaluate(model, pairs, blocklist, seed=seed, base=base, sources=sources)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        report, replies = evaluate(model, pairs, blocklist, seed=seed, base=base,
+                                   sources=sources, modes=modes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(markdown_table(report))
     if args.samples:
         print()

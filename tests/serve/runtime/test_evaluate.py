@@ -76,3 +76,29 @@ def test_cli_missing_file_is_one_clear_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_prompts_without_references_get_replies_a_sheet_and_the_reranked_modes(model_dir,
+                                                                               tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("你好呀\n今天好冷\n\n中午吃啥\n", encoding="utf-8")
+    sheet = tmp_path / "sheet.tsv"
+    out = subprocess.run(
+        [sys.executable, "-m", "serve", "evaluate", "--model", str(model_dir), "--prompts",
+         str(prompts), "--modes", "greedy,hybrid", "--sheet", str(sheet),
+         "--json", str(tmp_path / "report.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["perplexity"] is None and set(report["modes"]) == {"greedy", "hybrid"}
+    assert report["modes"]["hybrid"]["bleu2"] is None
+    assert 0 < report["modes"]["hybrid"]["retrieved_share"] <= 1
+    rows = [line.split("\t") for line in sheet.read_text(encoding="utf-8").splitlines()]
+    assert rows[0] == ["prompt", "mode", "reply", "sensible", "specific"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [
+        (p, m) for p in ("你好呀", "今天好冷", "中午吃啥") for m in ("greedy", "hybrid")]
+    unknown = subprocess.run(
+        [sys.executable, "-m", "serve", "evaluate", "--model", str(model_dir), "--prompts",
+         str(prompts), "--modes", "nonsense"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert unknown.returncode == 2 and "no mode nonsense" in unknown.stderr
