@@ -20,6 +20,7 @@ from serve.web.chat_routes import STATIC_DIR
 from serve.web.errors import exception_handlers
 from serve.web.metrics import Metrics, RequestMetricsMiddleware
 from serve.web.security.body_limit import BodyLimitMiddleware
+from serve.web.security.cors import ApiCorsMiddleware
 from serve.web.security.headers import SecurityHeadersMiddleware
 from serve.web.security.origin import OriginCheckMiddleware
 from serve.web.security.secret_key import load_or_create_secret_key
@@ -32,9 +33,15 @@ def _middleware(settings: Settings, secret_key: str, metrics: Metrics,
     def count_rejection(reason: str) -> None:
         metrics.errors.labels(reason).inc()
 
+    # CORS (for /v1/* only) sits outside the body limit and the Origin check, so that the
+    # API's refusals reach a permitted page with their CORS headers; the Origin check
+    # never applies to /v1/* (bearer key, no cookie).
+    cors = ([Middleware(ApiCorsMiddleware, origins=settings.cors_origins,
+                        on_reject=count_rejection)] if settings.cors_origins else [])
     return [  # outermost first
         Middleware(RequestMetricsMiddleware, metrics=metrics, routes=route_paths),
         Middleware(SecurityHeadersMiddleware),
+        *cors,
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                    on_reject=count_rejection),
         Middleware(OriginCheckMiddleware, allowed_origins=settings.allowed_origins,

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from serve.web import reply
 from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
-from serve.web.metrics import Metrics
+from serve.web.metrics import Metrics, multiprocess_dir
 from serve.web.security.rate_limit import RateLimiter
 from serve.web.settings import Settings
 
@@ -47,6 +47,7 @@ class Chat:
         self.closing = False
         self.sse_shutdown: anyio.Event | None = None  # set by sse-starlette on shutdown
         self._watcher: asyncio.Task | None = None
+        self._metrics_sync: asyncio.Task | None = None
 
     @property
     def reply_options(self) -> dict[str, Any]:
@@ -87,6 +88,9 @@ class Chat:
         await self.broker.start()
         self.sse_shutdown = anyio.Event()
         self._watcher = asyncio.create_task(self._end_streams_on_shutdown())
+        if multiprocess_dir() is not None:  # the other workers' scrapes read our copy
+            self._metrics_sync = asyncio.create_task(
+                self.metrics.sync_forever(lambda: self.broker), name="xiaox-metrics-sync")
 
     async def _end_streams_on_shutdown(self) -> None:
         # sse-starlette sets the event when uvicorn begins to shut down; ending the
@@ -109,12 +113,14 @@ class Chat:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2)
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._metrics_sync):
+            if task is not None:
+                task.cancel()
         if self.engine is not None:
             await self.engine.stop()
         if self.broker is not None:
             await self.broker.close()
+        self.metrics.close()
 
     async def allow_send(self, user: str) -> tuple[bool, float]:
         """The per-user rate limit: shared through Redis when there is one."""

@@ -218,10 +218,13 @@ async def _complete(chat, req: _CompletionRequest) -> Response:
     """The whole reply in one JSON ``chat.completion``."""
     from serve.runtime.engine import EngineStopped, Overloaded
 
-    try:
-        result = await chat.engine.generate(req.text, **req.options)
-    except (Overloaded, EngineStopped) as e:
-        raise _engine_error(e) from None
+    record = chat.metrics.request(req.prompt_tokens)
+    with record.guard():  # refused, failed or cancelled: counted as such
+        try:
+            result = await chat.engine.generate(req.text, **req.options)
+        except (Overloaded, EngineStopped) as e:
+            raise _engine_error(e) from None
+    record.finish_with(result)
     return JSONResponse({
         "id": req.completion_id, "object": "chat.completion", "created": req.created,
         "model": chat.model_name, "system_fingerprint": None,
@@ -253,30 +256,35 @@ async def _stream(chat, req: _CompletionRequest) -> Response:
 
     engine_stream = chat.engine.stream(req.text, **req.options)
     deltas = aiter(engine_stream)
+    record = chat.metrics.request(req.prompt_tokens)
     # Wait for the first piece before the 200: a full queue is still a clean 429.
-    try:
-        first: str | None = await anext(deltas)
-    except StopAsyncIteration:
-        first = None
-    except (Overloaded, EngineStopped) as e:
-        raise _engine_error(e) from None
-    return StreamingResponse(_chunks(chat.model_name, req, engine_stream, deltas, first),
+    with record.guard():
+        try:
+            first: str | None = await anext(deltas)
+        except StopAsyncIteration:
+            first = None
+        except (Overloaded, EngineStopped) as e:
+            raise _engine_error(e) from None
+    return StreamingResponse(_chunks(chat.model_name, req, engine_stream, deltas, first,
+                                     record),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 async def _chunks(name: str, req: _CompletionRequest, engine_stream, deltas,
-                  first: str | None) -> AsyncIterator[bytes]:
+                  first: str | None, record) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return _chunk(req.completion_id, req.created, name, delta, finish_reason)
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        if first is not None:
-            yield chunk({"content": first})
-            async for delta in deltas:
-                yield chunk({"content": delta})
+        with record.guard():  # the client leaving: cancelled
+            yield chunk({"role": "assistant", "content": ""})
+            if first is not None:
+                yield chunk({"content": first})
+                async for delta in deltas:
+                    yield chunk({"content": delta})
         result = engine_stream.result
+        record.finish_with(result)
         yield chunk({}, result.finish_reason if result is not None else "stop")
         if req.include_usage:
             completion_tokens = len(result.token_ids) if result is not None else 0

@@ -39,11 +39,15 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
     metrics.active_replies.inc()
     pieces: list[str] = []
     error = None
+    record = None
     try:
         await try_publish(broker, room, "typing", {"reply_id": reply_id, "user": BOT_NAME})
-        async for delta in engine.stream(text, **options):
+        record = metrics.request(await asyncio.to_thread(prompt_tokens, engine, text))
+        stream = engine.stream(text, **options)
+        async for delta in stream:
             pieces.append(delta)
             await try_publish(broker, room, "token", {"reply_id": reply_id, "delta": delta})
+        record.finish_with(getattr(stream, "result", None))
     except Overloaded:
         error = "overloaded"
     except ValueError:  # nothing the tokenizer can read (emoji only, say)
@@ -58,6 +62,8 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
         metrics.active_replies.dec()
         if error:
             metrics.errors.labels(f"reply_{error}").inc()
+        if record is not None:  # still open: it ended early
+            record.finish("cancelled" if error == "shutdown" else "error")
         data = final_message("".join(pieces), error, reply_id=reply_id, reply_to=reply_to)
         # The final reply is stored come what may: retried until Redis is back
         # (bounded by the drain when the server stops).
@@ -68,6 +74,15 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
                 metrics.messages.labels("bot").inc()
             except BrokerUnavailable as e:
                 log.error("reply %s lost: %s", reply_id, e)
+
+
+def prompt_tokens(engine: Any, text: str) -> int:
+    """The message's tokens as the API counts them (``usage.prompt_tokens``); ValueError
+    when the tokenizer finds nothing to read. 0 for an engine without a model."""
+    from serve.runtime.search import source_ids
+
+    model = getattr(engine, "model", None)
+    return len(source_ids(model, text)) if model is not None else 0
 
 
 def final_message(reply: str, error: str | None, *, reply_id: str, reply_to: str) -> dict:

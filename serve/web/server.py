@@ -3,16 +3,26 @@
 SIGTERM drains: uvicorn stops accepting, ends the SSE streams (sse-starlette watches for
 the shutdown), waits for open requests up to ``drain_seconds``, then the app's lifespan
 lets replies in flight finish before it stops the engine and the broker.
+
+With ``--workers N`` the workers' metrics live in a fresh temporary directory
+(``PROMETHEUS_MULTIPROC_DIR``, see ``serve.web.metrics``), made before they start and
+removed when the server exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 from serve.web.settings import Settings, parse_settings
+
+# serve.web.metrics.MULTIPROC_ENV (not imported: prometheus_client reads it on import)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _check_model(settings: Settings) -> str | None:
@@ -53,14 +63,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                   timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
                   proxy_headers=True, server_header=False)
-    if settings.workers > 1:
-        # Workers are separate processes: they import the factory and read the settings
-        # from the environment we fill here.
-        os.environ.update(settings.to_env())
-        uvicorn.run("serve.web.app:create_app_from_env", factory=True, workers=settings.workers,
-                    **common)
-    else:
-        from serve.web.app import create_app
+    with _metrics_dir(settings.workers):
+        if settings.workers > 1:
+            # Workers are separate processes: they import the factory and read the settings
+            # from the environment we fill here.
+            os.environ.update(settings.to_env())
+            uvicorn.run("serve.web.app:create_app_from_env", factory=True,
+                        workers=settings.workers, **common)
+        else:
+            from serve.web.app import create_app
 
-        uvicorn.run(create_app(settings), **common)
+            uvicorn.run(create_app(settings), **common)
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """Several workers: a fresh ``PROMETHEUS_MULTIPROC_DIR`` for their metrics (set before
+    prometheus_client is imported, removed at exit). One process: none (a directory left
+    in the environment by someone else would mix other processes' values into ours)."""
+    if workers <= 1:
+        os.environ.pop(MULTIPROC_ENV, None)
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="xiaox-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(path, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,6 +35,7 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/*
     cookie_secure: bool = False  # True behind HTTPS
     allowed_origins: tuple[str, ...] = ()  # extra origins allowed to POST (besides same-origin)
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call /v1/* (CORS); "*" = any
     max_batch_size: int = 32
     max_queue: int = 256
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per core (lower it per worker)
@@ -131,6 +133,20 @@ def validate(settings: Settings) -> None:
             raise ValueError(f"{name} must be at least 1")
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
+    for origin in settings.cors_origins:
+        normalize_origin(origin)
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
+
+def normalize_origin(origin: str) -> str:
+    """``scheme://host[:port]`` in lower case (what a browser sends as ``Origin``), or "*"."""
+    value = origin.strip().rstrip("/").lower()
+    if value != "*" and not _ORIGIN.fullmatch(value):
+        raise ValueError(f"XIAOX_CORS_ORIGINS: {origin!r} is not an origin "
+                         "(scheme://host[:port], no path), nor *")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

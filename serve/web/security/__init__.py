@@ -8,6 +8,7 @@ on.)
 | ``secret_key`` | ``load_or_create_secret_key``: the key that signs the session cookie |
 | ``session`` | the signed session cookie and the logged-in user |
 | ``origin`` | ``OriginCheckMiddleware``: a browser POST must come from this site |
+| ``cors`` | ``ApiCorsMiddleware``: CORS for ``/v1/*`` only, for the ``cors_origins`` |
 | ``rate_limit`` | ``RateLimiter``: a token bucket per user |
 | ``body_limit`` | ``BodyLimitMiddleware``: 413 for a body over the cap |
 | ``text`` | ``InvalidInput`` and the checks of user-supplied text |
