@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 REPLY_MODES = (None, "hybrid", "generate")
 MAX_RETRIEVAL_CANDIDATES = 32
 MAX_GENERATED_CANDIDATES = 8
+MAX_TOP_LOG_PROBS = 20
 # What a newly exported model folder serves the chat room with (its manifest's
 # "generation"): nucleus sampling as CDial-GPT (p 0.9, T 0.7), repeats discouraged, and
 # in the hybrid mode two samples beside eight retrieved replies.
@@ -38,6 +39,10 @@ class DecodingOptions:
         log-prob is multiplied by it). (default 1.0)
       no_repeat_ngram_size: > 0: never repeat an n-gram of this size (0 = off).
         (default 0)
+      presence_penalty: OpenAI's: subtracted from the log-prob of every token the reply
+        already has, once; in [-2, 2], < 0 encourages repeats. (default 0.0)
+      frequency_penalty: OpenAI's: subtracted from a token's log-prob once per time the
+        reply already has it; in [-2, 2]. (default 0.0)
       min_length: </s> is forbidden before this many reply tokens. (default 1)
       max_length: Reply tokens at most (finish_reason "length" when reached). (default
         40; CTranslate2: 256)
@@ -59,6 +64,11 @@ class DecodingOptions:
       antilm_steps: Reply tokens the anti-LM applies to. (default 3)
       return_scores: Fill GenerationResult.score and the hypotheses' scores. (default
         False)
+      return_log_probs: Greedy and sampling: fill GenerationResult.log_probs, each reply
+        token's log-prob as the choice was made from it (after the rules, renormalized,
+        before temperature). (default False)
+      top_log_probs: With return_log_probs: also the this many most likely tokens at
+        each step, at most 20. (default 0)
       reply_mode: "hybrid": the reply is chosen among retrieved replies (the folder's
         reply index) and the model's own, reranked by the forward and backward models;
         "generate": the model's own replies only (reranked when there are several).
@@ -83,6 +93,8 @@ class DecodingOptions:
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     min_length: int = 1
     max_length: int = 40
     sampling_temperature: float = 1.0
@@ -94,6 +106,8 @@ class DecodingOptions:
     antilm_weight: float = 0.0
     antilm_steps: int = 3
     return_scores: bool = False
+    return_log_probs: bool = False
+    top_log_probs: int = 0
     reply_mode: str | None = None
     retrieval_candidates: int = 8
     generated_candidates: int = 1
@@ -171,8 +185,11 @@ def validate(o: DecodingOptions) -> None:
     for name, low in (("beam_size", 1), ("num_hypotheses", 1), ("no_repeat_ngram_size", 0),
                       ("min_length", 0), ("max_length", 1), ("sampling_topk", 0),
                       ("antilm_steps", 0), ("retrieval_candidates", 1),
-                      ("generated_candidates", 1)):
+                      ("generated_candidates", 1), ("top_log_probs", 0)):
         _integer(o, name, low)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= _number(o, name) <= 2:
+            raise ValueError(f"{name} must be in [-2, 2], got {getattr(o, name)!r}")
     _number(o, "length_penalty")
     if not 0 <= _number(o, "antilm_weight") < 1:
         raise ValueError(f"antilm_weight must be in [0, 1), got {o.antilm_weight!r}")
@@ -205,7 +222,8 @@ def validate(o: DecodingOptions) -> None:
         raise ValueError(f"reply_mode must be one of {', '.join(map(str, REPLY_MODES))}, "
                          f"got {o.reply_mode!r}")
     for name, cap in (("retrieval_candidates", MAX_RETRIEVAL_CANDIDATES),
-                      ("generated_candidates", MAX_GENERATED_CANDIDATES)):
+                      ("generated_candidates", MAX_GENERATED_CANDIDATES),
+                      ("top_log_probs", MAX_TOP_LOG_PROBS)):
         if getattr(o, name) > cap:  # each is work for one request: bounded
             raise ValueError(f"{name} must be at most {cap}, got {getattr(o, name)!r}")
     if o.generated_candidates > 1 and not o.sampling:

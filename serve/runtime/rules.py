@@ -47,6 +47,20 @@ def apply_repetition_penalty(
     return out
 
 
+def apply_count_penalties(
+    log_probs: np.ndarray, previous: Sequence[int], frequency: float, presence: float
+) -> np.ndarray:
+    """OpenAI's presence and frequency penalties over the reply's own tokens:
+    ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)`` (on log-probs: the
+    same, as the row is renormalized afterwards)."""
+    if (frequency == 0 and presence == 0) or not previous:
+        return log_probs
+    ids, counts = np.unique(np.asarray(previous, np.int64), return_counts=True)
+    out = log_probs.copy()
+    out[ids] -= (frequency * counts + presence).astype(out.dtype)
+    return out
+
+
 def ngram_blocked_ids(previous: Sequence[int], n: int) -> list[int]:
     """Tokens that would complete an n-gram already present in ``previous``."""
     if n <= 0 or len(previous) < n - 1:
@@ -190,6 +204,9 @@ class TokenRules:
         o = self.options
         if o.repetition_penalty != 1.0 and previous:
             row[:] = apply_repetition_penalty(row, previous, o.repetition_penalty)
+        if (o.presence_penalty or o.frequency_penalty) and previous:
+            row[:] = apply_count_penalties(row, previous, o.frequency_penalty,
+                                           o.presence_penalty)
         row[self.banned] = -np.inf
         if self.guard is not None:
             for ids in self.guard.banned(previous):

@@ -12,6 +12,7 @@ from serve.runtime.options import DecodingOptions
 from serve.runtime.rules import (
     SCAN_CACHE_SIZE,
     TokenRules,
+    apply_count_penalties,
     apply_repetition_penalty,
     ids_containing,
     ngram_blocked_ids,
@@ -29,6 +30,37 @@ def test_repetition_penalty_lowers_only_generated_tokens():
     np.testing.assert_allclose(out[[0, 1]], log_probs[[0, 1]])
     np.testing.assert_allclose(out[[2, 3]], log_probs[[2, 3]] * 1.5)
     assert apply_repetition_penalty(log_probs, [2], 1.0) is log_probs
+
+
+def test_count_penalties_follow_openai_definition():
+    log_probs = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
+    out = apply_count_penalties(log_probs, [2, 2, 3], frequency=0.5, presence=0.25)
+    np.testing.assert_allclose(out[[0, 1]], log_probs[[0, 1]])
+    np.testing.assert_allclose(out[2], log_probs[2] - (0.5 * 2 + 0.25), rtol=1e-6)
+    np.testing.assert_allclose(out[3], log_probs[3] - (0.5 * 1 + 0.25), rtol=1e-6)
+    assert apply_count_penalties(log_probs, [2], 0.0, 0.0) is log_probs
+    assert apply_count_penalties(log_probs, [], 1.0, 1.0) is log_probs
+    # negative values encourage repeats
+    assert apply_count_penalties(log_probs, [0], 0.0, -2.0)[0] > log_probs[0]
+
+
+def test_penalties_in_the_rules_change_the_renormalized_row():
+    log_probs = np.log(np.array([0.1] * 4 + [0.3, 0.3], np.float32))
+    plain = _rules(min_length=0).process(log_probs, [4, 4])
+    assert np.isclose(plain[4], plain[5])
+    frequency = _rules(min_length=0, frequency_penalty=1.0).process(log_probs, [4, 4])
+    presence = _rules(min_length=0, presence_penalty=1.0).process(log_probs, [4, 4, 5])
+    assert frequency[4] < frequency[5] and np.isclose(np.exp(frequency).sum(), 1.0)
+    np.testing.assert_allclose(frequency[5] - frequency[4], 2.0, rtol=1e-5)
+    np.testing.assert_allclose(presence[4], presence[5], rtol=1e-6)  # once each, not per count
+    assert presence[4] < plain[4]
+
+
+@pytest.mark.parametrize("value", [-2.5, 2.01, float("nan"), "1"])
+def test_penalties_are_checked(value):
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=name):
+            DecodingOptions(**{name: value})
 
 
 def test_ngram_blocking():
@@ -63,7 +95,8 @@ def test_rules_of_a_row_do_not_depend_on_the_other_rows():
     rules = [
         TokenRules(
             DecodingOptions(repetition_penalty=1.0 + 0.2 * (i % 2), no_repeat_ngram_size=i % 3,
-                            min_length=i % 4),
+                            min_length=i % 4, presence_penalty=0.3 * (i % 3) - 0.3,
+                            frequency_penalty=0.7 * (i % 2)),
             eos_id=3, banned=np.array([0, 1, 2]),
         )
         for i in range(33)
