@@ -296,6 +296,27 @@ def rating_sheet(questions: list[str], replies: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ssa_table(path: Path) -> str:
+    """Sensibleness, specificity and SSA per mode from a rated sheet (``--sheet``'s file
+    with its ``sensible`` and ``specific`` columns filled with 1 or 0). As in Meena
+    (Adiwardana et al. 2020), a reply that is not sensible is not specific either."""
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:]]
+    by_mode: dict[str, list[tuple[int, int]]] = {}
+    for number, row in enumerate(rows, 2):
+        if len(row) != 5 or row[3] not in ("0", "1") or row[4] not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: expected prompt, mode, reply, sensible (0/1), "
+                             f"specific (0/1)")
+        sensible = int(row[3])
+        by_mode.setdefault(row[1], []).append((sensible, sensible * int(row[4])))
+    lines = ["| mode | rated | sensible | specific | SSA |", "| --- | ---: | ---: | ---: | ---: |"]
+    for mode, marks in by_mode.items():
+        sensible = sum(s for s, _ in marks) / len(marks)
+        specific = sum(s for _, s in marks) / len(marks)
+        lines.append(f"| {mode} | {len(marks)} | {sensible:.0%} | {specific:.0%} | "
+                     f"{(sensible + specific) / 2:.0%} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serve evaluate", description=__doc__.split("\n\n")[0],
@@ -304,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path,
                         help="held-out question<TAB>answer pairs, e.g. a checkpoint's test.tsv")
+    source.add_argument("--ssa", type=Path,
+                        help="a rated sheet: print sensibleness, specificity and SSA per mode")
     source.add_argument("--prompts", type=Path,
                         help="messages, one a line, with no reference (replies and variety "
                              "only: no perplexity, no BLEU), e.g. data/everyday_messages.txt")
@@ -329,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.ssa:
+        try:
+            print(ssa_table(args.ssa))
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     base = decoding_kwargs(args)
     seed = base.pop("seed")
     try:

@@ -102,3 +102,20 @@ def test_prompts_without_references_get_replies_a_sheet_and_the_reranked_modes(m
          str(prompts), "--modes", "nonsense"], cwd=ROOT, capture_output=True, text=True,
         timeout=300)
     assert unknown.returncode == 2 and "no mode nonsense" in unknown.stderr
+
+
+def test_ssa_from_a_rated_sheet(tmp_path):
+    from serve.runtime.evaluate import ssa_table
+
+    sheet = tmp_path / "rated.tsv"
+    sheet.write_text("prompt\tmode\treply\tsensible\tspecific\n"
+                     "你好\thybrid\t你好呀\t1\t1\n今天好冷\thybrid\t我也是\t1\t0\n"
+                     "中午吃啥\thybrid\t我是鸡\t0\t1\n你好\tgreedy\t我是\t0\t0\n", encoding="utf-8")
+    table = ssa_table(sheet)
+    # hybrid: sensible 2/3, specific 1/3 (a nonsensical reply is never specific): SSA 50%.
+    assert "| hybrid | 3 | 67% | 33% | 50% |" in table
+    assert "| greedy | 1 | 0% | 0% | 0% |" in table
+    sheet.write_text("prompt\tmode\treply\tsensible\tspecific\n你好\thybrid\t你好\t\t\n",
+                     encoding="utf-8")
+    with pytest.raises(ValueError, match="rated.tsv:2"):
+        ssa_table(sheet)
