@@ -46,6 +46,7 @@ from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
 from serve.runtime.replies import (
     ReplySources,
+    forward_token_log_probs,
     generated_candidates,
     reply_deltas,
     score_pairs,
@@ -57,6 +58,7 @@ from serve.runtime.search import (
     DecodingCancelled,
     GenerationResult,
     SequenceDecoder,
+    TokenLogProb,
     beam_search,
     make_rng,
     source_ids,
@@ -64,7 +66,8 @@ from serve.runtime.search import (
 )
 from serve.runtime.selection import usable
 
-__all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Stream"]
+__all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Piece",
+           "Stream"]
 
 
 class Overloaded(Exception):
@@ -109,8 +112,20 @@ class _Request(BatchRow):
         self.closed = False  # its "done" event was sent
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What one decoded token adds to the reply (``text`` may be empty), with its token and
+    (with ``return_log_probs``) its log-probs; a chosen or beam reply's pieces have
+    neither (``token_id`` None)."""
+
+    text: str
+    token_id: int | None = None
+    log_prob: TokenLogProb | None = None
+
+
 class Stream:
-    """``async for delta in engine.stream(...)``: the reply's text, piece by piece.
+    """``async for delta in engine.stream(...)``: the reply's text, piece by piece
+    (``stream.pieces()``: one ``Piece`` per token instead).
 
     After the loop, ``result`` holds the GenerationResult. Leaving the loop early (break,
     an exception, or the consumer task being cancelled) cancels the request.
@@ -123,24 +138,34 @@ class Stream:
         self.result: GenerationResult | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._iterate()
+        return self._texts()
 
-    async def _iterate(self) -> AsyncIterator[str]:
+    async def _texts(self) -> AsyncIterator[str]:
+        pieces = self.pieces()
+        try:
+            async for piece in pieces:
+                if piece.text:
+                    yield piece.text
+        finally:
+            await pieces.aclose()
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """One ``Piece`` per decoded token (a chosen reply: per word or character)."""
         if self._engine.sources.needs_selection(self._options):  # chosen, then streamed
             self.result = await self._engine._select(self._text, self._options)
             for delta in reply_deltas(self._engine.model, self.result.text):
-                yield delta
+                yield Piece(delta)
             return
         if self._options.beam_size > 1:  # beam search has no partial text: one final delta
             self.result = await self._engine.generate(self._text, options=self._options)
             if self.result.text:
-                yield self.result.text
+                yield Piece(self.result.text)
             return
         request = await self._engine._submit(self._text, self._options)
         try:
             while True:
                 kind, value = await request.events.get()
-                if kind == "delta":
+                if kind == "piece":
                     yield value  # type: ignore[misc]
                 elif kind == "done":
                     self.result = value  # type: ignore[assignment]
@@ -235,6 +260,14 @@ class Engine:
         if self.sources.needs_selection(options):
             return await self._select(text, options)
         return await self._generate_plain(text, options)
+
+    async def forward_log_probs(self, text: str, replies: list[list[int]]
+                                ) -> list[list[float]] | None:
+        """Each reply's per-token log p(token | message, the tokens before) by the folder's
+        forward scoring graph (the model's own, no rules), in a worker thread; None when
+        the folder has none."""
+        src = source_ids(self.model, text, self.max_source_length)
+        return await asyncio.to_thread(forward_token_log_probs, self.sources, src, replies)
 
     async def _generate_plain(self, text: str, options: DecodingOptions) -> GenerationResult:
         """The decoder's own reply, no selection."""
@@ -397,8 +430,8 @@ class Engine:
             else:
                 self._metric("inter_token_latency", now - request.last_token_at)
             request.last_token_at = now
-            if delta:
-                request.events.put_nowait(("delta", delta))
+            log_prob = decoder.log_probs[-1] if decoder.options.return_log_probs else None
+            request.events.put_nowait(("piece", Piece(delta, token, log_prob)))
         if decoder.done:
             self.stats.requests_finished += 1
             self._metric("request_latency", now - request.submitted)

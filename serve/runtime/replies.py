@@ -20,12 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from serve.runtime.batching import pad_id_rows
+from serve.runtime.manifest import SCORE_OUTPUTS
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
 from serve.runtime.retrieval import ReplyIndex
 from serve.runtime.scoring import CandidateScorer, IdPair, PairScore
 from serve.runtime.search import GenerationResult, generate, source_ids, text_delta
 from serve.runtime.selection import Candidate, SelectionWeights, rank, usable
+from serve.runtime.sessions import run_named
+from serve.runtime.tokenizer import EOS_ID, PAD_ID, UNK_ID
 
 
 @dataclass
@@ -148,6 +152,22 @@ def score_pairs(sources: ReplySources, pairs: Sequence[IdPair]) -> list[PairScor
     if sources.scorer is None:
         return [PairScore(0.0, len(r) + 1, None, len(m) + 1) for m, r in pairs]
     return sources.scorer.score(pairs)
+
+
+def forward_token_log_probs(sources: ReplySources, message: Sequence[int],
+                            replies: Sequence[Sequence[int]]) -> list[list[float]] | None:
+    """Each reply's per-token forward log-probs (its ``</s>`` left out) from the scoring
+    graph, one call for all; None when the folder has no scoring graph."""
+    if sources.scorer is None:
+        return None
+    if not replies:
+        return []
+    src_ids, src_len = pad_id_rows([list(message)] * len(replies), pad_id=PAD_ID,
+                                   empty_id=UNK_ID)
+    tgt_ids, tgt_len = pad_id_rows([[*r, EOS_ID] for r in replies], pad_id=PAD_ID)
+    feeds = {"src_ids": src_ids, "src_len": src_len, "tgt_ids": tgt_ids, "tgt_len": tgt_len}
+    per_token = run_named(sources.scorer.forward, SCORE_OUTPUTS, feeds)[SCORE_OUTPUTS[0]]
+    return [[float(v) for v in per_token[i, :len(r)]] for i, r in enumerate(replies)]
 
 
 def gather_candidates(model: OnnxSeq2Seq, sources: ReplySources, text: str,

@@ -26,6 +26,27 @@ from serve.runtime.tokenizer import detokenize
 MAX_SOURCE_LENGTH = 64  # longer messages keep their last tokens (the model saw short ones)
 
 
+@dataclass(frozen=True)
+class TokenLogProb:
+    """A reply token's log-prob as decoding chose it, and the most likely tokens there."""
+
+    token_id: int
+    log_prob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), most likely first
+
+
+def token_log_prob(processed: np.ndarray, token: int, top: int) -> TokenLogProb:
+    """``token``'s entry of one row of processed log-probs, with its ``top`` best tokens
+    (ties by lower id)."""
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, processed.shape[0])
+        head = np.argpartition(-processed, k - 1)[:k]
+        head = head[np.lexsort((head, -processed[head]))]
+        best = tuple((int(i), float(processed[i])) for i in head)
+    return TokenLogProb(int(token), float(processed[token]), best)
+
+
 @dataclass
 class GenerationResult:
     """A decoded reply: its text and tokens (no ``</s>``), and the n-best for beams."""
@@ -37,6 +58,8 @@ class GenerationResult:
     hypotheses: list[tuple[str, float | None]] = field(default_factory=list)  # n-best, best first
     source: str = "generated"  # or "retrieved": where the chosen reply came from
     candidates: list = field(default_factory=list)  # selection.Candidate, with return_candidates
+    # with return_log_probs (greedy and sampling): one per token of token_ids
+    log_probs: list[TokenLogProb] | None = None
 
 
 class DecodingCancelled(Exception):
@@ -109,6 +132,7 @@ class SequenceDecoder:
         self.token_ids: list[int] = []
         self.total = 0.0
         self.finish_reason: str | None = None
+        self.log_probs: list[TokenLogProb] = []  # with return_log_probs
 
     @property
     def done(self) -> bool:
@@ -125,6 +149,9 @@ class SequenceDecoder:
         if token == self.rules.eos_id:
             self.finish_reason = "stop"
         else:
+            if self.options.return_log_probs:
+                self.log_probs.append(
+                    token_log_prob(processed, token, self.options.top_log_probs))
             self.token_ids.append(token)
             if len(self.token_ids) >= self.options.max_length:
                 self.finish_reason = "length"
@@ -139,7 +166,8 @@ class SequenceDecoder:
         text = model.tokenizer.decode(self.token_ids)
         score = self.score if self.options.return_scores else None
         return GenerationResult(
-            text, list(self.token_ids), score, self.finish_reason or "length", [(text, score)]
+            text, list(self.token_ids), score, self.finish_reason or "length", [(text, score)],
+            log_probs=list(self.log_probs) if self.options.return_log_probs else None,
         )
 
 
@@ -147,6 +175,17 @@ def text_delta(previous_piece: str, piece: str) -> str:
     """What a reply's text grows by when ``piece`` follows ``previous_piece`` (the piece
     and, between two Latin words, a space): two pieces detokenized, not the whole reply."""
     return detokenize([previous_piece, piece])[len(previous_piece) :]
+
+
+def token_texts(model: OnnxSeq2Seq, token_ids: list[int]) -> list[str]:
+    """What each token adds to the reply's text, as the engine streams it (joined: the
+    decoded reply)."""
+    texts, last = [], ""
+    for token in token_ids:
+        piece = model.tokenizer.id_to_piece(token)
+        texts.append(text_delta(last, piece))
+        last = piece
+    return texts
 
 
 # -- whole decodes of one request ---------------------------------------------------------

@@ -67,6 +67,9 @@ async def test_batched_equals_alone_for_50_mixed_concurrent_requests(tiny_model_
             }
         if i % 5 == 0:
             options |= {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+        if i % 3 == 0:
+            options |= {"presence_penalty": rng.choice([-0.5, 0.8]), "frequency_penalty": 0.6,
+                        "return_log_probs": True, "top_log_probs": 3}
         requests.append((rng.choice(QUESTIONS), DecodingOptions(**options)))
     engine = Engine(model, max_batch_size=16)
     await engine.start()
@@ -103,6 +106,26 @@ async def test_stream_yields_the_reply_piece_by_piece(model):
     assert seen.count("time_to_first_token") == 1
     assert seen.count("inter_token_latency") == len(deltas) - 1
     assert seen.count("request_latency") == 1
+
+
+async def test_pieces_carry_each_tokens_log_probs(model):
+    options = DecodingOptions(min_length=3, max_length=6, return_log_probs=True,
+                              top_log_probs=2, frequency_penalty=1.0)
+    async with running(model) as engine:
+        stream = engine.stream("你好", options)
+        pieces = [piece async for piece in stream.pieces()]
+        scored = await engine.forward_log_probs("你好", [stream.result.token_ids])
+    result = stream.result
+    assert result == decode_alone(model, source_ids(model, "你好"), options)
+    assert [p.token_id for p in pieces] == result.token_ids
+    assert [p.log_prob for p in pieces] == result.log_probs
+    assert "".join(p.text for p in pieces) == result.text
+    for entry in result.log_probs:
+        assert len(entry.top) == 2 and entry.top[0][1] >= entry.top[1][1]
+        assert entry.log_prob <= entry.top[0][1] <= 0  # greedy: the best is the chosen one
+        assert entry.top[0][0] == entry.token_id
+    # no scoring graph in a folder without one; else one log-prob per token
+    assert scored is None  # the engine above was made without the folder's sources
 
 
 async def test_cancelling_a_stream_consumer_frees_its_slot(model):

@@ -8,7 +8,14 @@ import pytest
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
 from serve.runtime.rules import TokenRules
-from serve.runtime.search import beam_search, choose_token, decode_alone, generate, source_ids
+from serve.runtime.search import (
+    beam_search,
+    choose_token,
+    decode_alone,
+    generate,
+    source_ids,
+    token_texts,
+)
 from tests.conftest import DEMO_CORPUS
 
 QUESTIONS = ["你好", "你叫什么名字", "今天天气怎么样", "我好累啊", "晚安", "你喜欢吃什么", "哈哈哈"]
@@ -102,6 +109,26 @@ def test_seeded_sampling_reproduces_and_seeds_differ(model):
 
     assert sample(11) == sample(11)
     assert sample(11) != sample(12)
+
+
+def test_log_probs_are_the_processed_ones_the_choice_was_made_from(model):
+    plain = generate(model, "你好", DecodingOptions(max_length=6))
+    options = DecodingOptions(max_length=6, return_log_probs=True, top_log_probs=4)
+    result = generate(model, "你好", options)
+    assert plain.log_probs is None and result.token_ids == plain.token_ids
+    assert [e.token_id for e in result.log_probs] == result.token_ids
+    rules = TokenRules.for_model(model, options)
+    state = model.encode([source_ids(model, "你好")])
+    prev, h, c = np.array([model.bos_id], np.int64), state.h, state.c
+    for i, entry in enumerate(result.log_probs):
+        out = model.step(prev, h, c, state.memory, state.memory_keys, state.src_mask)
+        processed = rules.process(out.log_probs[0], result.token_ids[:i])
+        assert entry.log_prob == float(processed[entry.token_id])
+        assert [t for t, _ in entry.top] == np.argsort(-processed, kind="stable")[:4].tolist()
+        prev, h, c = np.array([entry.token_id], np.int64), out.h, out.c
+    assert "".join(token_texts(model, result.token_ids)) == result.text
+    beam = generate(model, "你好", DecodingOptions(beam_size=2, return_log_probs=True))
+    assert beam.log_probs is None  # a beam records no per-token choice
 
 
 def test_length_limits(model):
