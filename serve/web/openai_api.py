@@ -1,65 +1,55 @@
-"""An OpenAI-compatible API: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""An OpenAI-compatible API: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models`` and ``GET /v1/models/{id}``.
 
-The seq2seq model answers one message, so the reply is to the last ``user`` message.
-OpenAI's sampling fields are mapped onto ``DecodingOptions``; every ``DecodingOptions``
-field (beam_size, repetition_penalty, no_repeat_ngram_size, ...) and the usual short names
-(top_k, min_tokens) are accepted as extra fields. Errors use OpenAI's error shape.
+The seq2seq model answers one message: the reply is to the last ``user`` message (system,
+developer and assistant turns are accepted and checked, but the model does not read
+them); ``/v1/completions`` answers its ``prompt``. OpenAI's sampling fields are mapped
+onto ``DecodingOptions`` (``presence_penalty`` and ``frequency_penalty`` included); every
+``DecodingOptions`` field (beam_size, repetition_penalty, reply_mode, ...) and the usual
+short names (top_k, min_tokens) are accepted as extra fields. ``n`` (up to 4), ``stop``
+(up to 4 strings) and ``logprobs``/``top_logprobs`` (up to 5) work streamed and not
+(``serve.web.openai_choices`` says how, and what the log-probs of a reply chosen among
+candidates are). A field this server does not implement is a 400 that names it
+(``serve.web.openai_fields``), never silently ignored.
+
+Every answer under ``/v1`` is OpenAI's shape, errors included (``{"error": {"message",
+"type", "param", "code"}}``): unknown paths are a 404, a wrong method a 405. With
+``logprobs: true`` a chat completion's first choice also has ``xiaox_source`` and
+``xiaox_candidates`` (every candidate reply and its scores) when it was chosen among
+candidates: extension fields OpenAI's clients ignore.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve.web.security.text import InvalidInput, clean_text, decode_utf8
+from serve.web.openai_choices import Event, start_choices
+from serve.web.openai_fields import (
+    MAX_TOKENS,
+    ApiError,
+    Wanted,
+    check_key,
+    decoding_options,
+    last_user_text,
+    prompt_text,
+    read_body,
+    wanted,
+)
 
-MAX_INPUT_CHARS = 2_000
-# Fields of OpenAI's request that have no meaning for this model: accepted, ignored.
-IGNORED_FIELDS = {"model", "messages", "stream", "stream_options", "n", "user", "stop",
-                  "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-                  "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
-                  "service_tier", "store", "metadata", "modalities", "reasoning_effort"}
+__all__ = ["ApiError", "decoding_options", "routes"]
 
-
-def _printable(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str,
-                 error_type: str = "invalid_request_error", param: str | None = None):
-        # Messages may quote the client's own strings: a lone surrogate in them must not
-        # break the JSON encoder, so anything UTF-8 cannot carry is escaped.
-        super().__init__(_printable(message))
-        param = _printable(param) if param is not None else None
-        self.status, self.code, self.error_type, self.param = status, code, error_type, param
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.error_type, "param": self.param,
-                          "code": self.code}}
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-def _check_key(request: Request) -> None:
-    expected = request.app.state.chat.settings.api_key
-    if not expected:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             expected.encode()):
-        raise ApiError(401, "a valid API key is required (Authorization: Bearer ...)",
-                       "invalid_api_key", "authentication_error")
+log = logging.getLogger("xiaox.api")
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def _engine_error(error: Exception) -> ApiError:
@@ -78,88 +68,6 @@ def _model_ready(request: Request):
     return chat
 
 
-def decoding_options(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
-    """OpenAI request fields -> ``DecodingOptions`` keyword arguments."""
-    from serve.runtime.options import DecodingOptions
-
-    known = {f.name for f in fields(DecodingOptions)}
-    options: dict[str, Any] = {"max_length": default_max_tokens}
-    aliases = {"max_tokens": "max_length", "max_completion_tokens": "max_length",
-               "min_tokens": "min_length", "top_k": "sampling_topk",
-               "top_p": "sampling_topp", "temperature": "sampling_temperature"}
-    for key, value in body.items():
-        if key in known:
-            options[key] = value
-        elif key in aliases:
-            if value is not None:
-                options[aliases[key]] = value
-        elif key not in IGNORED_FIELDS:
-            raise ApiError(400, f"unknown field '{key}'", "unknown_field", param=key)
-    # OpenAI's temperature/top_p mean sampling: sample from the whole vocabulary unless
-    # top_k narrows it. temperature 0 means greedy.
-    temperature = options.get("sampling_temperature")
-    if temperature == 0:
-        options.pop("sampling_temperature")
-        options.setdefault("sampling_topk", 1)
-    elif ("sampling_temperature" in options or "sampling_topp" in options) \
-            and "sampling_topk" not in options and options.get("beam_size", 1) == 1:
-        options["sampling_topk"] = 0
-    if body.get("logprobs") is True:  # the scores we have: each candidate reply's
-        options["return_candidates"] = True
-    try:
-        DecodingOptions.from_kwargs(**options)
-    except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e), "invalid_decoding_option") from None
-    return options
-
-
-def _last_user_text(body: dict[str, Any]) -> str:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages",
-                       param="messages")
-    for message in reversed(messages):
-        if not isinstance(message, dict):
-            raise ApiError(400, "every message must be an object", "invalid_messages",
-                           param="messages")
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            content = "".join(part.get("text", "") for part in content
-                              if isinstance(part, dict) and part.get("type") == "text"
-                              and isinstance(part.get("text"), str))
-        try:
-            return clean_text(content, field="content", max_chars=MAX_INPUT_CHARS)
-        except InvalidInput as e:
-            raise ApiError(400, str(e), "invalid_content", param="messages") from None
-    raise ApiError(400, "no message with role 'user'", "invalid_messages", param="messages")
-
-
-async def _read_body(request: Request) -> dict[str, Any]:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise ApiError(415, "the body must be application/json", "unsupported_media_type")
-    try:
-        body = json.loads(decode_utf8(await request.body()))
-    except InvalidInput as e:
-        raise ApiError(400, str(e), "invalid_utf8") from None
-    except (ValueError, RecursionError):  # incl. ints over Python's digit limit
-        raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", "invalid_json")
-    return body
-
-
-def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any],
-           finish_reason: str | None) -> bytes:
-    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-             "model": model, "system_fingerprint": None,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                          "finish_reason": finish_reason}]}
-    return _data(chunk)
-
-
 def _data(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
         + b"\n\n"
@@ -171,74 +79,73 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class _CompletionRequest:
-    """A checked chat completion request: what to answer, and how."""
+class _Request:
+    """A checked request: what to answer, how to decode it, and what the API adds."""
 
+    chat_api: bool  # /v1/chat/completions (else /v1/completions)
     text: str
     options: dict[str, Any]
+    want: Wanted
     prompt_tokens: int
-    stream: bool
-    include_usage: bool
     completion_id: str
     created: int
 
 
-def _parse(request: Request, body: dict[str, Any]) -> _CompletionRequest:
-    """The request's body checked against this server and its model: ApiError if wrong."""
+def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
+    """The body checked against this server and its model: ApiError if wrong."""
     from serve.runtime.search import source_ids
 
     chat = request.app.state.chat
-    text = _last_user_text(body)
+    text = last_user_text(body) if chat_api else prompt_text(body)
     model_name = body.get("model")
     if model_name not in (None, "", chat.model_name):
         raise ApiError(404, f"the model '{model_name}' does not exist; "
                        f"this server serves '{chat.model_name}'", "model_not_found",
                        param="model")
-    if body.get("n", 1) not in (1, None):
-        raise ApiError(400, "only n=1 is supported", "unsupported_n", param="n")
-    options = decoding_options(body, chat.settings.reply_max_tokens)
+    settings = chat.settings
+    options = decoding_options(body, settings.reply_max_tokens,
+                               max(MAX_TOKENS, settings.reply_max_tokens))
+    want = wanted(body, chat_api)
     chat = _model_ready(request)
     try:
         prompt_tokens = len(source_ids(chat.engine.model, text))
     except ValueError as e:
-        raise ApiError(400, str(e), "invalid_content", param="messages") from None
-    completion_id = "chatcmpl-" + secrets.token_hex(12)
-    created = int(time.time())
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "invalid_stream")
-    stream_options = body.get("stream_options") or {}
-    include_usage = isinstance(stream_options, dict) and bool(
-        stream_options.get("include_usage"))
-    return _CompletionRequest(text, options, prompt_tokens, stream, include_usage,
-                    completion_id, created)
+        raise ApiError(400, str(e), "invalid_content",
+                       param="messages" if chat_api else "prompt") from None
+    prefix = "chatcmpl-" if chat_api else "cmpl-"
+    return _Request(chat_api, text, options, want, prompt_tokens,
+                    prefix + secrets.token_hex(12), int(time.time()))
 
 
-async def _complete(chat, req: _CompletionRequest) -> Response:
-    """The whole reply in one JSON ``chat.completion``."""
+async def _begin(chat, req: _Request, record):
+    """The request's choices, begun: the engine's refusals are still clean errors."""
     from serve.runtime.engine import EngineStopped, Overloaded
 
-    record = chat.metrics.request(req.prompt_tokens)
     with record.guard():  # refused, failed or cancelled: counted as such
         try:
-            result = await chat.engine.generate(req.text, **req.options)
+            return await start_choices(chat.engine, req.text, req.options, req.want)
         except (Overloaded, EngineStopped) as e:
             raise _engine_error(e) from None
-    record.finish_with(result)
-    return JSONResponse({
-        "id": req.completion_id, "object": "chat.completion", "created": req.created,
-        "model": chat.model_name, "system_fingerprint": None,
-        "choices": [{"index": 0, "logprobs": None,
-                     "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, **_candidates(result)}],
-        "usage": _usage(req.prompt_tokens, len(result.token_ids)),
-    })
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_decoding_option") from None
+        except ExceptionGroup as group:  # a chosen reply's parts run in a TaskGroup
+            refused = group.subgroup((Overloaded, EngineStopped))
+            if refused is None:
+                raise
+            while isinstance(refused, ExceptionGroup):
+                refused = refused.exceptions[0]
+            raise _engine_error(refused) from None
+
+
+def _finish_record(record, choices) -> int:
+    tokens = sum(t for t, _ in choices.results)
+    record.finish(choices.results[0][1] if choices.results else "stop", tokens)
+    return tokens
 
 
 def _candidates(result) -> dict[str, Any]:
-    """With ``return_candidates`` (or ``logprobs``): every candidate reply and its scores,
-    best first (an extension field: OpenAI's clients ignore it)."""
-    if not result.candidates:
+    """Every candidate reply and its scores, best first (an extension field)."""
+    if result is None or not result.candidates:
         return {}
     top = max((c.retrieval_score for c in result.candidates if c.source == "retrieved"),
               default=0.0)
@@ -250,74 +157,204 @@ def _candidates(result) -> dict[str, Any]:
     return {"xiaox_source": result.source, "xiaox_candidates": out}
 
 
-async def _stream(chat, req: _CompletionRequest) -> Response:
-    """The reply as ``chat.completion.chunk`` events, once the engine has begun it."""
-    from serve.runtime.engine import EngineStopped, Overloaded
+def _legacy_log_probs(entries: list[dict]) -> dict[str, Any]:
+    """``/v1/completions``' log-probs: tokens, token_logprobs, top_logprobs, text_offset."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}
 
-    engine_stream = chat.engine.stream(req.text, **req.options)
-    deltas = aiter(engine_stream)
+
+def _log_probs(req: _Request, entries: list[dict] | None) -> dict[str, Any] | None:
+    if not req.want.logprobs or entries is None:
+        return None
+    if req.chat_api:
+        return {"content": entries, "refusal": None}
+    return _legacy_log_probs(entries)
+
+
+def _choice(req: _Request, index: int, text: str, entries: list | None,
+            finish: str | None) -> dict[str, Any]:
+    if req.chat_api:
+        return {"index": index, "message": {"role": "assistant", "content": text,
+                                            "refusal": None},
+                "logprobs": _log_probs(req, entries), "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": _log_probs(req, entries),
+            "finish_reason": finish}
+
+
+def _envelope(req: _Request, name: str, chunk: bool) -> dict[str, Any]:
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if req.chat_api \
+        else "text_completion"
+    return {"id": req.completion_id, "object": kind, "created": req.created, "model": name,
+            "system_fingerprint": None}
+
+
+async def _complete(chat, req: _Request) -> Response:
+    """The whole answer in one JSON object."""
     record = chat.metrics.request(req.prompt_tokens)
-    # Wait for the first piece before the 200: a full queue is still a clean 429.
+    choices = await _begin(chat, req, record)
+    texts: dict[int, list[str]] = {}
+    entries: dict[int, list[dict]] = {}
+    finishes: dict[int, str | None] = {}
     with record.guard():
         try:
-            first: str | None = await anext(deltas)
-        except StopAsyncIteration:
-            first = None
-        except (Overloaded, EngineStopped) as e:
-            raise _engine_error(e) from None
-    return StreamingResponse(_chunks(chat.model_name, req, engine_stream, deltas, first,
-                                     record),
+            async for event in choices.events():
+                texts.setdefault(event.index, []).append(event.text)
+                entries.setdefault(event.index, []).extend(event.entries)
+                finishes[event.index] = event.finish
+        finally:
+            await choices.aclose()
+    tokens = _finish_record(record, choices)
+    scored = getattr(choices, "log_probs", []) is not None  # a whole reply's, or none
+    body = _envelope(req, chat.model_name, chunk=False)
+    body["choices"] = [_choice(req, i, "".join(texts[i]), entries[i] if scored else None,
+                               finishes[i]) for i in sorted(texts)]
+    if req.chat_api and req.want.candidates and body["choices"]:
+        body["choices"][0].update(_candidates(getattr(choices, "result", None)))
+    body["usage"] = _usage(req.prompt_tokens, tokens)
+    return JSONResponse(body)
+
+
+async def _stream(chat, req: _Request) -> Response:
+    """The answer as server-sent events, once the engine has begun it."""
+    record = chat.metrics.request(req.prompt_tokens)
+    choices = await _begin(chat, req, record)
+    return StreamingResponse(_chunks(chat.model_name, req, choices, record),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _chunks(name: str, req: _CompletionRequest, engine_stream, deltas,
-                  first: str | None, record) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        return _chunk(req.completion_id, req.created, name, delta, finish_reason)
+def _chunk(req: _Request, name: str, event: Event, scored: bool, *, first: bool = False,
+           end: bool = False) -> bytes:
+    body = _envelope(req, name, chunk=True)
+    entries = event.entries if scored else None
+    logprobs = None if first or end else _log_probs(req, entries)
+    finish = event.finish if end else None
+    if req.chat_api:
+        delta: dict[str, Any] = {} if end else {"content": "" if first else event.text}
+        if first:
+            delta["role"] = "assistant"
+        choice = {"index": event.index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish}
+    else:
+        choice = {"index": event.index, "text": "" if end else event.text,
+                  "logprobs": logprobs, "finish_reason": finish}
+    return _data({**body, "choices": [choice]})
 
+
+async def _chunks(name: str, req: _Request, choices, record) -> AsyncIterator[bytes]:
+    scored = getattr(choices, "log_probs", []) is not None
+    begun: set[int] = set()
     try:
         with record.guard():  # the client leaving: cancelled
-            yield chunk({"role": "assistant", "content": ""})
-            if first is not None:
-                yield chunk({"content": first})
-                async for delta in deltas:
-                    yield chunk({"content": delta})
-        result = engine_stream.result
-        record.finish_with(result)
-        yield chunk({}, result.finish_reason if result is not None else "stop")
-        if req.include_usage:
-            completion_tokens = len(result.token_ids) if result is not None else 0
-            yield _data({"id": req.completion_id, "object": "chat.completion.chunk",
-                         "created": req.created, "model": name, "system_fingerprint": None,
-                         "choices": [], "usage": _usage(req.prompt_tokens, completion_tokens)})
-        yield b"data: [DONE]\n\n"
+            async for event in choices.events():
+                if req.chat_api and event.index not in begun:
+                    begun.add(event.index)
+                    yield _chunk(req, name, event, scored, first=True)
+                if event.text or event.entries:
+                    yield _chunk(req, name, event, scored)
+                if event.finish is not None:
+                    yield _chunk(req, name, event, scored, end=True)
+        tokens = _finish_record(record, choices)
+        if req.want.include_usage:
+            yield _data({**_envelope(req, name, chunk=True), "choices": [],
+                         "usage": _usage(req.prompt_tokens, tokens)})
+    except Exception as e:  # after the 200: the error as an event, as vLLM sends it
+        log.exception("a streamed completion failed")
+        yield _data({"error": {"message": f"the reply failed: {type(e).__name__}",
+                               "type": "server_error", "param": None, "code": "internal"}})
     finally:
-        # A client that left: closing the iterator cancels the request in the engine.
-        await deltas.aclose()
+        # A client that left: closing the engine's iterators cancels their requests.
+        await choices.aclose()
+    yield b"data: [DONE]\n\n"
 
 
-async def chat_completions(request: Request) -> Response:
+async def _guarded(request: Request, answer) -> Response:
+    """Runs ``answer`` (async, the request's work): any failure in OpenAI's shape."""
     chat = request.app.state.chat
     try:
-        _check_key(request)
-        req = _parse(request, await _read_body(request))
-        return await (_stream if req.stream else _complete)(chat, req)
+        check_key(request)
+        return await answer()
     except ApiError as e:
         chat.metrics.errors.labels(f"api_{e.code}").inc()
         return e.response()
+    except Exception:
+        log.exception("unhandled error on %s", request.url.path)
+        return ApiError(500, "internal server error", "internal", "server_error").response()
+
+
+def _allow(request: Request, *methods: str) -> None:
+    if request.method not in methods:
+        raise ApiError(405, f"{request.method} is not allowed on {request.url.path}; "
+                       f"use {', '.join(methods)}", "method_not_allowed",
+                       headers={"Allow": ", ".join(methods)})
+
+
+def _completion_endpoint(chat_api: bool):
+    async def endpoint(request: Request) -> Response:
+        async def answer() -> Response:
+            _allow(request, "POST")
+            req = _parse(request, await read_body(request), chat_api)
+            chat = request.app.state.chat
+            return await (_stream if req.want.stream else _complete)(chat, req)
+
+        return await _guarded(request, answer)
+
+    return endpoint
+
+
+def _model_card(chat) -> dict[str, Any]:
+    """The model: ``created`` the manifest's time, and its default generation settings
+    (the chat room's) as ``xiaox_generation``."""
+    manifest = chat.settings.model_path / "manifest.json"
+    try:
+        created = int(manifest.stat().st_mtime)
+    except OSError:
+        created = 0
+    engine = chat.engine
+    generation = dict(engine.model.manifest.generation) if engine is not None else {}
+    return {"id": chat.model_name, "object": "model", "created": created, "owned_by": "xiaox",
+            "xiaox_generation": generation}
 
 
 async def list_models(request: Request) -> Response:
-    chat = request.app.state.chat
-    try:
-        _check_key(request)
-    except ApiError as e:
-        return e.response()
-    return JSONResponse({"object": "list", "data": [
-        {"id": chat.model_name, "object": "model", "created": 0, "owned_by": "xiaox"}]})
+    async def answer() -> Response:
+        _allow(request, "GET")
+        return JSONResponse({"object": "list",
+                             "data": [_model_card(request.app.state.chat)]})
+
+    return await _guarded(request, answer)
+
+
+async def retrieve_model(request: Request) -> Response:
+    async def answer() -> Response:
+        _allow(request, "GET")
+        chat = request.app.state.chat
+        if request.path_params["model"] != chat.model_name:
+            raise ApiError(404, f"the model '{request.path_params['model']}' does not exist",
+                           "model_not_found", param="model")
+        return JSONResponse(_model_card(chat))
+
+    return await _guarded(request, answer)
+
+
+async def not_found(request: Request) -> Response:
+    async def answer() -> Response:
+        raise ApiError(404, f"no such path: {request.url.path}", "not_found")
+
+    return await _guarded(request, answer)
 
 
 def routes() -> list[Route]:
-    return [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", list_models, methods=["GET"])]
+    """The API's routes; the last one answers every other path under /v1 (a 404)."""
+    return [Route("/v1/chat/completions", _completion_endpoint(True), methods=METHODS),
+            Route("/v1/completions", _completion_endpoint(False), methods=METHODS),
+            Route("/v1/models", list_models, methods=METHODS),
+            Route("/v1/models/{model:path}", retrieve_model, methods=METHODS),
+            Route("/v1/{path:path}", not_found, methods=METHODS)]

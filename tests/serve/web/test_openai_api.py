@@ -53,7 +53,8 @@ def post(c: httpx.Client, body: dict, headers: dict | None = None) -> httpx.Resp
 
 
 def ask(text: str = "你好", **extra) -> dict:
-    return {"model": extra.pop("model", None) or "xiaox",
+    model = extra.pop("model", None)  # none: the one the server serves
+    return {**({"model": model} if model else {}),
             "messages": [{"role": "system", "content": "你是小X"},
                          {"role": "user", "content": text}], **extra}
 
@@ -92,8 +93,13 @@ def test_a_completion(server, model_name):
         assert post(c, ask(model=model_name), headers={}).status_code == 401
 
 
-def test_reply_mode_is_an_extra_field_and_logprobs_show_the_candidates(server, model_name):
+def test_reply_mode_is_an_extra_field_and_logprobs_show_the_candidates(server, model_name,
+                                                                       model_dir):
     with httpx.Client(base_url=server.url, timeout=60) as c:
+        if not (model_dir / "index").is_dir():
+            bad = post(c, ask("今天好冷", model=model_name, reply_mode="hybrid"))
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "reply_mode"
+            pytest.skip("the model folder has no reply index")
         hybrid = post(c, ask("今天好冷", model=model_name, reply_mode="hybrid", logprobs=True,
                              temperature=0.7, seed=3)).json()["choices"][0]
         sources = {cand["source"] for cand in hybrid["xiaox_candidates"]}
@@ -179,7 +185,10 @@ def test_sampling_fields_and_extra_decoding_fields_are_accepted(server):
     (ask(max_tokens="many"), 400, "invalid_decoding_option"),
     (ask(beam_size=2, top_k=5), 400, "invalid_decoding_option"),
     (ask(colour="blue"), 400, "unknown_field"),
-    (ask(n=3), 400, "unsupported_n"),
+    (ask(n=5), 400, "invalid_n"),
+    (ask(tools=[{"type": "function"}]), 400, "unsupported_field"),
+    (ask(max_tokens=300), 400, "invalid_max_tokens"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_role"),
     (ask(stream="yes"), 400, "invalid_stream"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, code):
@@ -209,7 +218,7 @@ def test_content_as_parts_and_bad_bodies(server):
 async def test_a_client_leaving_a_stream_cancels_its_request(server):
     async with server.client(timeout=60) as c:
         before = metric_value((await c.get("/metrics")).text, "xiaox_engine_cancelled_total")
-        long = ask(min_tokens=400, max_tokens=400, stream=True)
+        long = ask(min_tokens=256, max_tokens=256, stream=True, reply_mode="generate")
         async with c.stream("POST", "/v1/chat/completions", json=long, headers=AUTH) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
@@ -229,9 +238,11 @@ async def test_a_client_leaving_a_stream_cancels_its_request(server):
 async def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
     # One row in the batch and one place in the queue: a long reply takes the row, a
     # second request takes the place, and a third finds the queue full.
+    # (a reply_max_tokens over the API's cap of 256 raises the cap to it)
     process = ServerProcess(model_dir, tmp_path,
-                            env={"XIAOX_MAX_BATCH_SIZE": "1", "XIAOX_MAX_QUEUE": "1"})
-    long = ask(min_tokens=5000, max_tokens=5000, stream=True)
+                            env={"XIAOX_MAX_BATCH_SIZE": "1", "XIAOX_MAX_QUEUE": "1",
+                                 "XIAOX_REPLY_MAX_TOKENS": "5000"})
+    long = ask(min_tokens=5000, max_tokens=5000, stream=True, reply_mode="generate")
     try:
         process.start()
         async with process.client(timeout=60) as c:

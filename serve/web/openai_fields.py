@@ -1,0 +1,290 @@
+"""The OpenAI API's request fields, read strictly: what this server does with each, the
+caps, and OpenAI's error shape (``ApiError``).
+
+A field is either implemented (mapped onto ``DecodingOptions`` or handled by the API), or
+harmless and accepted (``user``, ``store``, ``metadata``, ``service_tier``, ...), or not
+implemented: then a 400 names it (``param``), unless its value asks for nothing
+(``response_format: {"type": "text"}``, ``tools: []``, ``logit_bias: {}``, ...). A field
+that is null counts as absent. Unknown fields are a 400 too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serve.web.security.text import InvalidInput, clean_text, decode_utf8
+
+MAX_INPUT_CHARS = 2_000
+MAX_TOKENS = 256  # or the server's reply_max_tokens when that is larger
+MAX_N = 4
+MAX_TOP_LOGPROBS = 5
+MAX_STOP = 4
+MAX_STOP_CHARS = 32
+ROLES = {"system", "developer", "user", "assistant"}
+
+# Accepted and without effect here: who asked, storage, billing, the seed of other APIs.
+HARMLESS = {"model", "user", "store", "metadata", "service_tier", "stream_options",
+            "prompt_cache_key", "safety_identifier"}
+# Not implemented, but a value asking for nothing is accepted: field -> that test.
+NOTHING_ASKED = {
+    "response_format": lambda v: v == {"type": "text"},
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "logit_bias": lambda v: v == {},
+    "modalities": lambda v: v == ["text"],
+    "parallel_tool_calls": lambda v: v is False,
+    "audio": lambda v: False,
+    "prediction": lambda v: False,
+    "reasoning_effort": lambda v: False,
+    "web_search_options": lambda v: False,
+    "verbosity": lambda v: False,
+    # /v1/completions
+    "echo": lambda v: v is False,
+    "best_of": lambda v: v == 1,
+    "suffix": lambda v: v == "",
+}
+ALIASES = {"max_tokens": "max_length", "max_completion_tokens": "max_length",
+           "min_tokens": "min_length", "top_k": "sampling_topk", "top_p": "sampling_topp",
+           "temperature": "sampling_temperature"}
+# Read by the API itself, not by DecodingOptions.
+API_FIELDS = {"messages", "prompt", "stream", "n", "stop", "logprobs", "top_logprobs"}
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str,
+                 error_type: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        # Messages may quote the client's own strings: a lone surrogate in them must not
+        # break the JSON encoder, so anything UTF-8 cannot carry is escaped.
+        super().__init__(_printable(message))
+        param = _printable(param) if param is not None else None
+        self.status, self.code, self.error_type, self.param = status, code, error_type, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+        headers = dict(self.headers or {})
+        if self.status == 429:
+            headers["Retry-After"] = "1"
+        return JSONResponse(body, status_code=self.status, headers=headers or None)
+
+
+def check_key(request: Request) -> None:
+    expected = request.app.state.chat.settings.api_key
+    if not expected:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             expected.encode()):
+        raise ApiError(401, "a valid API key is required (Authorization: Bearer ...)",
+                       "invalid_api_key", "authentication_error")
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, "the body must be application/json", "unsupported_media_type")
+    try:
+        body = json.loads(decode_utf8(await request.body()))
+    except InvalidInput as e:
+        raise ApiError(400, str(e), "invalid_utf8") from None
+    except (ValueError, RecursionError):  # incl. ints over Python's digit limit
+        raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", "invalid_json")
+    return body
+
+
+def _refuse_unimplemented(body: dict[str, Any], known: set[str]) -> None:
+    for key, value in body.items():
+        if value is None or key in known or key in HARMLESS or key in ALIASES \
+                or key in API_FIELDS:
+            continue
+        if key in NOTHING_ASKED:
+            if not NOTHING_ASKED[key](value):
+                raise ApiError(400, f"'{key}' is not supported by this server (a seq2seq "
+                               f"chit-chat model): {json.dumps(value)[:80]}",
+                               "unsupported_field", param=key)
+            continue
+        raise ApiError(400, f"unknown field '{key}'", "unknown_field", param=key)
+
+
+def decoding_options(body: dict[str, Any], default_max_tokens: int,
+                     max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+    """OpenAI request fields -> ``DecodingOptions`` keyword arguments (checked)."""
+    from serve.runtime.options import DecodingOptions
+
+    known = {f.name for f in fields(DecodingOptions)}
+    _refuse_unimplemented(body, known)
+    options: dict[str, Any] = {"max_length": default_max_tokens}
+    for key, value in body.items():
+        if value is None:
+            continue
+        if key in known:
+            options[key] = value
+        elif key in ALIASES:
+            options[ALIASES[key]] = value
+    length = options["max_length"]
+    if isinstance(length, int) and not isinstance(length, bool) and length > max_tokens:
+        param = next((k for k in ("max_completion_tokens", "max_tokens", "max_length")
+                      if body.get(k) is not None), "max_tokens")
+        raise ApiError(400, f"'{param}' must be at most {max_tokens}, got {length}",
+                       "invalid_max_tokens", param=param)
+    # OpenAI's temperature/top_p mean sampling: sample from the whole vocabulary unless
+    # top_k narrows it. temperature 0 means greedy.
+    temperature = options.get("sampling_temperature")
+    if temperature == 0:
+        options.pop("sampling_temperature")
+        options.setdefault("sampling_topk", 1)
+    elif ("sampling_temperature" in options or "sampling_topp" in options) \
+            and "sampling_topk" not in options and options.get("beam_size", 1) == 1:
+        options["sampling_topk"] = 0
+    try:
+        DecodingOptions.from_kwargs(**options)
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, str(e), "invalid_decoding_option",
+                       param=_param_of(str(e), body)) from None
+    return options
+
+
+def _param_of(message: str, body: dict[str, Any]) -> str | None:
+    """The request field a DecodingOptions error is about (it begins with the option's
+    name), as the client spelt it."""
+    option = message.split(" ", 1)[0]
+    for key in body:
+        if key == option or ALIASES.get(key) == option:
+            return key
+    return None
+
+
+def _integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be an integer in [{low}, {high}], got "
+                       f"{json.dumps(value)[:40]}", f"invalid_{name}", param=name)
+    return value
+
+
+def stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    """``stop``: a string or a list of up to 4, each 1 to 32 characters."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} "
+                       f"strings of 1 to {MAX_STOP_CHARS} characters", "invalid_stop",
+                       param="stop")
+    return tuple(dict.fromkeys(stops))
+
+
+def _text_content(content: Any) -> Any:
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(part.get("text", "") for part in content
+                       if isinstance(part, dict) and part.get("type") == "text"
+                       and isinstance(part.get("text"), str))
+    return content
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    """The last ``user`` message: the model reads that one only (a single-turn model);
+    system, developer and assistant turns are checked, then left unread."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages",
+                       param="messages")
+    last = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, "every message must be an object", "invalid_messages",
+                           param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}]: unknown role {json.dumps(role)[:40]}; "
+                           f"known: {', '.join(sorted(ROLES))}", "invalid_role",
+                           param=f"messages[{i}].role")
+        if message.get("content") is None:
+            raise ApiError(400, f"messages[{i}] has no content", "invalid_content",
+                           param=f"messages[{i}].content")
+        if role == "user":
+            last = message
+    if last is None:
+        raise ApiError(400, "no message with role 'user'", "invalid_messages",
+                       param="messages")
+    try:
+        return clean_text(_text_content(last["content"]), field="content",
+                          max_chars=MAX_INPUT_CHARS)
+    except InvalidInput as e:
+        raise ApiError(400, str(e), "invalid_content", param="messages") from None
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """``/v1/completions``' ``prompt``: a string, or a list of one string."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string or a list of one string",
+                       "invalid_prompt", param="prompt")
+    try:
+        return clean_text(prompt, field="prompt", max_chars=MAX_INPUT_CHARS)
+    except InvalidInput as e:
+        raise ApiError(400, str(e), "invalid_prompt", param="prompt") from None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the API itself does with a request (beside its decoding options)."""
+
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    candidates: bool = False  # the xiaox_candidates extension (chat: logprobs true)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def wanted(body: dict[str, Any], chat_api: bool) -> Wanted:
+    """n, stop, logprobs (chat: true/false and top_logprobs; completions: 0-5), stream."""
+    if chat_api:
+        flag = body.get("logprobs")
+        if flag is not None and not isinstance(flag, bool):
+            raise ApiError(400, "'logprobs' must be true or false", "invalid_logprobs",
+                           param="logprobs")
+        top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        if top and not flag:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true",
+                           "invalid_top_logprobs", param="top_logprobs")
+        want = Wanted(logprobs=bool(flag), top_logprobs=top, candidates=bool(flag))
+    else:
+        top = _integer(body, "logprobs", -1, 0, MAX_TOP_LOGPROBS)
+        want = Wanted(logprobs=top >= 0, top_logprobs=max(top, 0))
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "invalid_stream",
+                       param="stream")
+    stream_options = body.get("stream_options") or {}
+    include_usage = isinstance(stream_options, dict) and bool(
+        stream_options.get("include_usage"))
+    return replace(want, n=_integer(body, "n", 1, 1, MAX_N), stop=stop_strings(body),
+                   stream=stream, include_usage=include_usage)
