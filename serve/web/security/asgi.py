@@ -18,10 +18,17 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def send_json_error(send: Send, status: int, message: str, reason: str,
+async def send_json_error(scope: Scope, send: Send, status: int, message: str, reason: str,
                           headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    """The app's error shape, ``{"error", "reason"}``, sent before any route runs."""
-    body = json.dumps({"error": message, "reason": reason}, ensure_ascii=False).encode()
+    """An error sent before any route runs: OpenAI's shape under ``/v1`` (its SDKs parse
+    nothing else), the app's own ``{"error", "reason"}`` elsewhere."""
+    if scope.get("path", "").startswith("/v1"):
+        kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+        payload: dict = {"error": {"message": message, "type": kind, "param": None,
+                                   "code": reason}}
+    else:
+        payload = {"error": message, "reason": reason}
+    body = json.dumps(payload, ensure_ascii=False).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *headers]})

@@ -22,7 +22,7 @@ class BodyLimitMiddleware:
             return
         declared = header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(send, receive)
+            await self._reject(scope, send, receive)
             return
         # Read the (small, capped) body here so a chunked upload cannot exceed the cap.
         chunks, size = [], 0
@@ -33,7 +33,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._reject(send, receive, more=message.get("more_body", False))
+                await self._reject(scope, send, receive, more=message.get("more_body", False))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -50,7 +50,8 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send, receive: Receive, more: bool = True) -> None:
+    async def _reject(self, scope: Scope, send: Send, receive: Receive,
+                      more: bool = True) -> None:
         # Read and drop what the client is still sending (up to a bound): answering while
         # it writes makes the closing socket reset the connection before it reads the 413.
         dropped = 0
@@ -63,5 +64,6 @@ class BodyLimitMiddleware:
                 more = message.get("more_body", False)
         if self.on_reject is not None:
             self.on_reject("body_too_large")
-        await send_json_error(send, 413, f"the request body is over {self.max_bytes} bytes",
+        await send_json_error(scope, send, 413,
+                              f"the request body is over {self.max_bytes} bytes",
                               "body_too_large", [(b"connection", b"close")])

@@ -43,7 +43,8 @@ class ApiCorsMiddleware:
                 and not self.allowed(origin)):
             if self.on_reject is not None:
                 self.on_reject("cors_origin")
-            await send_json_error(send, 403, "this origin may not call the API", "cors_origin")
+            await send_json_error(scope, send, 403, "this origin may not call the API",
+                                  "cors_origin")
             return
         await self.cors(scope, receive, send)
 

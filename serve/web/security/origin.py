@@ -29,7 +29,7 @@ class OriginCheckMiddleware:
                 and not self.same_site(scope)):
             if self.on_reject is not None:
                 self.on_reject("bad_origin")
-            await send_json_error(send, 403, "cross-site request refused", "bad_origin")
+            await send_json_error(scope, send, 403, "cross-site request refused", "bad_origin")
             return
         await self.app(scope, receive, send)
 

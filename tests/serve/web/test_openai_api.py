@@ -199,6 +199,17 @@ def test_bad_requests_get_openai_errors(server, body, status, code):
         assert error["code"] == code and error["message"] and error["type"]
 
 
+def test_refusals_before_the_routes_are_in_openais_shape_too(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        big = c.post("/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"},
+                     content=b"{" + b" " * (128 * 1024) + b"}")
+        assert big.status_code == 413
+        error = big.json()["error"]
+        assert error["code"] == "body_too_large" and error["message"] and error["type"]
+        chat = c.post("/send", content=b"x" * (128 * 1024))  # the chat routes keep theirs
+        assert chat.status_code == 413 and chat.json()["reason"] == "body_too_large"
+
+
 def test_content_as_parts_and_bad_bodies(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "你好"}]}]}
