@@ -12,8 +12,12 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BLOCKLIST = "data/blocklist.txt"  # relative to the project root (or the cwd)
+from serve.runtime.paths import DEFAULT_BLOCKLIST as _BLOCKLIST_PATH
+from serve.runtime.paths import PROJECT_ROOT
+
+# Recorded relative (config.json names no path of the training machine): the project's
+# root, or the cwd.
+DEFAULT_BLOCKLIST = _BLOCKLIST_PATH.relative_to(PROJECT_ROOT).as_posix()
 OPTIMIZERS = ("adam", "sgd")
 TOKENS = ("word", "char")  # jieba words, or one token a character (ASCII runs kept whole)
 DIRECTIONS = ("forward", "backward", "both")
