@@ -49,9 +49,11 @@ SAMPLING = {"sampling_topk": 0, "sampling_topp": 0.9, "sampling_temperature": 0.
 RERANKED_SAMPLES = 4  # the model's proposals in the reranked modes
 
 
-def decoding_modes(seed: int, sources: ReplySources | None = None) -> dict[str, dict]:
+def decoding_modes(seed: int, sources: ReplySources | None = None,
+                   generation: Mapping | None = None) -> dict[str, dict]:
     """The ways of answering that the report compares (CDial-GPT's sampling); the
-    reranked modes only where the folder has what they need."""
+    reranked modes only where the folder has what they need (``generation``: the folder's
+    default settings, which the hybrid mode uses as the chat room does)."""
     beam5 = {"beam_size": 5, "no_repeat_ngram_size": 2, "length_penalty": 1.0}
     plain = {"reply_mode": "generate"}
     modes = {
@@ -65,8 +67,9 @@ def decoding_modes(seed: int, sources: ReplySources | None = None) -> dict[str, 
         modes["sampling_mmi"] = {**plain, **SAMPLING, "seed": seed,
                                  "generated_candidates": RERANKED_SAMPLES}
     if sources is not None and sources.index is not None:
-        modes["hybrid"] = {"reply_mode": "hybrid", **SAMPLING, "seed": seed,
-                           "generated_candidates": RERANKED_SAMPLES}
+        # What the chat room serves: the folder's own generation settings.
+        room = {k: v for k, v in (generation or {}).items() if k != "max_length"}
+        modes["hybrid"] = {**SAMPLING, **room, "reply_mode": "hybrid", "seed": seed}
     return modes
 
 
@@ -238,7 +241,7 @@ def evaluate(
         "modes": {},
     }
     replies = {}
-    available = decoding_modes(seed, sources)
+    available = decoding_modes(seed, sources, model.manifest.generation)
     unknown = sorted(set(modes) - set(available))
     if unknown:
         raise ValueError(f"no mode {', '.join(unknown)} for this folder; it has "
@@ -343,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="write the report here too")
     parser.add_argument("--sheet", type=Path, default=None,
                         help="write a rating sheet (TSV: prompt, mode, reply, sensible, "
-                             "specific) of --samples random pairs, or of every pair if 0")
+                             "specific) of --sheet-samples random pairs")
+    parser.add_argument("--sheet-samples", type=int, default=0,
+                        help="pairs drawn for the sheet (same seed as --samples; 0 = all)")
+    parser.add_argument("--sheet-modes", default="",
+                        help="comma-separated modes in the sheet (default: every mode run)")
     # The sampling mode's seed is --seed + the pair's index; scores are not reported.
     add_decoding_flags(parser, defaults={"max_length": MAX_REPLY_TOKENS, "seed": 0},
                        exclude=("return_scores", "return_candidates"))
@@ -390,9 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     if args.sheet:
-        picked = sample_indices(len(pairs), args.samples, seed)
+        picked = sample_indices(len(pairs), args.sheet_samples, seed)
+        wanted = [m.strip() for m in args.sheet_modes.split(",") if m.strip()] or replies
         args.sheet.write_text(rating_sheet([pairs[i].question for i in picked],
-                                           {m: [r[i] for i in picked] for m, r in replies.items()}),
+                                           {m: [replies[m][i] for i in picked] for m in wanted}),
                               encoding="utf-8")
     return 0
 
