@@ -6,7 +6,11 @@ developer and assistant turns are accepted and checked, but the model does not r
 them); ``/v1/completions`` answers its ``prompt``. OpenAI's sampling fields are mapped
 onto ``DecodingOptions`` (``presence_penalty`` and ``frequency_penalty`` included); every
 ``DecodingOptions`` field (beam_size, repetition_penalty, reply_mode, ...) and the usual
-short names (top_k, min_tokens) are accepted as extra fields. ``n`` (up to 4), ``stop``
+short names (top_k, min_tokens) are accepted as extra fields. The options start from the
+model folder's default generation settings (its manifest's ``generation``, shown by
+``/v1/models`` as ``xiaox_generation``), then the request's fields win; a request asking
+for greedy decoding (temperature 0, top_k 1) or beam search drops the folder's sampling
+defaults (the rule in full: ``serve.web.openai_fields``). ``n`` (up to 4), ``stop``
 (up to 4 strings) and ``logprobs``/``top_logprobs`` (up to 5) work streamed and not
 (``serve.web.openai_choices`` says how, and what the log-probs of a reply chosen among
 candidates are). A field this server does not implement is a 400 that names it
@@ -103,8 +107,9 @@ def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
                        f"this server serves '{chat.model_name}'", "model_not_found",
                        param="model")
     settings = chat.settings
+    generation = chat.engine.model.manifest.generation if chat.engine is not None else {}
     options = decoding_options(body, settings.reply_max_tokens,
-                               max(MAX_TOKENS, settings.reply_max_tokens))
+                               max(MAX_TOKENS, settings.reply_max_tokens), generation)
     want = wanted(body, chat_api)
     chat = _model_ready(request)
     try:

@@ -6,12 +6,27 @@ harmless and accepted (``user``, ``store``, ``metadata``, ``service_tier``, ...)
 implemented: then a 400 names it (``param``), unless its value asks for nothing
 (``response_format: {"type": "text"}``, ``tools: []``, ``logit_bias: {}``, ...). A field
 that is null counts as absent. Unknown fields are a 400 too.
+
+**Decoding: the model folder's defaults, then the request's fields.** The options start
+from the folder's default generation settings (its manifest's ``generation``, as the chat
+room's; a folder without them: ``DecodingOptions``' own defaults, greedy), except
+``max_length``, which is the API's ``max_tokens`` default (the server's
+``reply_max_tokens``). Every field the request sets then wins, with OpenAI's meanings:
+``temperature: 0`` is greedy (``top_k`` 1); ``temperature`` or ``top_p`` without ``top_k``
+mean sampling (with the folder's ``top_k`` when the folder samples, else from the whole
+vocabulary). A request that asks for greedy decoding (``temperature`` 0 or ``top_k`` 1)
+or beam search (``beam_size`` > 1) drops the folder's sampling defaults (``SAMPLING_OPTIONS``:
+top_k, top_p, temperature, seed, generated_candidates); one that asks for sampling drops
+its beam-search defaults (``BEAM_OPTIONS``). The folder's ``min_length`` is capped at the
+request's max_length. A request that sets nothing gets the folder's defaults as they are:
+a reply that must be the same every time says so (``temperature: 0``, or a ``seed``).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -123,36 +138,74 @@ def _refuse_unimplemented(body: dict[str, Any], known: set[str]) -> None:
         raise ApiError(400, f"unknown field '{key}'", "unknown_field", param=key)
 
 
-def decoding_options(body: dict[str, Any], default_max_tokens: int,
-                     max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-    """OpenAI request fields -> ``DecodingOptions`` keyword arguments (checked)."""
-    from serve.runtime.options import DecodingOptions
+# The folder's defaults that make it sample: dropped when the request asks for greedy
+# decoding or beam search. And those that make it search a beam: dropped when the request
+# asks for sampling.
+SAMPLING_OPTIONS = ("sampling_topk", "sampling_topp", "sampling_temperature", "seed",
+                    "generated_candidates")
+BEAM_OPTIONS = ("beam_size", "num_hypotheses", "length_penalty", "antilm_weight",
+                "antilm_steps")
 
-    known = {f.name for f in fields(DecodingOptions)}
-    _refuse_unimplemented(body, known)
-    options: dict[str, Any] = {"max_length": default_max_tokens}
+
+def _asked(body: dict[str, Any], known: set[str], folder_topk: int) -> dict[str, Any]:
+    """The request's own fields as ``DecodingOptions`` names. OpenAI's temperature 0 means
+    greedy (top_k 1); temperature or top_p without top_k (and no beam) mean sampling: with
+    the folder's top_k when the folder samples, else from the whole vocabulary."""
+    asked: dict[str, Any] = {}
     for key, value in body.items():
         if value is None:
             continue
         if key in known:
-            options[key] = value
+            asked[key] = value
         elif key in ALIASES:
-            options[ALIASES[key]] = value
+            asked[ALIASES[key]] = value
+    if asked.get("sampling_temperature") == 0:
+        asked.pop("sampling_temperature")
+        asked.setdefault("sampling_topk", 1)
+    elif ("sampling_temperature" in asked or "sampling_topp" in asked) \
+            and "sampling_topk" not in asked and asked.get("beam_size", 1) == 1:
+        asked["sampling_topk"] = folder_topk if folder_topk != 1 else 0
+    return asked
+
+
+def _folder_defaults(generation: Mapping[str, Any], asked: dict[str, Any]) -> dict[str, Any]:
+    """The folder's default generation settings that the request leaves in force."""
+    defaults = {k: v for k, v in generation.items() if k != "max_length"}
+    beam = asked.get("beam_size", 1)
+    if asked.get("sampling_topk") == 1 or (isinstance(beam, int) and beam > 1):
+        drop: tuple[str, ...] = SAMPLING_OPTIONS  # greedy or beam search asked
+    elif asked.get("sampling_topk", 1) != 1:
+        drop = BEAM_OPTIONS  # sampling asked
+    else:
+        drop = ()
+    return {k: v for k, v in defaults.items() if k not in drop}
+
+
+def decoding_options(body: dict[str, Any], default_max_tokens: int,
+                     max_tokens: int = MAX_TOKENS,
+                     generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAI request fields -> ``DecodingOptions`` keyword arguments (checked): the
+    model folder's default generation settings (``generation``, but its max_length),
+    then ``default_max_tokens`` as max_length, then the request's own fields (the module
+    docstring gives the rule)."""
+    from serve.runtime.options import DecodingOptions
+
+    known = {f.name for f in fields(DecodingOptions)}
+    _refuse_unimplemented(body, known)
+    generation = dict(generation or {})
+    asked = _asked(body, known, generation.get("sampling_topk", 1))
+    options = {**_folder_defaults(generation, asked), "max_length": default_max_tokens,
+               **asked}
     length = options["max_length"]
     if isinstance(length, int) and not isinstance(length, bool) and length > max_tokens:
         param = next((k for k in ("max_completion_tokens", "max_tokens", "max_length")
                       if body.get(k) is not None), "max_tokens")
         raise ApiError(400, f"'{param}' must be at most {max_tokens}, got {length}",
                        "invalid_max_tokens", param=param)
-    # OpenAI's temperature/top_p mean sampling: sample from the whole vocabulary unless
-    # top_k narrows it. temperature 0 means greedy.
-    temperature = options.get("sampling_temperature")
-    if temperature == 0:
-        options.pop("sampling_temperature")
-        options.setdefault("sampling_topk", 1)
-    elif ("sampling_temperature" in options or "sampling_topp" in options) \
-            and "sampling_topk" not in options and options.get("beam_size", 1) == 1:
-        options["sampling_topk"] = 0
+    minimum = options.get("min_length")
+    if "min_length" not in asked and isinstance(minimum, int) and isinstance(length, int) \
+            and minimum > length:
+        options["min_length"] = length  # the folder's minimum, within the request's max
     try:
         DecodingOptions.from_kwargs(**options)
     except (ValueError, TypeError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import httpx
 import pytest
@@ -109,7 +110,7 @@ def test_reply_mode_is_an_extra_field_and_logprobs_show_the_candidates(server, m
         assert hybrid["xiaox_source"] == best["source"]
         assert {"score", "forward", "backward", "retrieval"} <= set(best)
         plain = post(c, ask("今天好冷", model=model_name, reply_mode="generate",
-                            logprobs=True)).json()
+                            temperature=0, logprobs=True)).json()
         assert "xiaox_candidates" not in plain["choices"][0]  # one greedy reply: no choice
         bad = post(c, ask("今天好冷", model=model_name, reply_mode="retrieve"))
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_decoding_option"
@@ -117,8 +118,9 @@ def test_reply_mode_is_an_extra_field_and_logprobs_show_the_candidates(server, m
 
 def test_a_stream_parses_strictly_and_matches_the_completion(server, model_name):
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        whole = post(c, ask("今天天气怎么样", model=model_name)).json()
-        response = post(c, ask("今天天气怎么样", model=model_name, stream=True,
+        # greedy (temperature 0), whatever the folder's defaults: the same reply twice
+        whole = post(c, ask("今天天气怎么样", model=model_name, temperature=0)).json()
+        response = post(c, ask("今天天气怎么样", model=model_name, temperature=0, stream=True,
                                stream_options={"include_usage": True}))
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -229,7 +231,9 @@ def test_content_as_parts_and_bad_bodies(server):
 async def test_a_client_leaving_a_stream_cancels_its_request(server):
     async with server.client(timeout=60) as c:
         before = metric_value((await c.get("/metrics")).text, "xiaox_engine_cancelled_total")
-        long = ask(min_tokens=256, max_tokens=256, stream=True, reply_mode="generate")
+        # one greedy reply, streamed token by token (not candidates chosen at the end)
+        long = ask(min_tokens=256, max_tokens=256, stream=True, reply_mode="generate",
+                   temperature=0)
         async with c.stream("POST", "/v1/chat/completions", json=long, headers=AUTH) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
@@ -253,7 +257,8 @@ async def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
     process = ServerProcess(model_dir, tmp_path,
                             env={"XIAOX_MAX_BATCH_SIZE": "1", "XIAOX_MAX_QUEUE": "1",
                                  "XIAOX_REPLY_MAX_TOKENS": "5000"})
-    long = ask(min_tokens=5000, max_tokens=5000, stream=True, reply_mode="generate")
+    long = ask(min_tokens=5000, max_tokens=5000, stream=True, reply_mode="generate",
+               temperature=0)  # one greedy reply, streamed token by token
     try:
         process.start()
         async with process.client(timeout=60) as c:
@@ -284,5 +289,54 @@ async def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
             for task in (running, waiting):
                 task.cancel()
             await asyncio.gather(running, waiting, return_exceptions=True)
+    finally:
+        process.stop()
+
+
+def _folder_with_generation(model_dir, tmp_path, generation: dict):
+    """A copy of the model folder whose manifest's default generation settings are
+    ``generation`` (manifest.json is not among the hashed files)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(model_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["generation"] = generation
+    (folder / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False))
+    return folder
+
+
+def test_the_folders_generation_settings_are_the_apis_defaults(model_dir, tmp_path):
+    # Sampling with a seed, and replies of at least 6 tokens: observable defaults.
+    generation = {"reply_mode": "generate", "sampling_topk": 0, "sampling_temperature": 1.5,
+                  "seed": 7, "min_length": 6, "max_length": 2}
+    folder = _folder_with_generation(model_dir, tmp_path, generation)
+    process = ServerProcess(folder, tmp_path).start()
+    try:
+        with httpx.Client(base_url=process.url, timeout=60) as c:
+            models = c.get("/v1/models").json()["data"][0]
+            assert models["xiaox_generation"] == generation
+            text = "今天天气怎么样"
+            defaults = [post(c, ask(text), headers={}).json() for _ in range(2)]
+            explicit = post(c, ask(text, reply_mode="generate", top_k=0, temperature=1.5,
+                                   seed=7, min_tokens=6), headers={}).json()
+            content = [b["choices"][0]["message"]["content"] for b in defaults + [explicit]]
+            assert content[0] == content[1] == content[2]  # the folder's seeded sampling
+            # not the folder's max_length (2) but the API's default; its min_length holds
+            assert defaults[0]["usage"]["completion_tokens"] >= 6
+            completion = c.post("/v1/completions", json={"prompt": text}).json()
+            assert completion["choices"][0]["text"] == content[0]
+            # the request wins: greedy drops the folder's sampling (not its min_length)
+            greedy = post(c, ask(text, temperature=0), headers={}).json()
+            plain = post(c, ask(text, reply_mode="generate", top_k=1, min_tokens=6),
+                         headers={}).json()
+            assert greedy["choices"][0]["message"] == plain["choices"][0]["message"]
+            assert greedy["usage"]["completion_tokens"] >= 6
+            # a shorter max_tokens caps the folder's min_length; a seed of its own
+            short = post(c, ask(text, max_tokens=3), headers={}).json()
+            assert short["usage"]["completion_tokens"] == 3
+            assert short["choices"][0]["finish_reason"] == "length"
+            other = post(c, ask(text, seed=8), headers={}).json()
+            again = post(c, ask(text, seed=8, reply_mode="generate", top_k=0,
+                                temperature=1.5, min_tokens=6), headers={}).json()
+            assert other["choices"][0]["message"] == again["choices"][0]["message"]
     finally:
         process.stop()

@@ -16,7 +16,10 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(180)
 
 KEY = "test-api-key-sdk-0123456789"
-PLAIN = {"reply_mode": "generate"}  # decoded token by token, on every model folder
+# Decoded token by token, on every model folder: greedy (temperature 0), whatever the
+# folder's default generation settings, where a test needs the same reply every time.
+GENERATE = {"reply_mode": "generate"}
+PLAIN = {**GENERATE, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +169,7 @@ def test_penalties_discourage_repeats(client, model_name):
 
 
 def test_n_seeded_samples(client, model_name, manifest):
-    sampling = {"temperature": 1.0, "seed": 5, "max_tokens": 8, "extra_body": PLAIN}
+    sampling = {"temperature": 1.0, "seed": 5, "max_tokens": 8, "extra_body": GENERATE}
     response = chat(client, model_name, n=3, **sampling)
     assert [c.index for c in response.choices] == [0, 1, 2]
     texts = [c.message.content for c in response.choices]
@@ -188,11 +191,12 @@ def test_n_seeded_samples(client, model_name, manifest):
 def test_n_best_candidates_in_hybrid_mode(client, model_name, hybrid):
     if not hybrid:
         pytest.skip("the model folder has no reply index")
-    best = chat(client, model_name, "今天好冷").choices[0].message.content
-    response = chat(client, model_name, "今天好冷", n=3)
+    # temperature 0: the same candidates every time (one greedy, the retrieved ones)
+    best = chat(client, model_name, "今天好冷", temperature=0).choices[0].message.content
+    response = chat(client, model_name, "今天好冷", n=3, temperature=0)
     texts = [c.message.content for c in response.choices]
     assert texts[0] == best and len(set(texts)) == 3
-    chunks = streamed(client, model_name, "今天好冷", n=3)
+    chunks = streamed(client, model_name, "今天好冷", n=3, temperature=0)
     assert stream_texts(chunks) == dict(enumerate(texts))
 
 
