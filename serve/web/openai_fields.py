@@ -15,11 +15,12 @@ room's; a folder without them: ``DecodingOptions``' own defaults, greedy), excep
 ``temperature: 0`` is greedy (``top_k`` 1); ``temperature`` or ``top_p`` without ``top_k``
 mean sampling (with the folder's ``top_k`` when the folder samples, else from the whole
 vocabulary). A request that asks for greedy decoding (``temperature`` 0 or ``top_k`` 1)
-or beam search (``beam_size`` > 1) drops the folder's sampling defaults (``SAMPLING_OPTIONS``:
-top_k, top_p, temperature, seed, generated_candidates); one that asks for sampling drops
-its beam-search defaults (``BEAM_OPTIONS``). The folder's ``min_length`` is capped at the
-request's max_length. A request that sets nothing gets the folder's defaults as they are:
-a reply that must be the same every time says so (``temperature: 0``, or a ``seed``).
+or beam search (``beam_size`` > 1) drops the folder's sampling defaults (top_k, top_p,
+temperature, seed, generated_candidates); one that asks for sampling drops its beam-search
+defaults (``serve.runtime.flags.folder_defaults``, the rule ``serve ask`` follows too).
+The folder's ``min_length`` is capped at the request's max_length. A request that sets
+nothing gets the folder's defaults as they are: a reply that must be the same every time
+says so (``temperature: 0``, or a ``seed``).
 """
 
 from __future__ import annotations
@@ -138,15 +139,6 @@ def _refuse_unimplemented(body: dict[str, Any], known: set[str]) -> None:
         raise ApiError(400, f"unknown field '{key}'", "unknown_field", param=key)
 
 
-# The folder's defaults that make it sample: dropped when the request asks for greedy
-# decoding or beam search. And those that make it search a beam: dropped when the request
-# asks for sampling.
-SAMPLING_OPTIONS = ("sampling_topk", "sampling_topp", "sampling_temperature", "seed",
-                    "generated_candidates")
-BEAM_OPTIONS = ("beam_size", "num_hypotheses", "length_penalty", "antilm_weight",
-                "antilm_steps")
-
-
 def _asked(body: dict[str, Any], known: set[str], folder_topk: int) -> dict[str, Any]:
     """The request's own fields as ``DecodingOptions`` names. OpenAI's temperature 0 means
     greedy (top_k 1); temperature or top_p without top_k (and no beam) mean sampling: with
@@ -168,19 +160,6 @@ def _asked(body: dict[str, Any], known: set[str], folder_topk: int) -> dict[str,
     return asked
 
 
-def _folder_defaults(generation: Mapping[str, Any], asked: dict[str, Any]) -> dict[str, Any]:
-    """The folder's default generation settings that the request leaves in force."""
-    defaults = {k: v for k, v in generation.items() if k != "max_length"}
-    beam = asked.get("beam_size", 1)
-    if asked.get("sampling_topk") == 1 or (isinstance(beam, int) and beam > 1):
-        drop: tuple[str, ...] = SAMPLING_OPTIONS  # greedy or beam search asked
-    elif asked.get("sampling_topk", 1) != 1:
-        drop = BEAM_OPTIONS  # sampling asked
-    else:
-        drop = ()
-    return {k: v for k, v in defaults.items() if k not in drop}
-
-
 def decoding_options(body: dict[str, Any], default_max_tokens: int,
                      max_tokens: int = MAX_TOKENS,
                      generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -188,13 +167,14 @@ def decoding_options(body: dict[str, Any], default_max_tokens: int,
     model folder's default generation settings (``generation``, but its max_length),
     then ``default_max_tokens`` as max_length, then the request's own fields (the module
     docstring gives the rule)."""
+    from serve.runtime.flags import folder_defaults
     from serve.runtime.options import DecodingOptions
 
     known = {f.name for f in fields(DecodingOptions)}
     _refuse_unimplemented(body, known)
-    generation = dict(generation or {})
+    generation = {k: v for k, v in (generation or {}).items() if k != "max_length"}
     asked = _asked(body, known, generation.get("sampling_topk", 1))
-    options = {**_folder_defaults(generation, asked), "max_length": default_max_tokens,
+    options = {**folder_defaults(generation, asked), "max_length": default_max_tokens,
                **asked}
     length = options["max_length"]
     if isinstance(length, int) and not isinstance(length, bool) and length > max_tokens:
