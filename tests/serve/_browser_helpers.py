@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import time
@@ -15,6 +16,17 @@ from tests.serve._helpers_server import ServerProcess
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots and server logs (gitignored)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+
+
+def readme_screenshot() -> Path | None:
+    """Where to write the README's screenshot of the chat (``docs/chat.png``): only when
+    $XIAOX_SCREENSHOT names it (relative to the repository), so that test runs leave the
+    repository as it was."""
+    target = os.environ.get("XIAOX_SCREENSHOT")
+    if not target:
+        return None
+    path = Path(target)
+    return path if path.is_absolute() else ROOT / path
 
 
 def chromium_path() -> str | None:

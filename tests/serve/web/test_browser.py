@@ -6,6 +6,7 @@ API drives /usr/bin/chromium (its own browser download does not work here).
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.serve._browser_helpers import (
     ChatClient,
     app_server,
     chromium_path,
+    readme_screenshot,
 )
 from tests.serve._helpers_server import ServerProcess, running
 
@@ -470,3 +472,33 @@ def test_screenshots(app, open_page, size):
     path = ARTIFACTS / f"chat-{size['name']}.png"
     page.screenshot(path=path)
     assert path.stat().st_size > 10_000
+
+
+def test_the_readme_screenshot_of_a_real_exchange(request):
+    """``XIAOX_SCREENSHOT=docs/chat.png pytest -k readme_screenshot``: the shipped model
+    (or $XIAOX_TEST_MODEL) answering in the shared room, at 900x600."""
+    target = readme_screenshot()
+    if target is None:
+        pytest.skip("set XIAOX_SCREENSHOT=docs/chat.png to take the README's screenshot")
+    open_page = request.getfixturevalue("open_page")  # no browser started for a skip
+    model = Path(os.environ.get("XIAOX_TEST_MODEL") or SHIPPED_MODEL)
+    with running(app_server(model)) as (server,):
+        page = open_page(viewport={"width": 900, "height": 600})
+        page.goto(server.url + "/login")
+        page.fill("#username", "小明")
+        page.click("button[type=submit]")
+        page.wait_for_url(server.url + "/")  # the shared room
+        expect(page.locator("body")).to_have_attribute("data-connection", "live")
+        friend = ChatClient(server.url, "小红")
+        try:
+            friend.send("lobby", "大家好！")
+            friend.wait_for_reply("lobby", "大家好！")
+        finally:
+            friend.close()
+        for count, text in enumerate(("你好", "今天好冷"), 2):
+            page.fill("#input", text)
+            page.press("#input", "Enter")
+            expect(settled_bot_messages(page)).to_have_count(count)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=target)
+    assert 10_000 < target.stat().st_size < 150_000
