@@ -109,7 +109,8 @@ async def test_two_workers_count_every_request_on_every_scrape(model_dir, redis_
 
 async def _a_client_leaving_counts_as_cancelled(server: ServerProcess, n: int) -> None:
     long = {"messages": [{"role": "user", "content": "你好"}], "stream": True,
-            "min_tokens": 400, "max_tokens": 400, "reply_mode": "generate"}
+            "min_tokens": 250, "max_tokens": 250, "reply_mode": "generate",
+            "temperature": 0}
     async with server.client() as c:
         async with c.stream("POST", "/v1/chat/completions", json=long) as response:
             assert response.status_code == 200
