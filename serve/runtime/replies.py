@@ -151,7 +151,8 @@ def score_pairs(sources: ReplySources, pairs: Sequence[IdPair]) -> list[PairScor
     folder has no scoring graphs: then only the retrieval term ranks)."""
     if sources.scorer is None:
         return [PairScore(0.0, len(r) + 1, None, len(m) + 1) for m, r in pairs]
-    return sources.scorer.score(pairs)
+    # A term with weight 0 cannot change the ranking: its graph need not run.
+    return sources.scorer.score(pairs, forward=sources.weights.forward != 0)
 
 
 def forward_token_log_probs(sources: ReplySources, message: Sequence[int],

@@ -108,8 +108,10 @@ class CandidateScorer:
             return None
         return cls(forward, _session(model_dir, manifest, BACKWARD_SCORE_FILE, *threads))
 
-    def score(self, pairs: Sequence[IdPair]) -> list[PairScore]:
-        """Score (message ids, reply ids) pairs, one onnxruntime call per graph for all.
+    def score(self, pairs: Sequence[IdPair], *, forward: bool = True) -> list[PairScore]:
+        """Score (message ids, reply ids) pairs, one onnxruntime call per graph for all;
+        ``forward=False`` skips the forward graph (its scores are then 0: for weights that
+        give it no say).
 
         Ids exclude ``</s>`` (it is appended and scored); an empty message or reply is read
         as ``<unk>`` where it is the source, as encoding reads it. Memory grows with
@@ -120,14 +122,17 @@ class CandidateScorer:
             return []
         messages = [list(m) for m, _ in pairs]
         replies = [list(r) for _, r in pairs]
-        forward, reply_len = _run(self.forward, messages, replies)
+        if forward:
+            forward_sums, reply_len = _run(self.forward, messages, replies)
+        else:
+            forward_sums, reply_len = np.zeros(len(pairs)), np.array([len(r) + 1 for r in replies])
         if self.backward is not None:
             backward, message_len = _run(self.backward, replies, messages)
         else:
             backward, message_len = None, np.array([len(m) + 1 for m in messages])
         return [
             PairScore(
-                forward=float(forward[i]),
+                forward=float(forward_sums[i]),
                 reply_length=int(reply_len[i]),
                 backward=None if backward is None else float(backward[i]),
                 message_length=int(message_len[i]),

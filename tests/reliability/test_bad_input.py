@@ -381,7 +381,7 @@ WRONG_REQUESTS = [
     ("/v1/chat/completions", "application/json", b'{"messages": [{"role": "user", '
                                                   b'"content": "hi"}], "colour": 1}', 400),
     ("/v1/chat/completions", "application/json", b'{"messages": [{"role": "user", '
-                                                  b'"content": "hi"}], "n": 3}', 400),
+                                                  b'"content": "hi"}], "n": 5}', 400),
 ]
 
 
