@@ -123,3 +123,29 @@ async def test_cancelling_a_hybrid_request_frees_its_rows(model, sources):
         assert engine.stats.active == 0 and engine.stats.queue_size == 0
     finally:
         await engine.stop()
+
+
+async def test_a_real_folder_without_index_and_scoring_graphs_serves_as_before(model_dir,
+                                                                               tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "bare"
+    shutil.copytree(model_dir, folder)
+    shutil.rmtree(folder / "index", ignore_errors=True)
+    for name in ("score.onnx", "backward_score.onnx"):
+        (folder / name).unlink(missing_ok=True)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["files"] = {n: h for n, h in manifest["files"].items() if (folder / n).is_file()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False))
+    bare = OnnxSeq2Seq.load(folder, intra_op_num_threads=1)
+    sources = ReplySources.load(bare)
+    assert sources.index is None and sources.scorer is None
+    engine = Engine(bare, max_batch_size=4, sources=sources)
+    await engine.start()
+    try:
+        deltas = [d async for d in engine.stream("你好", **ROOM, seed=2)]
+        result = await engine.generate("你好", max_length=8)
+    finally:
+        await engine.stop()
+    assert "".join(deltas) and result.source == "generated" and not result.candidates
