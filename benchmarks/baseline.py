@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     env = {**os.environ, CHECKPOINT_ENV: str(args.checkpoint.resolve()),
-           THREADS_ENV: str(args.threads), "XIAOX_ENGINE": f"{__name__}:TensorFlowEngine"}
+           THREADS_ENV: str(args.threads),
+           "XIAOX_ENGINE": "benchmarks.baseline:TensorFlowEngine"}  # not __main__'s
     command = [sys.executable, "-m", "serve", "run", "--model", str(args.model), "--host",
                "127.0.0.1", "--port", str(args.port), "--threads", str(args.threads),
                "--max-batch-size", "1"]

@@ -110,9 +110,10 @@ async def test_cancelling_a_hybrid_request_frees_its_rows(model, sources):
     engine = Engine(model, max_batch_size=8, sources=sources)
     await engine.start()
     try:
-        task = asyncio.create_task(engine.generate("你好", **{**ROOM, "max_length": 30,
-                                                            "min_length": 30}))
-        await asyncio.sleep(0.05)
+        # No retrieved reply is 400 tokens long: the sample must be decoded, for seconds.
+        task = asyncio.create_task(engine.generate("你好", **{**ROOM, "max_length": 400,
+                                                            "min_length": 400}))
+        await asyncio.sleep(0.1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -150,10 +150,13 @@ def test_no_usage_chunk_unless_asked(server):
 
 def test_max_tokens_ends_with_length(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        body = post(c, ask(max_tokens=3, min_tokens=3)).json()
+        # Decoded replies (a retrieved reply that fits max_tokens ends with "stop": it was
+        # never cut).
+        body = post(c, ask(max_tokens=3, min_tokens=3, reply_mode="generate")).json()
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] == 3
-        events = parse_openai_stream(post(c, ask(max_tokens=3, min_tokens=3, stream=True)).text)
+        events = parse_openai_stream(post(c, ask(max_tokens=3, min_tokens=3, stream=True,
+                                                 reply_mode="generate")).text)
         last = json.loads(events[-2])
         assert last["choices"][0]["finish_reason"] == "length"
 
