@@ -13,7 +13,7 @@ from serve.runtime.options import DecodingOptions, option_docs
 # CTranslate2's Translator.translate_batch defaults, read from ctranslate2 4.8.5
 # (https://opennmt.net/CTranslate2/python/ctranslate2.Translator.html#ctranslate2.Translator.translate_batch):
 # our option -> (CTranslate2's name, its default). Checked against the real library below
-# wherever it is installed (pip install ctranslate2; about 150 MB, so not in the test extra).
+# (the test extra installs it; a clone without it skips that check and says why).
 CTRANSLATE2_VERSION = "4.8.5"
 CTRANSLATE2 = {
     "beam_size": ("beam_size", 2),
