@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SHIPPED_MODEL = ROOT / "artifacts" / "xiaox"
 DEMO_CORPUS = ROOT / "data" / "demo_corpus.tsv"
+# The tiny_checkpoint's TrainConfig (tests that train a twin of it use the same: same split).
+TINY_TRAINING = dict(embed_dim=16, hidden_dim=32, batch_size=16, max_steps=30, epochs=1,
+                     min_freq=1, vocab_size=2000, seed=7, progress=False)
 
 from training.environment import configure_tensorflow_environment  # noqa: E402
 
@@ -130,18 +133,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from training.train import train
 
     out = tmp_path_factory.mktemp("tiny_checkpoint")
-    config = TrainConfig(
-        embed_dim=16,
-        hidden_dim=32,
-        batch_size=16,
-        max_steps=30,
-        epochs=1,
-        min_freq=1,
-        vocab_size=2000,
-        seed=7,
-        progress=False,
-    )
-    train(config, corpora=[DEMO_CORPUS], out=out)
+    train(TrainConfig(**TINY_TRAINING), corpora=[DEMO_CORPUS], out=out)
     return out
 
 

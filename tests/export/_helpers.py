@@ -6,20 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import DEMO_CORPUS
-
-# The settings of the root conftest's tiny_checkpoint: the same split, hence the same vocab.
-TINY = dict(
-    embed_dim=16,
-    hidden_dim=32,
-    batch_size=16,
-    max_steps=30,
-    epochs=1,
-    min_freq=1,
-    vocab_size=2000,
-    seed=7,
-    progress=False,
-)
+from tests.conftest import DEMO_CORPUS, TINY_TRAINING
 
 
 def with_backward(forward: Path, out: Path) -> Path:
@@ -30,7 +17,8 @@ def with_backward(forward: Path, out: Path) -> Path:
     from training.train import train
 
     shutil.copytree(forward, out)
-    train(TrainConfig(**TINY, direction="backward"), corpora=[DEMO_CORPUS], out=out / "backward")
+    train(TrainConfig(**TINY_TRAINING, direction="backward"), corpora=[DEMO_CORPUS],
+          out=out / "backward")
     return out
 
 
