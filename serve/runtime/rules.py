@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +20,7 @@ from serve.runtime.options import DecodingOptions
 from serve.runtime.tokenizer import detokenize
 
 SCAN_CACHE_SIZE = 64  # word lists remembered per model: requests may bring their own
+GUARD_MEMO_SIZE = 65536  # reply tails remembered per word guard (a few MB at most)
 
 
 class Vocabulary(Protocol):
@@ -67,12 +68,15 @@ def ngram_blocked_ids(previous: Sequence[int], n: int) -> list[int]:
         return []
     if n == 1:
         return list(set(previous))
-    prefix = tuple(previous[len(previous) - n + 1 :])
-    return [
-        previous[i + n - 1]
-        for i in range(len(previous) - n + 1)
-        if tuple(previous[i : i + n - 1]) == prefix
-    ]
+    p = previous
+    if n == 2:  # the common sizes without a tuple per position (every row, every step)
+        last = p[-1]
+        return [b for a, b in zip(p, p[1:], strict=False) if a == last]
+    if n == 3:
+        x, y = p[-2], p[-1]
+        return [c for a, b, c in zip(p, p[1:], p[2:], strict=False) if a == x and b == y]
+    prefix = tuple(p[len(p) - n + 1 :])
+    return [p[i + n - 1] for i in range(len(p) - n + 1) if tuple(p[i : i + n - 1]) == prefix]
 
 
 @dataclass(frozen=True)
@@ -105,14 +109,23 @@ class WordGuard:
             max(map(len, by_ending), default=0),
         )
 
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # tail -> banned
+
     def banned(self, previous: Sequence[int]) -> list[np.ndarray]:
-        # One dict lookup per tail length (a few), not one test per split: this runs for
-        # every row at every step.
+        # This runs for every row at every step: remembered by the reply's last tokens
+        # (the only ones it reads), then one dict lookup per tail length.
         if not previous or not self.by_ending:
             return []
-        tail = detokenize([self.pieces[t] for t in previous[-self.longest :]]).lower()
-        endings = (tail[-k:] for k in range(1, min(self.longest, len(tail)) + 1))
-        return [self.by_ending[e] for e in endings if e in self.by_ending]
+        key = tuple(previous[-self.longest :])
+        found = self.memo.get(key)
+        if found is None:
+            tail = detokenize([self.pieces[t] for t in key]).lower()
+            endings = (tail[-k:] for k in range(1, min(self.longest, len(tail)) + 1))
+            found = [self.by_ending[e] for e in endings if e in self.by_ending]
+            if len(self.memo) >= GUARD_MEMO_SIZE:
+                self.memo.clear()  # a bound, not an LRU: tails repeat across replies
+            self.memo[key] = found
+        return found
 
 
 def _ids_containing(pieces: list[str], words: tuple[str, ...]) -> np.ndarray:
@@ -199,49 +212,125 @@ class TokenRules:
             guard = word_guard(model, words)
         return cls(options, model.eos_id, np.unique(np.array(banned, np.int64)), guard)
 
+    def row_bans(self, previous: Sequence[int]) -> list:
+        """The ids this request may not say after ``previous`` (arrays or lists; may
+        repeat): the fixed bans, the guard's, the n-gram's and an early ``</s>``."""
+        bans: list = [self.banned]
+        if self.guard is not None and previous:
+            bans.extend(self.guard.banned(previous))
+        n = self.options.no_repeat_ngram_size
+        if n > 0 and len(previous) >= n - 1:
+            blocked = ngram_blocked_ids(previous, n)
+            if blocked:
+                bans.append(blocked)
+        if len(previous) < self.options.min_length:
+            bans.append((self.eos_id,))
+        return bans
+
     def mask_row(self, row: np.ndarray, previous: Sequence[int]) -> None:
-        """Apply this request's rules to one row of log-probs, in place."""
+        """Apply this request's rules to one row of log-probs, in place (no
+        renormalisation: ``process`` does both)."""
         o = self.options
-        if o.repetition_penalty != 1.0 and previous:
-            row[:] = apply_repetition_penalty(row, previous, o.repetition_penalty)
-        if (o.presence_penalty or o.frequency_penalty) and previous:
-            row[:] = apply_count_penalties(row, previous, o.frequency_penalty,
-                                           o.presence_penalty)
-        row[self.banned] = -np.inf
-        if self.guard is not None:
-            for ids in self.guard.banned(previous):
-                row[ids] = -np.inf
-        blocked = ngram_blocked_ids(previous, o.no_repeat_ngram_size)
-        if blocked:
-            row[blocked] = -np.inf
-        if len(previous) < o.min_length:
-            row[self.eos_id] = -np.inf
+        row[:] = apply_count_penalties(
+            apply_repetition_penalty(row, previous, o.repetition_penalty),
+            previous, o.frequency_penalty, o.presence_penalty)
+        for ids in self.row_bans(previous):
+            row[np.asarray(ids, np.int64)] = -np.inf
 
     def process(self, log_probs: np.ndarray, previous: Sequence[int]) -> np.ndarray:
         """One row of model log-probs -> the log-probs decoding chooses from."""
         return process_rows(log_probs[None, :], [self], [previous])[0]
 
 
+# A row whose rules removed more than this share of its mass is renormalised by a full
+# log-softmax: 1 - removed would then lose digits (the model's rows sum to 1 only to
+# float32 precision), and a row the rules emptied must end.
+FULL_RENORMALISATION_BELOW = 1e-3
+
+
 def process_rows(
     log_probs: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]]
 ) -> np.ndarray:
-    """Model log-probs [B,V] -> what decoding chooses from: each row's rules applied, then
-    renormalized (log-softmax per row).
+    """Model log-probs [B,V] (each row a log-softmax) -> what decoding chooses from: each
+    row's rules applied, then renormalised.
+
+    The rules change a few entries of a row (bans, penalties on the reply's own tokens),
+    so a row is renormalised by the mass they removed, ``log(1 - sum(p_old - p_new))``
+    over the changed entries, not by a log-softmax over the whole vocabulary (which cost
+    more than the rules themselves at batch 32). The changes of all rows are gathered and
+    applied with one indexed write per kind.
 
     Greedy, sampling and beam, alone or batched, all go through here: a row's result does
-    not depend on the other rows (per-row reductions), which the engine's promise that a
-    batched request equals the same request alone relies on.
+    not depend on the other rows (each row's sums run over its own entries, in id order),
+    which the engine's promise that a batched request equals the same request alone
+    relies on.
     """
-    out = np.array(log_probs, dtype=np.float32, copy=True)
-    for row, row_rules, previous in zip(out, rules, histories, strict=True):
-        row_rules.mask_row(row, previous)
-    top = out.max(axis=1, keepdims=True)  # ndarray methods: no np.* dispatch per step
-    dead = ~np.isfinite(top[:, 0])
-    if dead.any():  # every token ruled out: ending is the only way
-        for i in np.flatnonzero(dead):
-            out[i] = -np.inf
-            out[i, rules[i].eos_id] = 0.0
-        top[dead] = 0.0
-    out -= top
-    out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
+    source = np.asarray(log_probs, dtype=np.float32)
+    out = source.copy()
+    rows, vocab = out.shape
+    parts: list = []
+    lengths: list[int] = []
+    for row_rules, previous in zip(rules, histories, strict=True):
+        bans = row_rules.row_bans(previous)
+        parts.extend(bans)
+        lengths.append(sum(map(len, bans)))
+    banned = np.concatenate(parts).astype(np.int64, copy=False) if parts else \
+        np.zeros(0, np.int64)
+    banned += np.repeat(np.arange(rows, dtype=np.int64) * vocab, lengths)
+    penalised = _apply_penalties(source, out, rules, histories)
+    out.reshape(-1)[banned] = -np.inf
+    changed = np.unique(np.concatenate([banned, penalised]))
+    flat_in, flat_out = source.reshape(-1), out.reshape(-1)
+    removed = np.bincount(
+        changed // vocab,
+        weights=np.exp(flat_in[changed].astype(np.float64))
+        - np.exp(flat_out[changed].astype(np.float64)),
+        minlength=rows,
+    )
+    kept = 1.0 - removed
+    full = kept < FULL_RENORMALISATION_BELOW
+    out -= np.log(np.where(full, 1.0, kept)).astype(np.float32)[:, None]
+    for i in np.flatnonzero(full):
+        _log_softmax_row(out[i], rules[i].eos_id)
     return out
+
+
+def _apply_penalties(
+    source: np.ndarray, out: np.ndarray, rules: Sequence[TokenRules],
+    histories: Sequence[Sequence[int]],
+) -> np.ndarray:
+    """The repetition and count penalties of every row on its own tokens, written into
+    ``out``: the flat indices they changed."""
+    vocab = out.shape[1]
+    tokens, lengths, params = [], [], np.zeros((out.shape[0], 3))
+    for i, (row_rules, previous) in enumerate(zip(rules, histories, strict=True)):
+        o = row_rules.options
+        if previous and (o.repetition_penalty != 1.0 or o.presence_penalty
+                         or o.frequency_penalty):
+            tokens.append(previous)
+            lengths.append(len(previous))
+            params[i] = (o.repetition_penalty, o.frequency_penalty, o.presence_penalty)
+        else:
+            lengths.append(0)
+    if not tokens:
+        return np.zeros(0, np.int64)
+    keys = np.concatenate(tokens).astype(np.int64, copy=False)
+    keys += np.repeat(np.arange(out.shape[0], dtype=np.int64) * vocab, lengths)
+    flat, counts = np.unique(keys, return_counts=True)
+    repetition, frequency, presence = params[flat // vocab].T
+    values = source.reshape(-1)[flat].astype(np.float64)
+    values = np.where(values < 0, values * repetition, values / repetition)
+    values -= frequency * counts + presence
+    out.reshape(-1)[flat] = values
+    return flat
+
+
+def _log_softmax_row(row: np.ndarray, eos_id: int) -> None:
+    """Renormalise one row in place; a row with nothing left can only end."""
+    top = row.max()
+    if not np.isfinite(top):
+        row[:] = -np.inf
+        row[eos_id] = 0.0
+        return
+    row -= top
+    row -= np.log(np.exp(row).sum())

@@ -60,9 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    loop, http = event_loop_and_http()
+    logging.getLogger("serve").info("event loop %s, HTTP parser %s", loop, http)
+    # "auto": uvloop and httptools when installed (uvicorn[standard]), else asyncio and h11.
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                   timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
-                  proxy_headers=True, server_header=False)
+                  proxy_headers=True, server_header=False, loop="auto", http="auto")
     with _metrics_dir(settings.workers):
         if settings.workers > 1:
             # Workers are separate processes: they import the factory and read the settings
@@ -75,6 +78,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             uvicorn.run(create_app(settings), **common)
     return 0
+
+
+def event_loop_and_http() -> tuple[str, str]:
+    """What uvicorn's ``loop="auto"`` and ``http="auto"`` pick here: uvloop and httptools
+    when importable (the ``serve`` extra installs them), asyncio and h11 otherwise."""
+    found = []
+    for name, fallback in (("uvloop", "asyncio"), ("httptools", "h11")):
+        try:  # the same test as uvicorn's: the import itself
+            __import__(name)
+            found.append(name)
+        except ImportError:
+            found.append(fallback)
+    return found[0], found[1]
 
 
 @contextlib.contextmanager

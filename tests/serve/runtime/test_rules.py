@@ -166,3 +166,23 @@ def test_the_model_knows_nothing_of_the_rules():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"serve.runtime.rules", "serve.runtime.search",
                            "serve.runtime.options"}
+
+
+def test_renormalising_by_the_removed_mass_equals_a_full_log_softmax():
+    rng = np.random.default_rng(7)
+    vocab, size = 500, 9
+    rules = [TokenRules(DecodingOptions(repetition_penalty=1.0 + 0.3 * (i % 2),
+                                        no_repeat_ngram_size=i % 4, min_length=i % 3,
+                                        frequency_penalty=0.4 * (i % 3)),
+                        eos_id=3, banned=np.array([0, 1, 2, 7, 7])) for i in range(size)]
+    histories = [rng.integers(4, 12, size=i).tolist() for i in range(size)]  # repeats
+    batch = np.log(rng.dirichlet(np.ones(vocab) * 0.3, size=size)).astype(np.float32)
+    out = process_rows(batch, rules, histories)
+    for i in range(size):
+        row = batch[i].copy()
+        rules[i].mask_row(row, histories[i])
+        expected = row - np.logaddexp.reduce(row[np.isfinite(row)].astype(np.float64))
+        np.testing.assert_array_equal(np.isneginf(out[i]), np.isneginf(expected))
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(out[i][finite], expected[finite], atol=2e-5)
+    assert ngram_blocked_ids([1, 2, 3, 9, 1, 2, 3], 4) == [9]
