@@ -12,7 +12,8 @@ import numpy as np
 
 from serve.runtime.model import OnnxSeq2Seq, pad_memory
 from serve.runtime.rules import process_rows
-from serve.runtime.search import SequenceDecoder, choose_token
+from serve.runtime.sampling import choose_tokens
+from serve.runtime.search import SequenceDecoder
 
 
 class BatchRow:
@@ -54,17 +55,11 @@ class BatchStep:
         processed = process_rows(
             out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders]
         )
-        greedy = np.argmax(processed, axis=1)  # the same as each row's own argmax
-        tokens = []
-        for i, (row, decoder) in enumerate(zip(rows, decoders, strict=True)):
-            token = (
-                choose_token(processed[i], decoder.options, decoder.rng)
-                if decoder.options.sampling
-                else int(greedy[i])
-            )
+        tokens = choose_tokens(processed, [d.options for d in decoders],
+                               [d.rng for d in decoders])
+        for i, (row, decoder, token) in enumerate(zip(rows, decoders, tokens, strict=True)):
             decoder.accept(token, processed[i])
             row.h, row.c, row.prev_id = out.h[i], out.c[i], token
-            tokens.append(token)
         return tokens
 
     def _encode(self, newcomers: list[BatchRow]) -> None:

@@ -21,6 +21,8 @@ import numpy as np
 from serve.runtime.model import EncoderState, OnnxSeq2Seq, StepOutput
 from serve.runtime.options import DecodingOptions
 from serve.runtime.rules import TokenRules, process_rows
+from serve.runtime.sampling import choose_token as choose_token  # re-exported (moved)
+from serve.runtime.sampling import choose_tokens
 from serve.runtime.tokenizer import detokenize
 
 MAX_SOURCE_LENGTH = 64  # longer messages keep their last tokens (the model saw short ones)
@@ -66,50 +68,6 @@ class DecodingCancelled(Exception):
     """A decode stopped because its request was cancelled."""
 
 
-def choose_token(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> int:
-    """Greedy argmax when ``sampling_topk == 1``; otherwise temperature, top-k, top-p and
-    one draw from ``rng`` (inverse CDF over the kept tokens in id order, so a seed
-    reproduces across numpy versions)."""
-    if not options.sampling:
-        return int(np.argmax(log_probs))
-    logits = log_probs.astype(np.float64)
-    if options.sampling_temperature != 1.0:
-        logits /= options.sampling_temperature
-    k = options.sampling_topk
-    candidates = np.argpartition(-logits, k - 1)[:k] if 0 < k < logits.shape[0] else None
-    if candidates is not None:
-        logits = logits[candidates]
-    probs = np.exp(logits - np.max(logits))
-    probs /= probs.sum()
-    kept = _nucleus(probs, options.sampling_topp) if options.sampling_topp < 1.0 else None
-    if kept is not None:
-        probs = probs[kept] / probs[kept].sum()
-        ids = kept if candidates is None else candidates[kept]
-    else:
-        ids = np.arange(len(probs)) if candidates is None else candidates
-    order = np.argsort(ids, kind="stable")  # id order: independent of partition internals
-    ids, probs = ids[order], probs[order]
-    cdf = np.cumsum(probs)
-    draw = rng.random() * cdf[-1]
-    return int(ids[min(int(np.searchsorted(cdf, draw, side="right")), len(ids) - 1)])
-
-
-def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices of the smallest set of most probable entries whose mass reaches ``top_p``
-    (ties broken by index). Looks at the head first: a full sort of a 20k vocabulary
-    costs milliseconds, and the nucleus is usually a few dozen tokens."""
-    size = min(64, len(probs))
-    while True:
-        head = np.argpartition(-probs, size - 1)[:size] if size < len(probs) else None
-        if head is None:
-            head = np.arange(len(probs))
-        head = head[np.lexsort((head, -probs[head]))]  # by probability, then by index
-        cumulative = np.cumsum(probs[head])
-        if cumulative[-1] >= top_p or size >= len(probs):
-            return head[: int(np.searchsorted(cumulative, top_p)) + 1]
-        size = min(size * 4, len(probs))
-
-
 def normalized_score(total: float, length: int, length_penalty: float) -> float:
     return float(total) / max(length, 1) ** length_penalty
 
@@ -141,7 +99,8 @@ class SequenceDecoder:
     def advance(self, log_probs: np.ndarray) -> int:
         """Choose the next token from the model's log-probs; returns it (``</s>`` ends)."""
         processed = self.rules.process(log_probs, self.token_ids)
-        return self.accept(choose_token(processed, self.options, self.rng), processed)
+        token = choose_tokens(processed[None, :], [self.options], [self.rng])[0]
+        return self.accept(token, processed)
 
     def accept(self, token: int, processed: np.ndarray) -> int:
         """Take ``token``, chosen from ``processed`` (this request's row of process_rows)."""
