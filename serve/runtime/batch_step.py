@@ -1,6 +1,7 @@
 """One step of the engine's shared batch, run in a worker thread.
 
-The newcomers' encoders run alone (batch 1, their own source length); then one decoder
+The newcomers' encoders run alone (batch 1, their own source length), ahead when the
+engine prepared the request (``encode``), else here; then one decoder
 step for every row, ``memory``/``memory_keys`` padded with zeros and ``src_mask`` with 0
 to the batch's longest source (re-padded only when the batch's rows change); then every
 row chooses its token with its own rules and its own seeded RNG.
@@ -62,12 +63,19 @@ class BatchStep:
             row.h, row.c, row.prev_id = out.h[i], out.c[i], token
         return tokens
 
+    def encode(self, row: BatchRow) -> None:
+        """Run ``row``'s encoder (batch 1, its own source length). Thread-safe: the
+        engine calls it when a request is prepared, so the encoder runs beside the
+        decoder step, not inside it."""
+        state = self.model.encode([row.src_ids])
+        row.memory, row.memory_keys = state.memory[0], state.memory_keys[0]
+        row.src_mask, row.h, row.c = state.src_mask[0], state.h[0], state.c[0]
+        row.prev_id = self.model.bos_id
+
     def _encode(self, newcomers: list[BatchRow]) -> None:
         for row in newcomers:
-            state = self.model.encode([row.src_ids])
-            row.memory, row.memory_keys = state.memory[0], state.memory_keys[0]
-            row.src_mask, row.h, row.c = state.src_mask[0], state.h[0], state.c[0]
-            row.prev_id = self.model.bos_id
+            if row.memory is None:  # not encoded ahead
+                self.encode(row)
 
     def _padded(self, rows: list[BatchRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._rows != rows or self._memory is None:  # membership changed: re-pad

@@ -307,7 +307,9 @@ class Engine:
         """Worker thread: the request's source tokens, rules and decoder."""
         src = source_ids(self.model, text, self.max_source_length)
         rules = TokenRules.for_model(self.model, options)
-        return _Request(src, SequenceDecoder(rules, make_rng(options.seed)))
+        request = _Request(src, SequenceDecoder(rules, make_rng(options.seed)))
+        self._batch.encode(request)  # here, beside the running step, not inside it
+        return request
 
     def _cancel(self, request: _Request) -> None:
         """Called from the consumer's side: the row leaves before the next step."""

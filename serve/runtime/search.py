@@ -23,7 +23,6 @@ from serve.runtime.options import DecodingOptions
 from serve.runtime.rules import TokenRules, process_rows
 from serve.runtime.sampling import choose_token as choose_token  # re-exported (moved)
 from serve.runtime.sampling import choose_tokens
-from serve.runtime.tokenizer import detokenize
 
 MAX_SOURCE_LENGTH = 64  # longer messages keep their last tokens (the model saw short ones)
 
@@ -133,7 +132,15 @@ class SequenceDecoder:
 def text_delta(previous_piece: str, piece: str) -> str:
     """What a reply's text grows by when ``piece`` follows ``previous_piece`` (the piece
     and, between two Latin words, a space): two pieces detokenized, not the whole reply."""
-    return detokenize([previous_piece, piece])[len(previous_piece) :]
+    # detokenize([previous_piece, piece])[len(previous_piece):], without the lists (this
+    # runs for every streamed token): a space only between two Latin words.
+    if previous_piece and piece and _latin(previous_piece[-1]) and _latin(piece[0]):
+        return " " + piece
+    return piece
+
+
+def _latin(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()  # the tokenizer's own test (detokenize)
 
 
 def token_texts(model: OnnxSeq2Seq, token_ids: list[int]) -> list[str]:
