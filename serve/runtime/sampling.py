@@ -33,15 +33,71 @@ def choose_tokens(
     rows = [i for i, o in enumerate(options) if o.sampling]
     if not rows:
         return tokens
-    chosen = log_probs[rows].astype(np.float64)
     temperature = np.array([options[i].sampling_temperature for i in rows])
-    chosen -= chosen.max(axis=1, keepdims=True)
-    chosen /= temperature[:, None]  # scaled logits, the best one at 0
-    weights = np.exp(chosen)
-    totals = weights.sum(axis=1)
+    weights = _scaled(log_probs[rows], temperature)
+    np.exp(weights, out=weights)
+    totals = weights.sum(axis=1, dtype=np.float64)
+    drawn = _draw_rows(weights, totals, [options[i] for i in rows], [rngs[i] for i in rows])
     for j, i in enumerate(rows):
-        tokens[i] = _draw(chosen[j], weights[j], float(totals[j]), options[i], rngs[i])
+        if drawn[j] < 0:  # its first head was not enough: widened, on its own
+            scaled = _scaled(log_probs[i : i + 1], temperature[j : j + 1])[0]
+            drawn[j] = _draw(scaled, weights[j], float(totals[j]), options[i], rngs[i])
+        tokens[i] = drawn[j]
     return tokens
+
+
+def _scaled(rows: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """Rows of log-probs -> logits over the temperature, each row's best at 0."""
+    # float32: the exponentials of every row's vocabulary are the bulk of a sampled step;
+    # the sums and the cumulative masses the draw reads are float64.
+    out = np.subtract(rows, rows.max(axis=1, keepdims=True), dtype=np.float32)
+    out /= temperature.astype(np.float32)[:, None]
+    return out
+
+
+def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[DecodingOptions],
+               rngs: Sequence[np.random.Generator]) -> list[int]:
+    """Every row's draw at once from its first head (``HEAD_MARGIN``), or -1 for a row
+    whose first head is not enough (``_draw`` then widens it) or that samples the whole
+    vocabulary. The same rule as ``_draw``, on [rows, head] arrays padded with zeros
+    after each row's own head (which changes none of its sums)."""
+    vocab = weights.shape[1]
+    k = np.array([o.sampling_topk if 0 < o.sampling_topk < vocab else 0 for o in options])
+    top_p = np.array([o.sampling_topp for o in options])
+    # by row, ids ascending (np.nonzero of a 2-D mask is many times slower)
+    row, ids = np.divmod(np.flatnonzero(weights >= np.exp(-HEAD_MARGIN)), vocab)
+    size = np.bincount(row, minlength=len(options))
+    start = np.concatenate(([0], np.cumsum(size)[:-1]))
+    at = np.arange(len(row)) - start[row]
+    width = int(size.max())
+    head = np.full((len(options), width), vocab, np.int64)  # vocab: no token
+    mass = np.zeros((len(options), width))
+    head[row, at], mass[row, at] = ids, weights[row, ids]
+    order = np.argsort(-mass, axis=1, kind="stable")  # most likely first, ties by id
+    head = np.take_along_axis(head, order, axis=1)
+    mass = np.take_along_axis(mass, order, axis=1)
+    cumulative = np.cumsum(mass, axis=1)
+    limit = np.where(k > 0, np.minimum(k, size), size)
+    norm = np.where(k > 0, cumulative[np.arange(len(options)), np.maximum(limit - 1, 0)],
+                    totals)
+    nucleus = (cumulative / norm[:, None] < top_p[:, None]).sum(axis=1) + 1
+    kept = np.where(top_p < 1.0, np.minimum(nucleus, limit), limit)
+    enough = np.where(k > 0, size >= k, (top_p < 1.0) & (nucleus <= size))
+    head[np.arange(width)[None, :] >= kept[:, None]] = vocab  # beyond the kept: none
+    by_id = np.argsort(head, axis=1, kind="stable")  # id order, as _draw
+    head = np.take_along_axis(head, by_id, axis=1)
+    mass = np.where(head < vocab, weights[np.arange(len(options))[:, None],
+                                          np.minimum(head, vocab - 1)], 0.0)
+    cdf = np.cumsum(mass, axis=1)
+    drawn = []
+    for j, rng in enumerate(rngs):
+        if not enough[j]:
+            drawn.append(-1)
+            continue
+        n = int(kept[j])
+        pick = int(np.searchsorted(cdf[j, :n], rng.random() * cdf[j, n - 1], side="right"))
+        drawn.append(int(head[j, min(pick, n - 1)]))
+    return drawn
 
 
 def choose_token(log_probs: np.ndarray, options: DecodingOptions,
@@ -68,10 +124,11 @@ def _draw(scaled: np.ndarray, weights: np.ndarray, total: float, options: Decodi
     """One row's draw: ``weights = exp(scaled)``, ``total`` their sum over the row."""
     k, top_p = options.sampling_topk, options.sampling_topp
     vocab = len(scaled)
+    weights = weights.astype(np.float64)  # one row: the sums in float64
     kept = None
     if 0 < k < vocab:
         kept = _head(scaled, lambda ids: len(ids) >= k)[:k]
-        total = float(weights[kept].sum())
+        total = float(np.cumsum(weights[kept])[-1])  # as _draw_rows sums it
     if top_p < 1.0:
         if kept is None:
             kept = _head(scaled, lambda ids: weights[ids].sum() >= top_p * total)
