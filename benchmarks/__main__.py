@@ -24,28 +24,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_OUT, log, machine, machine_lines, write_results
+from benchmarks.common import (
+    DEFAULT_OUT,
+    SHIPPED_MODEL,
+    log,
+    machine,
+    machine_lines,
+    write_results,
+)
 
 PROFILES = {
     # Short enough for a busy shared machine (a few minutes in all).
-    "quick": dict(questions=12, reply_tokens=20, steps=50, replies=64, seconds=20.0,
+    "quick": dict(questions=12, reply_tokens=20, steps=50, replies=96, seconds=12.0,
                   concurrency="1,8,32,128", poisson_rate=20.0, requests_per_client=4,
-                  min_requests=32),
+                  min_requests=32, wrk_seconds=6.0, profile_seconds=5.0,
+                  hybrid_requests=128),
     "full": dict(questions=50, reply_tokens=30, steps=300, replies=192, seconds=60.0,
                  concurrency="1,8,32,128", poisson_rate=20.0, requests_per_client=4,
-                 min_requests=64),
+                 min_requests=64, wrk_seconds=20.0, profile_seconds=15.0,
+                 hybrid_requests=256),
 }
-
-TARGETS = [
-    ("int8 greedy per-reply latency vs the TensorFlow step loop", ">= 10x faster"),
-    ("continuous batching vs one at a time, replies/s at 32 clients (HTTP)", ">= 5x"),
-    ("the same, in-process engine without HTTP (32 concurrent requests)", ">= 5x"),
-    ("p99 time to first token at 32 clients (batching on)", "< 100 ms"),
-    ("lean server peak RSS (one process, batching on)", "< 250 MB"),
-    ("ours (batching on) vs the TensorFlow baseline, replies/s at 32 clients", "(ratio)"),
-    ("baseline vs ours, TTFT p50 at 32 clients", "(ratio)"),
-]
-
 
 def _int_list(raw: str) -> list[int]:
     if raw.strip().lower() in ("", "none"):
@@ -72,7 +70,8 @@ def _setups(raw: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("decoding", "server", "baseline", "all"))
+    p.add_argument("kind", choices=("decoding", "server", "baseline", "http", "profile",
+                                    "all"))
     p.add_argument("--profile", choices=tuple(PROFILES), default="quick",
                    help="defaults for everything below (default quick: a few minutes)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
@@ -95,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-client", type=int)
     p.add_argument("--min-requests", type=int)
     p.add_argument("--seconds", type=float, help="time bound of one load point")
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="the model folder of "
+                   "the http, profile and hybrid figures (default: the shipped one, with its "
+                   "reply index)")
+    p.add_argument("--wrk-seconds", type=float, help="seconds of one wrk point")
+    p.add_argument("--wrk-connections", type=int, default=32)
+    p.add_argument("--http-reply-tokens", type=int, default=5, help="the forced reply "
+                   "length of the generation-only point (the floor streams five pieces)")
+    p.add_argument("--profile-seconds", type=float, help="seconds of load per profile")
+    p.add_argument("--hybrid-requests", type=int, help="replies per mode, in-process hybrid")
+    p.add_argument("--readme", action="store_true", help="print the README's speed table "
+                   "from the results in --out and exit")
     return p
 
 
@@ -127,84 +137,77 @@ def decoding_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def summary(info: dict, decoding: dict | None, server: dict | None, command: str) -> str:
-    from benchmarks.server_load import _point
+WEIGHTS_KINDS = ("decoding", "server", "baseline", "all")  # the kinds that train weights
 
-    measured: list[str] = ["-"] * len(TARGETS)
-    commands: list[str] = [command] * len(TARGETS)
-    if decoding:
-        r = decoding["replies"]
-        ratio = r["TensorFlow step loop"]["greedy"]["p50_ms"] / \
-            r["onnxruntime int8"]["greedy"]["p50_ms"]
-        measured[0] = f"{ratio:.1f}x"
-        engine = decoding["engine_replies_per_s"]["32"]
-        measured[2] = f"{engine['batch_32'] / engine['batch_1']:.1f}x"
-        commands[0] = commands[2] = decoding["command"]
-    if server:
-        on, off = _point(server, "on", 32), _point(server, "off", 32)
-        if on and off and off["replies_per_s"]:
-            measured[1] = f"{on['replies_per_s'] / off['replies_per_s']:.1f}x"
-            commands[1] = f"{on['command']}; {off['command']}"
-        if on and on["ttft_p99_ms"] is not None:
-            measured[3] = f"{on['ttft_p99_ms']:.0f} ms"
-            commands[3] = on["command"]
-        rss = server["setups"].get("on", {}).get("peak_rss_mb") or []
-        if rss and rss[0]:
-            measured[4] = f"{rss[0]:.0f} MB"
-            commands[4] = server["setups"]["on"]["points"][0]["command"]
-        base = _point(server, "baseline", 32)
-        if on and base and base["replies_per_s"]:
-            measured[5] = f"{on['replies_per_s'] / base['replies_per_s']:.1f}x"
-            commands[5] = f"{on['command']}; {base['command']}"
-        if on and base and on["ttft_p50_ms"] and base["ttft_p50_ms"]:
-            measured[6] = f"{base['ttft_p50_ms'] / on['ttft_p50_ms']:.1f}x"
-            commands[6] = commands[5]
-    lines = ["## Targets (measured, not asserted) and ratios to the baseline", "",
-             "| target | wanted | measured | command |", "| --- | --- | ---: | --- |"]
-    for (name, wanted), got, cmd in zip(TARGETS, measured, commands, strict=True):
-        lines.append(f"| {name} | {wanted} | {got} | `{cmd}` |")
-    return "\n".join(lines)
+
+def _dims(args: argparse.Namespace) -> dict | None:
+    if not args.dims:
+        return None
+    try:
+        embed, hidden, vocab = (int(x) for x in args.dims.split(","))
+    except ValueError:
+        raise SystemExit("python -m benchmarks: --dims is EMBED,HIDDEN,VOCAB") from None
+    return {"embed_dim": embed, "hidden_dim": hidden, "vocab_size": vocab}
+
+
+def _measure(args: argparse.Namespace, info: dict, command: str, workdir: Path) -> dict:
+    """Every figure of ``args.kind``, each written to --out as it is made."""
+    header = ["# xiaoX benchmarks", "", *machine_lines(info),
+              f"- run: `{command}` ({args.profile} profile)"]
+    found: dict = {}
+
+    def write(name: str, md: str, data: dict) -> None:
+        data["machine"] = info
+        found[name] = data
+        write_results(args.out, name, "\n".join([*header, "", md]), data)
+
+    weights = None
+    if args.kind in WEIGHTS_KINDS:
+        from benchmarks.common import prepare_weights
+
+        weights = prepare_weights(workdir, args.checkpoint, _dims(args), args.train_steps)
+    if args.kind in ("decoding", "all"):
+        from benchmarks import decoding
+
+        write("decoding", *decoding.run(args, weights, decoding_command(args)))
+    if args.kind in ("http", "all"):
+        from benchmarks import wrk_load
+
+        write("http", *wrk_load.run(args, workdir / "http"))
+    if args.kind == "all":
+        from benchmarks import hybrid
+
+        write("hybrid", *hybrid.run(args))
+    if args.kind in ("profile", "all"):
+        from benchmarks import profile
+
+        write("profile", *profile.run(args, workdir / "profile"))
+    if args.kind in ("server", "baseline", "all"):
+        from benchmarks import server_load
+
+        write("baseline" if args.kind == "baseline" else "server",
+              *server_load.run(args, weights, command))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.readme:
+        from benchmarks.targets import readme_table
+
+        print(readme_table(args.out))
+        return 0
     command = "python -m benchmarks " + shlex.join(argv)
     info = machine()  # the load average before we add to it
     started = time.perf_counter()
-    from benchmarks.common import prepare_weights
-
-    dims = None
-    if args.dims:
-        try:
-            embed, hidden, vocab = (int(x) for x in args.dims.split(","))
-        except ValueError:
-            raise SystemExit("python -m benchmarks: --dims is EMBED,HIDDEN,VOCAB") from None
-        dims = {"embed_dim": embed, "hidden_dim": hidden, "vocab_size": vocab}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xiaox-bench-"))
     try:
-        weights = prepare_weights(workdir, args.checkpoint, dims, args.train_steps)
-        header = ["# xiaoX benchmarks", "", *machine_lines(info),
-                  f"- run: `{command}` ({args.profile} profile)"]
-        decoding_data = server_data = None
-        if args.kind in ("decoding", "all"):
-            from benchmarks import decoding
-
-            md, decoding_data = decoding.run(args, weights, decoding_command(args))
-            decoding_data["machine"] = info
-            write_results(args.out, "decoding", "\n".join([*header, "", md]), decoding_data)
-        if args.kind in ("server", "baseline", "all"):
-            from benchmarks import server_load
-
-            md, server_data = server_load.run(args, weights, command)
-            server_data["machine"] = info
-            name = "baseline" if args.kind == "baseline" else "server"
-            write_results(args.out, name, "\n".join([*header, "", md]), server_data)
+        found = _measure(args, info, command, workdir)
         if args.kind == "all":
-            text = summary(info, decoding_data, server_data, command)
-            write_results(args.out, "summary", "\n".join([*header, "", text, "",
-                                                          "Details: decoding.md, server.md."]),
-                          {"machine": info, "command": command, "summary": text})
+            from benchmarks.targets import write_summary
+
+            write_summary(args, info, found, command, time.perf_counter() - started)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

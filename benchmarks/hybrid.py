@@ -93,8 +93,8 @@ def report(data: dict, command: str) -> str:
     g, h = data["figures"]["generate"], data["figures"]["hybrid"]
     f = data["figures"]
     return "\n".join([
-        "# The hybrid mode's cost (in-process engine)", "",
-        f"`{command}`", "", *machine_lines(data["machine"]), "",
+        "## The hybrid mode's cost (in-process engine)", "",
+        f"`{command}`", "",
         f"model `{data['model']}`, {data['concurrency']} concurrent requests, "
         f"{data['requests']} replies per mode, the folder's default generation settings", "",
         "| mode | replies/s | p50 full reply (ms) | p99 full reply (ms) |",
@@ -106,8 +106,19 @@ def report(data: dict, command: str) -> str:
         f"- hybrid / generation-only replies/s: {f['ratio']:.2f} (target >= 0.40)",
         f"- scoring calls for {data['requests']} hybrid replies: {f['scoring_calls']}",
         f"- cold start (model, index, scoring graphs, first run): {f['cold_start_s']:.2f} s",
-        f"- peak RSS of this process: {f['peak_rss_mb']:.0f} MB",
+        f"- peak RSS of this process: {f['peak_rss_mb']:.0f} MB (the benchmark's own process:"
+        " see the http figures for one server's)",
     ])
+
+
+def run(args) -> tuple[str, dict]:
+    """``python -m benchmarks all``'s hybrid figures (markdown, data)."""
+    command = (f"python -m benchmarks.hybrid --model {args.model} --concurrency 32 "
+               f"--requests {args.hybrid_requests} --threads {args.threads}")
+    figures = asyncio.run(measure(args.model, 32, args.hybrid_requests, args.threads))
+    data = {"model": Path(args.model).name, "concurrency": 32,
+            "requests": args.hybrid_requests, "figures": figures, "command": command}
+    return report(data, command), data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = asyncio.run(measure(args.model, args.concurrency, args.requests, args.threads))
     data = {"machine": info, "model": args.model.name, "concurrency": args.concurrency,
             "requests": args.requests, "figures": figures, "command": command.strip()}
-    write_results(args.out, "hybrid", report(data, command.strip()), data)
+    text = "\n".join(["# xiaoX benchmarks", "", *machine_lines(info), "",
+                      report(data, command.strip())])
+    write_results(args.out, "hybrid", text, data)
     return 0
 
 

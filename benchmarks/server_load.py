@@ -57,9 +57,9 @@ class Outcome:
 
 
 async def one_request(client: httpx.AsyncClient, question: str, reply_tokens: int,
-                      outcome: Outcome) -> None:
+                      outcome: Outcome, extra: dict | None = None) -> None:
     body = {"messages": [{"role": "user", "content": question}], "stream": True,
-            "max_tokens": reply_tokens, "min_tokens": reply_tokens}
+            "max_tokens": reply_tokens, "min_tokens": reply_tokens, **(extra or {})}
     last = None
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -91,9 +91,11 @@ async def one_request(client: httpx.AsyncClient, question: str, reply_tokens: in
 
 
 async def drive(urls: list[str], questions: list[str], *, requests: int, concurrency: int,
-                seconds: float, reply_tokens: int, poisson_rate: float | None = None) -> dict:
+                seconds: float, reply_tokens: int, poisson_rate: float | None = None,
+                extra: dict | None = None) -> dict:
     """Closed loop of ``concurrency`` clients, or Poisson arrivals at ``poisson_rate``/s
-    (open loop); ``requests`` in all, split round-robin over ``urls``. Summary dict."""
+    (open loop); ``requests`` in all, split round-robin over ``urls``; ``extra``: more
+    fields of every request's body. Summary dict."""
     limits = httpx.Limits(max_connections=concurrency + 8 if not poisson_rate else requests,
                           max_keepalive_connections=concurrency + 8)
     timeout = httpx.Timeout(seconds + 30, connect=10)
@@ -107,7 +109,7 @@ async def drive(urls: list[str], questions: list[str], *, requests: int, concurr
         outcome = Outcome(time.perf_counter())
         outcomes.append(outcome)
         await one_request(clients[i % len(clients)], questions[i % len(questions)],
-                          reply_tokens, outcome)
+                          reply_tokens, outcome, extra)
 
     async def closed_loop_client() -> None:
         for i in counter:

@@ -1,0 +1,132 @@
+"""The targets against the figures of one run (``summary.md``/``.json``), and the README's
+speed table made from them (``python -m benchmarks all --readme``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.common import machine_lines, write_results
+
+INT8, TF = "onnxruntime int8", "TensorFlow step loop"
+STANDARD = "uvloop+httptools"
+
+
+def _decoding(d: dict) -> list[tuple]:
+    greedy = d["replies"][TF]["greedy"]["p50_ms"] / d["replies"][INT8]["greedy"]["p50_ms"]
+    engine = d["engine_replies_per_s"]["32"]
+    step_rate = 32 / (d["steps"][INT8]["32"]["p50_ms"] / 1000)
+    engine_rate = engine["batch_32"] * d["reply_tokens"]
+    return [
+        ("int8 greedy per-reply latency vs the TensorFlow step loop", ">= 10x faster",
+         greedy, f"{greedy:.1f}x", greedy >= 10, d["command"]),
+        ("engine reply tokens/s at 32 concurrent vs the batch-32 int8 step's token rate",
+         ">= 60%", engine_rate / step_rate,
+         f"{100 * engine_rate / step_rate:.0f}% ({engine_rate:,.0f} of {step_rate:,.0f})",
+         engine_rate / step_rate >= 0.6, d["command"]),
+        ("continuous batching vs one at a time, in-process engine, 32 concurrent", ">= 5x",
+         engine["batch_32"] / engine["batch_1"],
+         f"{engine['batch_32'] / engine['batch_1']:.1f}x",
+         engine["batch_32"] / engine["batch_1"] >= 5, d["command"]),
+    ]
+
+
+def _http(h: dict) -> list[tuple]:
+    s = h["stacks"][STANDARD]
+    r = h["ratios"][STANDARD]
+    five = f"generate, {h['reply_tokens']} tokens"
+    rows = [
+        (f"generation-only streamed replies/s at {h['connections']} connections vs the bare "
+         "sse-starlette floor (wrk)", ">= 85%", r["generate_vs_floor"],
+         f"{100 * r['generate_vs_floor']:.0f}% ({s['points'][five]['replies_per_s']:.0f} of "
+         f"{s['points']['floor']['replies_per_s']:.0f})", r["generate_vs_floor"] >= 0.85,
+         s["points"][five]["command"]),
+        (f"hybrid vs generation-only replies/s at {h['connections']} connections (wrk)",
+         ">= 40%, p99 < 300 ms", r["hybrid_vs_generate"],
+         f"{100 * r['hybrid_vs_generate']:.0f}%, p99 {r['hybrid_p99_ms']:.0f} ms",
+         r["hybrid_vs_generate"] >= 0.4 and (r["hybrid_p99_ms"] or 1e9) < 300,
+         s["points"]["hybrid"]["command"]),
+        ("one server process with the hybrid index: peak RSS", "< 250 MB", s["peak_rss_mb"],
+         f"{s['peak_rss_mb']:.0f} MB", (s["peak_rss_mb"] or 1e9) < 250,
+         s["points"]["hybrid"]["command"]),
+        ("the same: cold start (launch to /healthz 200)", "< 2 s", s["cold_start_s"],
+         f"{s['cold_start_s']:.2f} s", s["cold_start_s"] < 2, s["points"]["hybrid"]["command"]),
+    ]
+    gain = h["ratios"].get("standard_vs_fallback", {}).get(five)
+    if gain:
+        rows.append(("uvloop + httptools vs asyncio + h11, generation-only replies/s",
+                     "(ratio)", gain, f"{gain:.2f}x", None, s["points"][five]["command"]))
+    return rows
+
+
+def _hybrid(y: dict) -> list[tuple]:
+    f = y["figures"]
+    return [("hybrid vs generation-only replies/s, in-process engine, 32 concurrent",
+             ">= 40%", f["ratio"], f"{100 * f['ratio']:.0f}%", f["ratio"] >= 0.4, y["command"])]
+
+
+def _server(s: dict) -> list[tuple]:
+    from benchmarks.server_load import _point
+
+    rows = []
+    on, off, base = (_point(s, name, 32) for name in ("on", "off", "baseline"))
+    if on and off and off["replies_per_s"]:
+        x = on["replies_per_s"] / off["replies_per_s"]
+        rows.append(("continuous batching vs one at a time, replies/s at 32 clients (HTTP)",
+                     ">= 5x", x, f"{x:.1f}x", x >= 5, on["command"]))
+    if on and on["ttft_p99_ms"] is not None:
+        rows.append(("p99 time to first token at 32 clients (batching on)", "< 100 ms",
+                     on["ttft_p99_ms"], f"{on['ttft_p99_ms']:.0f} ms", on["ttft_p99_ms"] < 100,
+                     on["command"]))
+    if on and base and base["replies_per_s"]:
+        x = on["replies_per_s"] / base["replies_per_s"]
+        rows.append(("ours vs the TensorFlow baseline, replies/s at 32 clients", "(ratio)", x,
+                     f"{x:.1f}x", None, base["command"]))
+    return rows
+
+
+SOURCES: dict[str, Callable[[dict], list[tuple]]] = {
+    "decoding": _decoding, "http": _http, "hybrid": _hybrid, "server": _server}
+
+
+def rows_of(found: dict) -> list[dict]:
+    rows = []
+    for name, make in SOURCES.items():
+        if name in found:
+            for target, wanted, value, shown, met, command in make(found[name]):
+                rows.append({"target": target, "wanted": wanted, "value": value,
+                             "measured": shown, "met": met, "command": command})
+    return rows
+
+
+def table(rows: list[dict], commands: bool = True) -> str:
+    head = "| target | wanted | measured | met |" + (" command |" if commands else "")
+    lines = [head, "| --- | --- | ---: | :---: |" + (" --- |" if commands else "")]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        line = f"| {r['target']} | {r['wanted']} | {r['measured']} | {met} |"
+        lines.append(line + (f" `{r['command']}` |" if commands else ""))
+    return "\n".join(lines)
+
+
+def write_summary(args, info: dict, found: dict, command: str, seconds: float) -> None:
+    rows = rows_of(found)
+    text = "\n".join(["# xiaoX benchmarks: the targets", "", *machine_lines(info),
+                      f"- run: `{command}` ({args.profile} profile), {seconds:.0f} s in all",
+                      "", "Ratios within this one run (measured, not asserted).", "",
+                      table(rows), "", "Details: " + ", ".join(f"{n}.md" for n in found)])
+    write_results(args.out, "summary", text, {"machine": info, "command": command,
+                                              "seconds": seconds, "targets": rows})
+
+
+def readme_table(out_dir: Path) -> str:
+    """The README's speed table from ``summary.json`` (what the last ``all`` measured)."""
+    data = json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
+    m = data["machine"]
+    load = ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
+    return "\n".join([
+        f"Measured by `{data['command']}` ({data['seconds']:.0f} s) on {m['cpu']}, "
+        f"{m['cores']} logical cores (load average {load} at the start); ratios within "
+        "that one run. Commands per figure: [benchmarks/results/summary.md]"
+        "(benchmarks/results/summary.md).", "", table(data["targets"], commands=False)])
