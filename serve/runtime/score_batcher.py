@@ -19,8 +19,8 @@ ScoreFn = Callable[[Sequence[IdPair]], list[PairScore]]
 
 class ScoreBatcher:
     def __init__(self, score: ScoreFn, *, max_pairs: int = 40):
-        # A call holds pairs x reply length x vocabulary floats (40 x 20 x 12k: 38 MB a
-        # tensor); more pairs a call would not be cheaper per pair.
+        # More pairs a call would not be cheaper per pair; the graph runs them in slices
+        # (``scoring.RUN_ROWS``), which bounds the memory a call holds.
         if max_pairs < 1:
             raise ValueError("max_pairs must be >= 1")
         self._score = score

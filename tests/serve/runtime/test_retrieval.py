@@ -111,3 +111,18 @@ def test_loading_is_fast(indexed_model):
     started = time.perf_counter()
     ReplyIndex.load(indexed_model)
     assert time.perf_counter() - started < 2.0
+
+
+def test_the_pair_store_reads_pairs_json_as_json_does():
+    import json as _json
+
+    from serve.runtime.retrieval import PairStore
+
+    pairs = [["你好", "你好呀"], ["a \"quoted\"\\n", "é\u2028"], ["", "x"]]
+    store = PairStore(" " + _json.dumps(pairs, ensure_ascii=False, indent=1) + "\n")
+    assert len(store) == 3 and [store[i] for i in range(3)] == [tuple(p) for p in pairs]
+    with pytest.raises(IndexError):
+        store[3]
+    for bad in ("{}", "[[1, 2]]", "[[\"a\"]]", "[[\"a\", \"b\"] [\"c\", \"d\"]]"):
+        with pytest.raises(ValueError):
+            PairStore(bad)
