@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hybrid-requests", type=int, help="replies per mode, in-process hybrid")
     p.add_argument("--readme", action="store_true", help="print the README's speed table "
                    "from the results in --out and exit")
+    p.add_argument("--update-readme", action="store_true", help="with --readme: also write "
+                   "it into README.md, between its speed-table markers")
     return p
 
 
@@ -194,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.readme:
-        from benchmarks.targets import readme_table
+        from benchmarks.common import ROOT
+        from benchmarks.targets import readme_table, update_readme
 
         print(readme_table(args.out))
+        if args.update_readme:
+            update_readme(args.out, ROOT / "README.md")
         return 0
     command = "python -m benchmarks " + shlex.join(argv)
     info = machine()  # the load average before we add to it

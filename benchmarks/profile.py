@@ -55,8 +55,9 @@ def _area(filename: str, name: str) -> str:
     return "other Python"
 
 
-def summarise(stats: pstats.Stats, top: int = TOP) -> dict:
-    """Own time by area and the top functions, as shares of the profile's total."""
+def summarise(stats: pstats.Stats, top: int = TOP, replies: int | None = None) -> dict:
+    """Own time by area and the top functions, as shares of the profile's total (and in
+    microseconds per reply when ``replies`` is given)."""
     entries = stats.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in entries.values()) or 1e-9
     areas: dict[str, float] = {}
@@ -68,9 +69,12 @@ def summarise(stats: pstats.Stats, top: int = TOP) -> dict:
         rows.append({"function": f"{short}:{line}({name})", "calls": calls, "own_s": own,
                      "cumulative_s": cumulative, "area": area})
     rows.sort(key=lambda r: -r["own_s"])
-    return {"total_s": total,
+    per = 1e6 / replies if replies else None
+    return {"total_s": total, "replies": replies,
             "areas": {a: s / total for a, s in sorted(areas.items(), key=lambda x: -x[1])},
-            "top": [{**r, "share": r["own_s"] / total} for r in rows[:top]]}
+            "area_us_per_reply": {a: s * per for a, s in areas.items()} if per else None,
+            "top": [{**r, "share": r["own_s"] / total,
+                     "us_per_reply": r["own_s"] * per if per else None} for r in rows[:top]]}
 
 
 async def _engine_load(model_dir: Path, seconds: float, threads: int):
@@ -114,8 +118,10 @@ async def _engine_load(model_dir: Path, seconds: float, threads: int):
 
 def profile_engine(model_dir: Path, seconds: float, threads: int) -> dict:
     loop_profile, worker, rate = asyncio.run(_engine_load(model_dir, seconds, threads))
-    return {"replies_per_s": rate, "event_loop": summarise(pstats.Stats(loop_profile)),
-            "step_thread": summarise(pstats.Stats(worker))}
+    replies = round(rate * seconds)
+    return {"replies_per_s": rate, "replies": replies,
+            "event_loop": summarise(pstats.Stats(loop_profile), replies=replies),
+            "step_thread": summarise(pstats.Stats(worker), replies=replies)}
 
 
 class ProfiledServer(ServerProcess):
@@ -143,11 +149,14 @@ class ProfiledServer(ServerProcess):
 
 
 def profile_route(model_dir: Path, seconds: float, threads: int, workdir: Path) -> dict:
-    from benchmarks.wrk_load import bodies, run_wrk
+    from benchmarks.wrk_load import STACKS, bodies, run_wrk, stack_env
 
     out = workdir / "route.prof"
+    # asyncio + h11: their loop is Python, so cProfile sees the waiting in epoll as such
+    # (under uvloop it lands on whatever Python frame ran last).
     server = ProfiledServer(model_dir, workdir, out=out,
-                            env={"XIAOX_THREADS": str(threads), "XIAOX_MAX_QUEUE": "1024"})
+                            env={"XIAOX_THREADS": str(threads), "XIAOX_MAX_QUEUE": "1024",
+                                 **stack_env(STACKS[1], workdir)})
     body = bodies(5)["generate, 5 tokens"]
     server.launch().wait_healthy(120)
     try:
@@ -157,8 +166,9 @@ def profile_route(model_dir: Path, seconds: float, threads: int, workdir: Path) 
         server.stop()
     if not out.is_file():
         raise RuntimeError(f"the profiled server wrote no stats:\n{server.log_tail()}")
-    return {"replies_per_s": figures["replies_per_s"], "event_loop":
-            summarise(pstats.Stats(str(out)))}
+    replies = figures["requests"]
+    return {"replies_per_s": figures["replies_per_s"], "replies": replies,
+            "event_loop": summarise(pstats.Stats(str(out)), replies=replies)}
 
 
 def run(args, workdir: Path) -> tuple[str, dict]:
@@ -176,19 +186,30 @@ def run(args, workdir: Path) -> tuple[str, dict]:
     return report(data, before), data
 
 
+def _us(entry: dict, key: str, area: str | None = None) -> str:
+    if area is not None:
+        value = (entry.get("area_us_per_reply") or {}).get(area)
+    else:
+        value = entry.get(key)
+    return "-" if value is None else f"{value:.0f}"
+
+
 def _section(title: str, now: dict, before: dict | None) -> list[str]:
-    lines = [f"### {title}", "", "| area | own time now |" + (" before |" if before else ""),
-             "| --- | ---: |" + (" ---: |" if before else "")]
+    head = "| area | own time now | us/reply now |" + (" before | us/reply before |"
+                                                      if before else "")
+    lines = [f"### {title}", "", head, "| --- | ---: | ---: |" + (" ---: | ---: |"
+                                                               if before else "")]
     for area, share in now["areas"].items():
-        old = f" {100 * before['areas'].get(area, 0):.0f}% |" if before else ""
-        lines.append(f"| {area} | {100 * share:.0f}% |{old}")
-    lines += ["", "| top functions now (own time) | calls | share |", "| --- | ---: | ---: |"]
-    lines += [f"| `{r['function']}` | {r['calls']} | {100 * r['share']:.1f}% |"
-              for r in now["top"]]
-    if before:
-        lines += ["", "| top functions before | calls | share |", "| --- | ---: | ---: |"]
-        lines += [f"| `{r['function']}` | {r['calls']} | {100 * r['share']:.1f}% |"
-                  for r in before["top"]]
+        old = (f" {100 * before['areas'].get(area, 0):.0f}% | {_us(before, '', area)} |"
+               if before else "")
+        lines.append(f"| {area} | {100 * share:.0f}% | {_us(now, '', area)} |{old}")
+    for label, entry in (("now", now), ("before", before)):
+        if entry is None:
+            continue
+        lines += ["", f"| top functions {label} (own time) | calls | share | us/reply |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{r['function']}` | {r['calls']} | {100 * r['share']:.1f}% | "
+                  f"{_us(r, 'us_per_reply')} |" for r in entry["top"]]
     return lines + [""]
 
 

@@ -67,23 +67,29 @@ def _hybrid(y: dict) -> list[tuple]:
 
 
 def _server(s: dict) -> list[tuple]:
+    """The Python client's targets at 32 clients ("-" when the run had no such point)."""
     from benchmarks.server_load import _point
 
-    rows = []
     on, off, base = (_point(s, name, 32) for name in ("on", "off", "baseline"))
-    if on and off and off["replies_per_s"]:
-        x = on["replies_per_s"] / off["replies_per_s"]
-        rows.append(("continuous batching vs one at a time, replies/s at 32 clients (HTTP)",
-                     ">= 5x", x, f"{x:.1f}x", x >= 5, on["command"]))
-    if on and on["ttft_p99_ms"] is not None:
-        rows.append(("p99 time to first token at 32 clients (batching on)", "< 100 ms",
-                     on["ttft_p99_ms"], f"{on['ttft_p99_ms']:.0f} ms", on["ttft_p99_ms"] < 100,
-                     on["command"]))
-    if on and base and base["replies_per_s"]:
-        x = on["replies_per_s"] / base["replies_per_s"]
-        rows.append(("ours vs the TensorFlow baseline, replies/s at 32 clients", "(ratio)", x,
-                     f"{x:.1f}x", None, base["command"]))
-    return rows
+    batching = on["replies_per_s"] / off["replies_per_s"] if on and off and \
+        off["replies_per_s"] else None
+    ttft = on["ttft_p99_ms"] if on else None
+    ours = on["replies_per_s"] / base["replies_per_s"] if on and base and \
+        base["replies_per_s"] else None
+    command = on["command"] if on else s["command"]
+
+    def shown(value, text):
+        return "-" if value is None else text
+
+    return [
+        ("continuous batching vs one at a time, replies/s at 32 clients (HTTP)", ">= 5x",
+         batching, shown(batching, f"{batching or 0:.1f}x"),
+         None if batching is None else batching >= 5, command),
+        ("p99 time to first token at 32 clients (batching on)", "< 100 ms", ttft,
+         shown(ttft, f"{ttft or 0:.0f} ms"), None if ttft is None else ttft < 100, command),
+        ("ours vs the TensorFlow baseline, replies/s at 32 clients", "(ratio)", ours,
+         shown(ours, f"{ours or 0:.1f}x"), None, base["command"] if base else command),
+    ]
 
 
 SOURCES: dict[str, Callable[[dict], list[tuple]]] = {
@@ -130,3 +136,16 @@ def readme_table(out_dir: Path) -> str:
         f"{m['cores']} logical cores (load average {load} at the start); ratios within "
         "that one run. Commands per figure: [benchmarks/results/summary.md]"
         "(benchmarks/results/summary.md).", "", table(data["targets"], commands=False)])
+
+
+BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
+
+
+def update_readme(out_dir: Path, readme: Path) -> None:
+    """Put ``readme_table(out_dir)`` between the README's speed-table markers."""
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + readme_table(out_dir) + "\n" + END
+                      + rest.split(END, 1)[1], encoding="utf-8")

@@ -12,15 +12,17 @@ import pytest
 
 from benchmarks.__main__ import main
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(360)
 
 
-def test_quick_harness_writes_every_row(tiny_checkpoint, tmp_path):
+def test_quick_harness_writes_every_row(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "results"
     code = main(["all", "--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "w"),
                  "--out", str(out), "--questions", "2", "--reply-tokens", "3", "--steps", "3",
                  "--replies", "2", "--concurrency", "1,2", "--poisson-rate", "5",
-                 "--requests", "2", "--seconds", "20"])
+                 "--requests", "2", "--seconds", "20", "--wrk-seconds", "1",
+                 "--wrk-connections", "2", "--profile-seconds", "1",
+                 "--hybrid-requests", "4"])
     assert code == 0
     decoding = (out / "decoding.md").read_text(encoding="utf-8")
     server = (out / "server.md").read_text(encoding="utf-8")
@@ -49,8 +51,42 @@ def test_quick_harness_writes_every_row(tiny_checkpoint, tmp_path):
                    for p in setup["points"])
         # Every request of the smoke run gets its forced-length reply.
         assert sum(p["replies"] for p in setup["points"]) == 6
-    steps = json.loads((out / "decoding.json").read_text(encoding="utf-8"))["steps"]
+    decoding_data = json.loads((out / "decoding.json").read_text(encoding="utf-8"))
+    assert {"replies", "steps", "engine_replies_per_s", "reply_tokens"} <= set(decoding_data)
+    steps = decoding_data["steps"]
     assert steps["onnxruntime int8"]["32"]["flops"] > steps["onnxruntime int8"]["1"]["flops"] > 0
+    _check_new_parts(out, capsys)
+
+
+def _check_new_parts(out, capsys):
+    """wrk against the floor, the hybrid mode's cost, the profiles, the targets, the README."""
+    http = json.loads((out / "http.json").read_text(encoding="utf-8"))
+    assert set(http["stacks"]) == {"uvloop+httptools", "asyncio+h11"}
+    for stack in http["stacks"].values():
+        assert set(stack["points"]) == {"floor", "generate, 5 tokens", "generate", "hybrid"}
+        for point in stack["points"].values():  # every contender answered, all 2xx
+            assert point["replies_per_s"] > 0 and point["non_2xx"] == 0
+            assert point["p99_ms"] >= point["p50_ms"] > 0
+        assert stack["python_client"]["floor"]["replies"] > 0
+        assert stack["cold_start_s"] > 0 and stack["peak_rss_mb"] > 50
+    assert "| uvloop+httptools | floor | " in (out / "http.md").read_text(encoding="utf-8")
+    hybrid = json.loads((out / "hybrid.json").read_text(encoding="utf-8"))["figures"]
+    assert hybrid["hybrid"]["replies_per_s"] > 0 and hybrid["ratio"] > 0
+    profile = (out / "profile.md").read_text(encoding="utf-8")
+    for section in ("Engine: the step thread", "Engine: the event loop",
+                    "Streaming route: the server's event loop"):
+        assert f"### {section}" in profile
+    assert "onnxruntime" in profile and "us/reply" in profile
+    targets = json.loads((out / "summary.json").read_text(encoding="utf-8"))["targets"]
+    names = " ".join(t["target"] for t in targets)
+    for wanted in ("sse-starlette floor", "batch-32 int8 step", "TensorFlow step loop",
+                   "hybrid vs generation-only", "peak RSS", "cold start"):
+        assert wanted in names
+    assert all(t["command"] and t["measured"] for t in targets)
+    capsys.readouterr()
+    assert main(["all", "--readme", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| target | wanted | measured | met |" in table and "logical cores" in table
 
 
 def test_bad_arguments_are_clear_errors(capsys):
