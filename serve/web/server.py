@@ -44,15 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    problem = _check_model(settings)
-    if problem:
-        print(f"python -m serve: {problem}\n(use --model DIR or XIAOX_MODEL to choose another "
-              "model folder)", file=sys.stderr)
-        return 2
     exposure = _exposure_problems(settings)
     if exposure:
         print("python -m serve: refusing to start:\n" + "\n".join(f"- {p}" for p in exposure),
               file=sys.stderr)
+        return 2
+    problem = _check_model(settings)
+    if problem:
+        print(f"python -m serve: {problem}\n(use --model DIR or XIAOX_MODEL to choose another "
+              "model folder)", file=sys.stderr)
         return 2
     if not settings.secret_key and not settings.secret_keys:
         from serve.web.security.secret_key import load_or_create_secret_key
