@@ -122,13 +122,24 @@ class Revocations:
                     del self._watchers[sid]
 
     async def _poll(self) -> None:
-        """While streams are open here: ask Redis about their sessions every poll."""
+        """While streams are open here: ask Redis about their sessions every poll, in one
+        round trip (a pipeline of single-key EXISTS, which a cluster splits by slot)."""
         while self._watchers:
             await asyncio.sleep(self.poll_seconds)
             sids = [sid for sid in list(self._watchers) if not self._known_locally(sid)]
-            for sid in sids:  # one EXISTS each: a few open sessions per process
-                if sid in self._watchers:
-                    await self.is_revoked(sid)
+            redis = self._redis()
+            if not sids or redis is None:
+                continue
+            try:
+                pipe = redis.pipeline(transaction=False)
+                for sid in sids:
+                    pipe.exists(self.key(sid))
+                found = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT)
+            except Exception:  # noqa: BLE001 - unreachable: try again at the next poll
+                continue
+            for sid, hit in zip(sids, found, strict=True):
+                if hit:
+                    self._remember(sid)
 
     async def close(self) -> None:
         if self._poller is not None:
