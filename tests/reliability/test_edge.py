@@ -140,8 +140,10 @@ async def test_metrics_labels_come_from_known_sets_and_health_names_no_address(
 async def test_an_unknown_host_is_refused_and_a_rebinding_login_fails(model_dir, tmp_path):
     with running(ServerProcess(model_dir, tmp_path)) as (server,):
         async with server.client() as c:
-            evil = await c.get("/healthz", headers={"Host": "evil.example"})
-            assert evil.status_code == 400 and evil.json()["reason"] == "bad_host"
+            for host in ("evil.example", "", "127.0.0.1.evil.example", "evil.example:80",
+                         "[::1", "127.0.0.1@evil.example"):
+                evil = await c.get("/healthz", headers={"Host": host})
+                assert evil.status_code == 400 and evil.json()["reason"] == "bad_host", host
             rebinding = await c.post("/login", json={"username": "victim"},
                                      headers={"Host": "evil.example",
                                               "Origin": "http://evil.example"})
