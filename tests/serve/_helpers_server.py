@@ -17,12 +17,12 @@ import httpx
 
 from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
     ServerDied,
-    ServerProcess,
     free_port,
     running,
     start_servers,
     wait_healthy,
 )
+from benchmarks.processes import ServerProcess as _ServerProcess
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -49,6 +49,18 @@ async def wait_health(server: ServerProcess, status: int, timeout: float = 30) -
                 seen = type(e).__name__
             assert time.monotonic() < deadline, f"/healthz is {seen}, not {status}"
             await asyncio.sleep(0.1)
+
+
+class ServerProcess(_ServerProcess):
+    """``benchmarks.processes.ServerProcess`` with the tests' environment: many tests log
+    in many names from 127.0.0.1, so the per-address login limit is lifted (it is tested
+    where it is meant, tests/reliability/test_edge.py) unless ``env`` sets it."""
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        if "XIAOX_LOGIN_RATE_LIMIT" not in self.extra_env:
+            env["XIAOX_LOGIN_RATE_LIMIT"] = "100000"
+        return env
 
 
 # --- a strict SSE parser --------------------------------------------------------------
