@@ -3,8 +3,9 @@
     python -m benchmarks server [--profile quick|full] [--setups on,off,two,baseline]
                                 [--concurrency 1,8,32,128] [--poisson-rate 20]
 
-Every request is ``POST /v1/chat/completions`` with ``stream: true`` and a reply forced
-to ``--reply-tokens`` tokens (``min_tokens`` = ``max_tokens``). Per point: time to first
+Every request is ``POST /v1/chat/completions`` with ``stream: true``, generation only
+(``reply_mode: generate``) and a reply forced to ``--reply-tokens`` tokens
+(``min_tokens`` = ``max_tokens``). Per point: time to first
 token (first chunk with content), inter-token latency (gaps between content chunks),
 end-to-end latency, replies/s, errors. Each point is bounded by a request count and by
 ``--seconds``; requests still running then are cancelled and counted as unfinished.
@@ -36,6 +37,9 @@ from benchmarks.common import fmt, log, percentile, questions_of
 from benchmarks.processes import ServerProcess, free_port
 
 SETUPS = ("on", "off", "two", "baseline")
+# Generation only: the exported folders have a reply index, whose hybrid mode would choose
+# a whole reply and stream it at once (its cost: ``benchmarks.wrk_load``, ``hybrid``).
+GENERATE = {"reply_mode": "generate"}
 SETUP_TITLES = {
     "on": "ours, 1 process, continuous batching (max-batch-size 32)",
     "off": "ours, 1 process, batching off (max-batch-size 1)",
@@ -316,7 +320,8 @@ def run(args, weights, command: str) -> tuple[str, dict]:
             try:
                 urls = [s.url for s in servers]
                 asyncio.run(drive(urls, questions, requests=2 * len(urls), concurrency=len(urls),
-                                  seconds=30, reply_tokens=args.reply_tokens))  # warm-up
+                                  seconds=30, reply_tokens=args.reply_tokens,
+                                  extra=GENERATE))  # warm-up
                 points: list[int | None] = list(args.concurrency)
                 if args.poisson_rate:
                     points.append(None)
@@ -336,7 +341,7 @@ def run(args, weights, command: str) -> tuple[str, dict]:
                                                seconds=args.seconds,
                                                reply_tokens=args.reply_tokens,
                                                poisson_rate=None if concurrency else
-                                               args.poisson_rate))
+                                               args.poisson_rate, extra=GENERATE))
                     # Who used the two cores: the servers, or the load client itself?
                     result["server_cpu_percent"] = 100 * (
                         cpu_seconds(pids) - server_cpu) / result["seconds"]

@@ -83,7 +83,10 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     nucleus = (cumulative / norm[:, None] < top_p[:, None]).sum(axis=1) + 1
     kept = np.where(top_p < 1.0, np.minimum(nucleus, limit), limit)
     enough = np.where(k > 0, size >= k, (top_p < 1.0) & (nucleus <= size))
-    head[np.arange(width)[None, :] >= kept[:, None]] = vocab  # beyond the kept: none
+    beyond = np.arange(width)[None, :] >= kept[:, None]
+    if 4 * width > vocab:  # wide heads (flat rows): id order from a mask, not a sort
+        return _pick_dense(weights, head, beyond, enough, rngs)
+    head[beyond] = vocab  # beyond the kept: none
     by_id = np.argsort(head, axis=1, kind="stable")  # id order, as _draw
     head = np.take_along_axis(head, by_id, axis=1)
     mass = np.where(head < vocab, weights[np.arange(len(options))[:, None],
@@ -97,6 +100,26 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
         n = int(kept[j])
         pick = int(np.searchsorted(cdf[j, :n], rng.random() * cdf[j, n - 1], side="right"))
         drawn.append(int(head[j, min(pick, n - 1)]))
+    return drawn
+
+
+def _pick_dense(weights: np.ndarray, head: np.ndarray, beyond: np.ndarray,
+                enough: np.ndarray, rngs: Sequence[np.random.Generator]) -> list[int]:
+    """The draws of ``_draw_rows`` over the whole vocabulary in id order, zero where a
+    token is not kept: the same cumulative sums at the kept tokens (adding 0.0 changes
+    none), so the same tokens, without sorting thousands of kept ids."""
+    rows, vocab = weights.shape
+    keep = np.zeros((rows, vocab), bool)
+    r, c = np.nonzero(~beyond & (head < vocab))
+    keep[r, head[r, c]] = True
+    cdf = np.cumsum(np.where(keep, weights, 0.0), axis=1, dtype=np.float64)
+    drawn = []
+    for j, rng in enumerate(rngs):
+        if not enough[j]:
+            drawn.append(-1)
+            continue
+        pick = int(np.searchsorted(cdf[j], rng.random() * cdf[j, -1], side="right"))
+        drawn.append(pick if pick < vocab else int(np.flatnonzero(keep[j])[-1]))
     return drawn
 
 
