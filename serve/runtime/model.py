@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serve.runtime.allocator import give_back_big_blocks
 from serve.runtime.batching import pad_id_rows
 from serve.runtime.blocklist import BLOCKLIST_FILE, Blocklist, BlocklistError
 from serve.runtime.manifest import (
@@ -124,6 +125,7 @@ class OnnxSeq2Seq:
         ``intra_op_num_threads=0`` lets onnxruntime pick (one per core); set it to 1 or 2
         when several server processes share a machine.
         """
+        give_back_big_blocks()  # before the batches' arrays: see serve.runtime.allocator
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir, verify=verify)
         try:
