@@ -139,6 +139,18 @@ def decoding_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _without_places(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workdir", "--out"):
+            skip = True
+        elif not arg.startswith(("--workdir=", "--out=")):
+            kept.append(arg)
+    return kept
+
+
 WEIGHTS_KINDS = ("decoding", "server", "baseline", "all")  # the kinds that train weights
 
 
@@ -203,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.update_readme:
             update_readme(args.out, ROOT / "README.md")
         return 0
-    command = "python -m benchmarks " + shlex.join(argv)
+    # --workdir and --out are where, not what: left out of the command the results show
+    command = "python -m benchmarks " + shlex.join(_without_places(argv))
     info = machine()  # the load average before we add to it
     started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xiaox-bench-"))

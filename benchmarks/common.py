@@ -24,6 +24,15 @@ SHARED_CORPUS = ROOT.parent / "shared" / "data" / "XHJ_5w.txt"
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
 
+def shown(path: Path | str) -> str:
+    """A path as a command in the results shows it: relative to the repository when inside
+    it (no machine paths in the committed results)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

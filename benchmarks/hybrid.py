@@ -29,6 +29,7 @@ from benchmarks.common import (
     machine,
     machine_lines,
     percentile,
+    shown,
     write_results,
 )
 from serve.runtime.engine import Engine
@@ -113,7 +114,7 @@ def report(data: dict, command: str) -> str:
 
 def run(args) -> tuple[str, dict]:
     """``python -m benchmarks all``'s hybrid figures (markdown, data)."""
-    command = (f"python -m benchmarks.hybrid --model {args.model} --concurrency 32 "
+    command = (f"python -m benchmarks.hybrid --model {shown(args.model)} --concurrency 32 "
                f"--requests {args.hybrid_requests} --threads {args.threads}")
     figures = asyncio.run(measure(args.model, 32, args.hybrid_requests, args.threads))
     data = {"model": Path(args.model).name, "concurrency": 32,

@@ -20,6 +20,7 @@ import asyncio
 import cProfile
 import json
 import pstats
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.common import log
+from benchmarks.common import ROOT, log, shown
 from benchmarks.processes import ServerProcess
 
 AREAS = (  # (area, a piece of the file's path), first match wins
@@ -55,6 +56,15 @@ def _area(filename: str, name: str) -> str:
     return "other Python"
 
 
+def _short(filename: str) -> str:
+    """A file as the tables show it: no machine paths (the repository's, site-packages',
+    the standard library's prefix dropped)."""
+    for marker in ("site-packages/", f"{ROOT}/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return re.sub(r"^.*/lib/python3\.\d+/", "", filename)
+
+
 def summarise(stats: pstats.Stats, top: int = TOP, replies: int | None = None) -> dict:
     """Own time by area and the top functions, as shares of the profile's total (and in
     microseconds per reply when ``replies`` is given)."""
@@ -65,7 +75,7 @@ def summarise(stats: pstats.Stats, top: int = TOP, replies: int | None = None) -
     for (filename, line, name), (_, calls, own, cumulative, _) in entries.items():
         area = _area(filename, name)
         areas[area] = areas.get(area, 0.0) + own
-        short = filename.split("site-packages/")[-1].split("/wt_")[-1]
+        short = _short(filename)
         rows.append({"function": f"{short}:{line}({name})", "calls": calls, "own_s": own,
                      "cumulative_s": cumulative, "area": area})
     rows.sort(key=lambda r: -r["own_s"])
@@ -178,7 +188,7 @@ def run(args, workdir: Path) -> tuple[str, dict]:
     log(f"profile: the streaming route under wrk, {args.profile_seconds:g} s ...")
     route = profile_route(args.model, args.profile_seconds, args.threads, workdir)
     data = {"model": Path(args.model).name, "seconds": args.profile_seconds,
-            "command": f"python -m benchmarks profile --model {args.model} "
+            "command": f"python -m benchmarks profile --model {shown(args.model)} "
                        f"--profile-seconds {args.profile_seconds:g}",
             "engine": engine, "route": route}
     before_file = Path(args.out) / "profile_before.json"

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, fmt, log
+from benchmarks.common import ROOT, fmt, log, shown
 from benchmarks.processes import ServerProcess
 
 FLOOR_APP = ROOT / "benchmarks" / "floor" / "sse_floor.py"
@@ -115,7 +115,7 @@ def run_wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
 
 
 def wrk_command(args, stack: str, contender: str) -> str:
-    return (f"python -m benchmarks http --model {args.model} --wrk-connections "
+    return (f"python -m benchmarks http --model {shown(args.model)} --wrk-connections "
             f"{args.wrk_connections} --wrk-seconds {args.wrk_seconds:g} --reply-tokens "
             f"{args.http_reply_tokens}  # {stack}, {contender}")
 
