@@ -434,7 +434,7 @@ NEEDS_LOGIN = [("POST", "/send"), ("GET", "/stream"), ("GET", "/history"), ("GET
 @pytest.mark.parametrize(("method", "path"), NEEDS_LOGIN, ids=[p for _, p in NEEDS_LOGIN])
 async def test_forged_and_expired_session_cookies(server, method, path, kind):
     secret = (server.workdir / "secret_key").read_text().strip()
-    payload = {"user": "admin"}
+    payload = {"user": "admin", "sid": "a-session-id-the-forger-chose"}
     cookie = {
         "wrong key": lambda: session_cookie("not-the-key-" * 4, payload),
         "expired": lambda: session_cookie(secret, payload, age_seconds=15 * 24 * 3600),
