@@ -475,13 +475,14 @@ def test_a_reset_reloads_the_history(model_dir, redis_server, open_page):
         app.kill()  # the page's stream ends; it keeps its last event id
         expect(page.locator("#banner")).to_be_visible()
         with redis.Redis.from_url(redis_server.url) as r:
-            filler = json.dumps({"room": room, "user": "filler", "ts": 1})
-            for _ in range(400):  # the page's last id is trimmed away (MAXLEN ~ as served)
-                r.xadd(f"xiaox:{{{room}}}:log", {"type": "join", "data": filler}, maxlen=50)
-            # Only in history: only a reload of /history can show it.
+            # Only in history (and before the log's end, where /history reads up to): only
+            # a reload of /history can show it.
             only = json.dumps({"room": room, "role": "user", "user": "mia", "text": "只在历史里",
                                "ts": time.time()})
             r.xadd(f"xiaox:{{{room}}}:messages", {"type": "message", "data": only})
+            filler = json.dumps({"room": room, "user": "filler", "ts": 1})
+            for _ in range(400):  # the page's last id is trimmed away (MAXLEN ~ as served)
+                r.xadd(f"xiaox:{{{room}}}:log", {"type": "join", "data": filler}, maxlen=50)
         app.start()
         page.unroute("**/stream?*")
         expect(page.locator("body")).to_have_attribute("data-connection", "live")
