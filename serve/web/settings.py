@@ -145,6 +145,9 @@ def validate(settings: Settings) -> None:
             raise ValueError(f"{name} must be at least 1")
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
+    for name in ("presence_grace_seconds", "room_idle_seconds"):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{name} must be at least 0")
     for origin in settings.cors_origins:
         normalize_origin(origin)
 
