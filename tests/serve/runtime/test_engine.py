@@ -10,7 +10,7 @@ import pytest
 
 from serve.runtime.engine import Engine, EngineStopped, Overloaded
 from serve.runtime.model import OnnxSeq2Seq
-from serve.runtime.options import DecodingOptions
+from serve.runtime.options import MAX_LENGTH, DecodingOptions
 from serve.runtime.search import beam_search, decode_alone, source_ids
 
 QUESTIONS = [
@@ -24,7 +24,7 @@ QUESTIONS = [
     "周末一起去看电影吧，听说新上映的那部很好看",
     "嗯",
 ]
-ENDLESS = {"min_length": 100_000, "max_length": 100_000}  # only a cancel ends it
+ENDLESS = {"min_length": MAX_LENGTH, "max_length": MAX_LENGTH}  # the longest: tests cancel it
 
 
 @contextlib.asynccontextmanager
