@@ -5,11 +5,13 @@ A server gives the chat room and its API a lane each, so that neither can starve
 other: a flood of API requests fills the API's queue (then 429), not the room's, and
 never holds more than the API's rows while room replies wait.
 
-Rows a lane leaves idle are lent: a lane may take more rows than its share while the
-other lanes have nothing waiting. Lending is not preemptive (a row, once decoding, runs
-to its end), so a lane that wants its rows back gets each as the borrowing request
-ends: within that request's ``max_length`` steps. Among the waiting, a lane under its
-share is served first; beyond the shares the oldest request is.
+Half of each lane's share (rounded up) is its reserve, never lent: a lane's newcomer
+finds a free row at once unless the lane itself keeps its reserve busy. The other half
+is lent while idle: a lane may take more rows than its share, oldest request first, as
+long as every other lane's unused reserve stays free. Lending is not preemptive (a row,
+once decoding, runs to its end), so a lent row comes back when its request ends: within
+that request's ``max_length`` steps. Among the waiting, a lane under its share is served
+first.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class Queued(Protocol):
 
 class LaneQueues:
     """The waiting requests of every lane, and which of them join the batch next."""
+
+    def reserve(self, lane: str) -> int:
+        """Rows of the lane's share never lent: half of it, rounded up."""
+        return (self.lanes[lane].rows + 1) // 2
 
     def __init__(self, lanes: Mapping[str, Lane]):
         if not lanes:
@@ -92,7 +98,8 @@ class LaneQueues:
 
     def admit(self, active: Sequence[Queued], free: int) -> list:
         """Up to ``free`` waiting requests to join a batch whose rows are ``active``:
-        first every lane up to its share (in turn, one each), then the oldest."""
+        first every lane up to its share (in turn, one each), then idle rows lent, the
+        oldest request first, while the other lanes' unused reserves stay free."""
         count = Counter(r.lane for r in active)
         chosen: list = []
         progress = True
@@ -105,10 +112,14 @@ class LaneQueues:
                     count[name] += 1
                     free -= 1
                     progress = True
+        unused = {name: max(0, self.reserve(name) - count[name]) for name in self.lanes}
         while free > 0:  # idle rows lent, oldest request first
-            heads = [q for q in self._waiting.values() if q]
+            heads = [(q[0].submitted, name) for name, q in self._waiting.items()
+                     if q and free > sum(unused.values()) - unused[name]]
             if not heads:
                 break
-            chosen.append(min(heads, key=lambda q: q[0].submitted).popleft())
+            name = min(heads)[1]
+            chosen.append(self._waiting[name].popleft())
+            unused[name] = max(0, unused[name] - 1)
             free -= 1
         return chosen

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from serve.runtime.engine import Engine, EngineStopped, Overloaded
+from serve.runtime.engine import Engine, EngineStopped, Lane, Overloaded
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import MAX_LENGTH, DecodingOptions
 from serve.runtime.search import beam_search, decode_alone, source_ids
@@ -181,6 +181,37 @@ async def test_overloaded_past_the_queue_bound(model):
         hog.cancel()
         for result in await asyncio.gather(*queued):
             assert len(result.token_ids) <= 3
+    finally:
+        await engine.stop()
+
+
+async def _hog_in(engine: Engine, lane: str, started: asyncio.Event) -> None:
+    async for _ in engine.stream("你好", lane=lane, **ENDLESS):
+        started.set()
+
+
+async def test_lanes_keep_their_queue_and_their_rows(model):
+    # Two rows, one place in each lane's queue: a flood of "api" requests takes its row
+    # and its place, is refused past them, and a "chat" reply still runs beside it.
+    lanes = {"chat": Lane(rows=1, queue=1), "api": Lane(rows=1, queue=1)}
+    engine = Engine(model, max_batch_size=2, max_queue=2, lanes=lanes)
+    await engine.start()
+    try:
+        started = asyncio.Event()
+        hog = asyncio.create_task(_hog_in(engine, "api", started))
+        await asyncio.wait_for(started.wait(), 10)
+        queued = asyncio.create_task(engine.generate("晚安", lane="api", max_length=3))
+        await _until(lambda: engine.stats.queue_size == 1)
+        with pytest.raises(Overloaded, match="lane 'api'"):
+            await engine.generate("你好", lane="api")
+        # the api lane's second row would be the chat lane's reserve: not lent
+        assert engine.stats.active == 1 and not queued.done()
+        reply = await engine.generate("你好", lane="chat", max_length=5)
+        assert 0 < len(reply.token_ids) <= 5 and not hog.done()
+        with pytest.raises(ValueError, match="unknown lane"):
+            await engine.generate("你好", lane="web")
+        hog.cancel()
+        assert len((await queued).token_ids) <= 3
     finally:
         await engine.stop()
 
