@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -214,6 +215,7 @@ class Engine:
         self._active: list[_Request] = []
         self._in_flight: list[_Request] = []  # the rows of the step running now
         self._beams_waiting = 0
+        self._selecting: Counter[str] = Counter()  # chosen replies under way, per lane
         self._beam_lock: asyncio.Lock | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -390,17 +392,29 @@ class Engine:
     async def _select(self, text: str, options: DecodingOptions,
                       lane: str | None = None) -> GenerationResult:
         """A reply chosen among candidates (module docstring); cancelling the caller
-        cancels its proposals' rows."""
+        cancels its proposals' rows. A lane has at most its queue cap of these under way
+        (retrieval and scoring have queues of their own, which this bounds)."""
         sources, started = self.sources, time.perf_counter()
         hybrid = sources.mode(options) == "hybrid"
-        async with asyncio.TaskGroup() as group:
-            found = group.create_task(asyncio.to_thread(self._retrieve, text, options, hybrid))
-            proposals = [group.create_task(self._generate_plain(text, o, lane))
-                         for o in sources.proposals(options)]
-        src, retrieved = found.result()
-        generated = [p.result() for p in proposals]
-        candidates = usable([*retrieved, *generated_candidates(self.model, generated)], text)
-        scores = await self._scoring.score([(src, c.token_ids) for c in candidates])
+        lane = self._waiting.name(lane)
+        if self._selecting[lane] >= self.lanes[lane].queue:
+            self.stats.overloaded_total += 1
+            raise Overloaded(f"too many replies being chosen ({self.lanes[lane].queue} "
+                             f"in lane {lane!r})")
+        self._selecting[lane] += 1
+        try:
+            async with asyncio.TaskGroup() as group:
+                found = group.create_task(asyncio.to_thread(self._retrieve, text, options,
+                                                            hybrid))
+                proposals = [group.create_task(self._generate_plain(text, o, lane))
+                             for o in sources.proposals(options)]
+            src, retrieved = found.result()
+            generated = [p.result() for p in proposals]
+            candidates = usable([*retrieved, *generated_candidates(self.model, generated)],
+                                text)
+            scores = await self._scoring.score([(src, c.token_ids) for c in candidates])
+        finally:
+            self._selecting[lane] -= 1
         result = sources.choose(self.model, text, candidates, scores, generated, options)
         self._metric("selection_latency", time.perf_counter() - started)
         return result

@@ -10,8 +10,9 @@ short names (top_k, min_tokens) are accepted as extra fields. The options start 
 model folder's default generation settings (its manifest's ``generation``, shown by
 ``/v1/models`` as ``xiaox_generation``), then the request's fields win; a request asking
 for greedy decoding (temperature 0, top_k 1) or beam search drops the folder's sampling
-defaults (the rule in full: ``serve.web.openai_fields``). ``n`` (up to 4), ``stop``
-(up to 4 strings) and ``logprobs``/``top_logprobs`` (up to 5) work streamed and not
+defaults (the rule in full: ``serve.web.openai_fields``). ``n`` (up to 4: the server's
+``api_max_n``, as every cap there), ``stop`` (up to 4 strings) and
+``logprobs``/``top_logprobs`` (up to 5) work streamed and not
 (``serve.web.openai_choices`` says how, and what the log-probs of a reply chosen among
 candidates are). A field this server does not implement is a 400 that names it
 (``serve.web.openai_fields``), never silently ignored.
@@ -21,6 +22,10 @@ Every answer under ``/v1`` is OpenAI's shape, errors included (``{"error": {"mes
 ``logprobs: true`` a chat completion's first choice also has ``xiaox_source`` and
 ``xiaox_candidates`` (every candidate reply and its scores) when it was chosen among
 candidates: extension fields OpenAI's clients ignore.
+
+A client that hangs up cancels its request, streamed or not (a non-streamed one is
+watched for ``http.disconnect`` while it is worked on), so its rows of the decoder batch
+are freed at once. Requests go to the engine's ``api`` lane (``serve.web.lanes``).
 """
 
 from __future__ import annotations

@@ -185,15 +185,17 @@ def _asked(body: dict[str, Any], known: set[str], folder_topk: int) -> dict[str,
 
 
 def decoding_options(body: dict[str, Any], default_max_tokens: int,
-                     limits: ApiLimits = ApiLimits(),
+                     limits: ApiLimits | None = None,
                      generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """OpenAI request fields -> ``DecodingOptions`` keyword arguments (checked, within
-    ``limits``): the model folder's default generation settings (``generation``, but
-    its max_length), then ``default_max_tokens`` (at most ``limits.max_tokens``) as
-    max_length, then the request's own fields (the module docstring gives the rule)."""
+    ``limits``, else the defaults): the model folder's default generation settings
+    (``generation``, but its max_length), then ``default_max_tokens`` (at most
+    ``limits.max_tokens``) as max_length, then the request's own fields (the module
+    docstring gives the rule)."""
     from serve.runtime.flags import folder_defaults
     from serve.runtime.options import DecodingOptions, check_caps
 
+    limits = limits or ApiLimits()
     known = {f.name for f in fields(DecodingOptions)}
     _refuse_unimplemented(body, known)
     generation = {k: v for k, v in (generation or {}).items() if k != "max_length"}

@@ -216,6 +216,24 @@ async def test_lanes_keep_their_queue_and_their_rows(model):
         await engine.stop()
 
 
+async def test_chosen_replies_under_way_are_bounded_per_lane(model):
+    # Retrieval and scoring queue outside the batch: a lane has at most its queue cap
+    # of chosen replies under way, so those queues are bounded too.
+    from serve.runtime.replies import ReplySources
+
+    sources = ReplySources.load(model, intra_op_num_threads=1)
+    lanes = {"chat": Lane(rows=2, queue=1), "api": Lane(rows=2, queue=1)}
+    async with running(model, max_batch_size=4, lanes=lanes, sources=sources) as engine:
+        hybrid = {"reply_mode": "hybrid", "max_length": 5}
+        first = asyncio.create_task(engine.generate("你好", lane="chat", **hybrid))
+        await asyncio.sleep(0)  # under way
+        with pytest.raises(Overloaded, match="replies being chosen"):
+            await engine.generate("晚安", lane="chat", **hybrid)
+        other = await engine.generate("晚安", lane="api", **hybrid)  # its own bound
+        assert other.text and (await first).text
+        assert (await engine.generate("晚安", lane="chat", **hybrid)).text  # freed
+
+
 async def test_seeded_sampling_reproduces_through_the_engine(model):
     async with running(model) as engine:
         options = DecodingOptions(sampling_topk=0, sampling_temperature=1.3, seed=42, max_length=20)

@@ -18,7 +18,7 @@ from serve.web.settings import Settings, api_ceilings, settings_from_env
 USER = [{"role": "user", "content": "你好"}]
 
 
-def refused(body: dict, limits: ApiLimits = ApiLimits()) -> ApiError:
+def refused(body: dict, limits: ApiLimits | None = None) -> ApiError:
     with pytest.raises(ApiError) as caught:
         decoding_options({"messages": USER, **body}, 40, limits)
     assert caught.value.status == 400
