@@ -14,7 +14,8 @@ One asyncio task (the scheduler) owns the batch. Each loop iteration it
    at once.
 
 A request's tokens and rules (a vocabulary scan for new suppressed words) are made in a
-worker thread too, before it is queued.
+worker thread too, before it is queued: one thread a lane, so that one lane's costly
+word lists delay neither the other lane nor the decoder steps.
 
 Since every row's log-probs do not depend on the other rows (fp32 onnxruntime computes
 each row alone; the padding is masked out exactly) and a row's choice only depends on its
@@ -40,6 +41,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from serve.runtime.batch_step import BatchRow, BatchStep
@@ -216,6 +218,7 @@ class Engine:
         self._in_flight: list[_Request] = []  # the rows of the step running now
         self._beams_waiting = 0
         self._selecting: Counter[str] = Counter()  # chosen replies under way, per lane
+        self._preparers = _preparers(self.lanes)
         self._beam_lock: asyncio.Lock | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -249,6 +252,9 @@ class Engine:
             if not request.closed:
                 request.events.put_nowait(("error", EngineStopped("the engine stopped")))
         self._waiting.clear()
+        for pool in self._preparers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._preparers = _preparers(self.lanes)
         self._active, self._in_flight = [], []
         self._batch.reset()
         self._update_sizes()
@@ -310,8 +316,11 @@ class Engine:
                       lane: str | None = None) -> _Request:
         lane = self._check_capacity(lane)
         self._waiting.hold(lane)
-        try:  # tokenizing and a vocabulary scan take milliseconds: not on the event loop
-            request = await asyncio.to_thread(self._prepare, text, options, lane)
+        try:  # tokenizing and a vocabulary scan take milliseconds: not on the event loop,
+            # and in the lane's own thread: a lane's costly word lists delay only itself
+            # (nor do they take the default pool's threads, which the decoder steps use)
+            request = await asyncio.get_running_loop().run_in_executor(
+                self._preparers[lane], self._prepare, text, options, lane)
         finally:
             self._waiting.release(lane)
         if not self.running:
@@ -487,6 +496,12 @@ class Engine:
                 self.on_metric(name, seconds)
             except Exception:  # a broken metrics hook must not break decoding
                 pass
+
+
+def _preparers(lanes: dict[str, Lane]) -> dict[str, ThreadPoolExecutor]:
+    """One worker thread a lane for making its requests' tokens and rules."""
+    return {name: ThreadPoolExecutor(1, thread_name_prefix=f"xiaox-prepare-{name}")
+            for name in lanes}
 
 
 def _options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:

@@ -216,6 +216,24 @@ async def test_lanes_keep_their_queue_and_their_rows(model):
         await engine.stop()
 
 
+async def test_costly_word_lists_in_one_lane_do_not_delay_the_other(model):
+    # Each new suppress list is a vocabulary scan (about 0.6 s for 16 words of 16
+    # characters): eight of them in the api lane, then a chat request, which is made in
+    # its own lane's thread and answered before the api lane has finished its second.
+    lanes = {"chat": Lane(rows=4, queue=16), "api": Lane(rows=4, queue=16)}
+    async with running(model, max_batch_size=8, lanes=lanes) as engine:
+        costly = [asyncio.create_task(engine.generate("你好", lane="api", max_length=2,
+                  suppress_words=[f"{i}{j:02d}" + "词" * 13 for j in range(16)]))
+                  for i in range(8)]
+        await asyncio.sleep(0.05)  # the first scan under way
+        reply = await engine.generate("晚安", lane="chat", max_length=3)
+        assert reply.token_ids
+        assert engine.stats.requests_total - 1 < 2  # api requests made ready so far
+        for task in costly:
+            task.cancel()
+        await asyncio.gather(*costly, return_exceptions=True)
+
+
 async def test_chosen_replies_under_way_are_bounded_per_lane(model):
     # Retrieval and scoring queue outside the batch: a lane has at most its queue cap
     # of chosen replies under way, so those queues are bounded too.
