@@ -253,7 +253,7 @@ class Engine:
                 request.events.put_nowait(("error", EngineStopped("the engine stopped")))
         self._waiting.clear()
         for pool in self._preparers.values():
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False)  # what it still holds ends in EngineStopped
         self._preparers = _preparers(self.lanes)
         self._active, self._in_flight = [], []
         self._batch.reset()
