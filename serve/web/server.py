@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                   timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
-                  proxy_headers=True, server_header=False)
+                  server_header=False, **_proxy_options(settings))
     with _metrics_dir(settings.workers):
         if settings.workers > 1:
             # Workers are separate processes: they import the factory and read the settings
@@ -75,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             uvicorn.run(create_app(settings), **common)
     return 0
+
+
+def _proxy_options(settings: Settings) -> dict[str, object]:
+    """Forwarded headers believed only from ``trusted_proxies`` (none by default: then a
+    direct client could otherwise pick its address, and so its rate-limit budget)."""
+    if not settings.trusted_proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(settings.trusted_proxies)}
 
 
 @contextlib.contextmanager

@@ -34,6 +34,9 @@ class Settings:
     secret_key_file: Path = field(default_factory=default_secret_key_file)
     api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/*
     cookie_secure: bool = False  # True behind HTTPS
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's
+    # forwarded_allow_ips); empty: none, the socket peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # extra origins allowed to POST (besides same-origin)
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call /v1/* (CORS); "*" = any
     max_batch_size: int = 32

@@ -6,7 +6,8 @@ on.)
 | module | guard |
 | --- | --- |
 | ``secret_key`` | ``load_or_create_secret_key``: the key that signs the session cookie |
-| ``session`` | the signed session cookie and the logged-in user |
+| ``session`` | the signed session cookie: the logged-in user and the session id |
+| ``client`` | ``client_ip``: the caller's address (behind a trusted proxy, the real one) |
 | ``origin`` | ``OriginCheckMiddleware``: a browser POST must come from this site |
 | ``cors`` | ``ApiCorsMiddleware``: CORS for ``/v1/*`` only, for the ``cors_origins`` |
 | ``rate_limit`` | ``RateLimiter``: a token bucket per user |

@@ -1,6 +1,13 @@
-"""The session: a signed cookie (Starlette's ``SessionMiddleware``) naming the user."""
+"""The session: a signed cookie (Starlette's ``SessionMiddleware``) naming the user and a
+random session id issued at login.
+
+Limits, presence and revocation are keyed on the session id, never on the self-chosen
+name: fifty names do not make fifty budgets, and nobody can spend "alice"'s.
+"""
 
 from __future__ import annotations
+
+import secrets
 
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -18,9 +25,13 @@ def session_middleware(secret_key: str, *, https_only: bool) -> Middleware:
                       max_age=SESSION_MAX_AGE, same_site="lax", https_only=https_only)
 
 
-def log_in(request: Request, user: str) -> None:
+def log_in(request: Request, user: str) -> str:
+    """Start a fresh session for ``user``; returns its new id."""
     request.session.clear()
+    sid = secrets.token_urlsafe(18)
     request.session["user"] = user
+    request.session["sid"] = sid
+    return sid
 
 
 def log_out(request: Request) -> None:
@@ -28,8 +39,17 @@ def log_out(request: Request) -> None:
 
 
 def current_user(request: Request) -> str | None:
+    """The logged-in name; None without a session (or with one from before session ids)."""
     user = request.session.get("user")
-    return user if isinstance(user, str) and user else None
+    if not isinstance(user, str) or not user or session_id(request) is None:
+        return None
+    return user
+
+
+def session_id(request: Request) -> str | None:
+    """The random id issued at login, or None when not logged in."""
+    sid = request.session.get("sid")
+    return sid if isinstance(sid, str) and sid else None
 
 
 def require_user(request: Request) -> str:

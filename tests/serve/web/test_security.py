@@ -104,6 +104,45 @@ async def test_the_session_cookie_is_signed_and_http_only(server):
         assert_json_error(await forger.get("/me"), 401)
 
 
+
+def _session_payload(client: httpx.AsyncClient) -> dict:
+    import base64
+
+    payload = client.cookies["xiaox_session"].partition(".")[0]
+    return json.loads(base64.b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+async def test_each_login_gets_its_own_random_session_id(server):
+    async with server.client() as first, server.client() as second:
+        await login(first, "same-name")
+        await login(second, "same-name")
+        ids = {_session_payload(first)["sid"], _session_payload(second)["sid"]}
+        assert len(ids) == 2 and all(len(sid) >= 24 for sid in ids)
+        await login(first, "same-name")  # a new login is a new session
+        assert _session_payload(first)["sid"] not in ids
+
+
+async def test_a_signed_cookie_without_a_session_id_is_not_logged_in(server):
+    """Cookies signed before session ids existed (a name alone) no longer log in."""
+    import base64
+
+    from itsdangerous import TimestampSigner
+
+    key = (server.workdir / "secret_key").read_text().strip()
+    payload = base64.b64encode(json.dumps({"user": "old"}).encode())
+    async with server.client() as c:
+        c.cookies.set("xiaox_session", TimestampSigner(key).sign(payload).decode())
+        assert_json_error(await c.get("/me"), 401)
+
+
+def test_forwarded_headers_are_believed_only_from_trusted_proxies():
+    from serve.web.server import _proxy_options
+    from serve.web.settings import Settings
+
+    assert _proxy_options(Settings()) == {"proxy_headers": False}
+    assert _proxy_options(Settings(trusted_proxies=("127.0.0.1",))) == {
+        "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1"]}
+
 # --- origin -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("headers", "status"), [
