@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from serve.web import reply
 from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
+from serve.web.lanes import engine_lanes
 from serve.web.leases import LocalLeases, RedisLeases
 from serve.web.metrics import Metrics, multiprocess_dir
 from serve.web.presence import StreamGate
@@ -80,7 +81,8 @@ class Chat:
         engine_class = _import(s.engine) if s.engine else Engine
         self.engine = engine_class(model, max_batch_size=s.max_batch_size,
                                    max_queue=s.max_queue,
-                                   on_metric=self.metrics.on_engine_metric, sources=sources)
+                                   on_metric=self.metrics.on_engine_metric, sources=sources,
+                                   **({} if s.engine else {"lanes": engine_lanes(s)}))
         await self.engine.start()
         self.metrics.watch_engine(self.engine)
         self.model_error = None

@@ -65,6 +65,21 @@ class Settings:
     # "module:callable" that builds the engine as serve.runtime.engine.Engine is built
     # (empty: that Engine); the TensorFlow baseline benchmark swaps in its own this way.
     engine: str = ""
+    # --- bounded work (issue 16). What one /v1 request may ask: each at most the runtime's
+    # ceiling (serve.runtime.options.CAPS, which bounds `ask`, `evaluate` and the engine
+    # too); a setting may lower a ceiling, never raise it.
+    api_max_tokens: int = 256  # max_tokens / min_tokens (ceiling 1024)
+    api_max_n: int = 4  # choices per request (ceiling 8)
+    api_max_beam_size: int = 8  # beam_size and num_hypotheses (ceiling 16)
+    api_max_no_repeat_ngram_size: int = 8  # (ceiling 16)
+    api_max_suppress_words: int = 16  # words per request (ceiling 64)
+    api_max_suppress_word_chars: int = 16  # characters per word (ceiling 32)
+    api_max_prompt_chars: int = 2_000  # all messages' contents summed, or the prompt
+    # Lanes: the chat room's replies and /v1 requests each have a share of the decoder
+    # batch's rows (guaranteed; rows a lane leaves idle are lent to the other) and of the
+    # queue (a cap of its own), so neither can starve the other.
+    api_batch_share: float = 0.5  # of max_batch_size; the chat room has the rest
+    api_queue_share: float = 0.5  # of max_queue; the chat room has the rest
     # --- the public edge (issue 16: login limit, hosts, metrics, keys, exposure) ---
     login_rate_limit: int = 30  # logins per client IP and login_rate_window seconds
     login_rate_window: float = 60.0
@@ -159,6 +174,7 @@ def validate(settings: Settings) -> None:
     for name in ("presence_grace_seconds", "room_idle_seconds"):
         if getattr(settings, name) < 0:
             raise ValueError(f"{name} must be at least 0")
+    _validate_bounds(settings)
     for origin in settings.cors_origins:
         normalize_origin(origin)
     validate_edge(settings)
@@ -185,6 +201,28 @@ def validate_edge(settings: Settings) -> None:
         except ValueError:
             raise ValueError(f"XIAOX_METRICS_ALLOW: {network!r} is not an address or a "
                              "network (e.g. 10.0.0.0/8)") from None
+
+
+def api_ceilings() -> dict[str, int]:
+    """Each ``api_max_*`` setting's ceiling: the runtime's cap (one source of truth)."""
+    from serve.runtime.options import CAPS
+
+    return {"api_max_tokens": CAPS["max_length"], "api_max_n": CAPS["generated_candidates"],
+            "api_max_beam_size": CAPS["beam_size"],
+            "api_max_no_repeat_ngram_size": CAPS["no_repeat_ngram_size"],
+            "api_max_suppress_words": CAPS["suppress_words"],
+            "api_max_suppress_word_chars": CAPS["suppress_word_chars"],
+            "api_max_prompt_chars": 1_000_000}
+
+
+def _validate_bounds(settings: Settings) -> None:
+    for name, ceiling in {**api_ceilings(), "reply_max_tokens": api_ceilings()[
+            "api_max_tokens"]}.items():
+        if not 1 <= getattr(settings, name) <= ceiling:
+            raise ValueError(f"{name} must be in [1, {ceiling}], got {getattr(settings, name)}")
+    for name in ("api_batch_share", "api_queue_share"):
+        if not 0 < getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {getattr(settings, name)}")
 
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
