@@ -54,6 +54,10 @@ class Settings:
     # "module:callable" that builds the engine as serve.runtime.engine.Engine is built
     # (empty: that Engine); the TensorFlow baseline benchmark swaps in its own this way.
     engine: str = ""
+    # Redis Sentinel/Cluster (issue 19): a chat message is acknowledged once this many
+    # replicas hold it (WAIT); -1: one under redis+sentinel://, none otherwise.
+    redis_wait_replicas: int = -1
+    redis_wait_ms: int = 500  # how long one WAIT may take before the write is retried
 
     @property
     def model_path(self) -> Path:
@@ -131,10 +135,25 @@ def validate(settings: Settings) -> None:
                  "max_batch_size", "history_limit", "reply_max_tokens"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1")
+    _validate_redis(settings)
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
     for origin in settings.cors_origins:
         normalize_origin(origin)
+
+
+def _validate_redis(settings: Settings) -> None:
+    """A bad --redis-url is a startup error that names the problem (never a traceback)."""
+    if not settings.redis_url:
+        return
+    from serve.web.redis_url import CLUSTER, parse_redis_url
+
+    target = parse_redis_url(settings.redis_url)
+    if settings.redis_wait_replicas > 0 and target.kind == CLUSTER:
+        raise ValueError("XIAOX_REDIS_WAIT_REPLICAS: not supported with redis+cluster:// "
+                         "(WAIT counts one connection's writes; use -1 or 0)")
+    if settings.redis_wait_ms < 1:
+        raise ValueError("redis_wait_ms must be at least 1")
 
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
