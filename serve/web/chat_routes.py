@@ -99,7 +99,8 @@ async def send(request: Request) -> Response:
         raise InvalidInput("the server is shutting down", status=503, reason="shutting_down")
     try:
         event = await chat.broker.publish(room, "message", {"role": "user", "user": user,
-                                                             "text": text})
+                                                             "text": text},
+                                          timeout=chat.settings.send_wait_seconds)
     except BrokerUnavailable:
         raise InvalidInput("chat storage is unavailable; try again", status=503,
                            reason="broker_unavailable") from None

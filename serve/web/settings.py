@@ -58,6 +58,8 @@ class Settings:
     # replicas hold it (WAIT); -1: one under redis+sentinel://, none otherwise.
     redis_wait_replicas: int = -1
     redis_wait_ms: int = 500  # how long one WAIT may take before the write is retried
+    # How long /send keeps retrying Redis (a failover takes about 2 s) before a 503.
+    send_wait_seconds: float = 5.0
 
     @property
     def model_path(self) -> Path:
@@ -144,6 +146,8 @@ def validate(settings: Settings) -> None:
 
 def _validate_redis(settings: Settings) -> None:
     """A bad --redis-url is a startup error that names the problem (never a traceback)."""
+    if not 0 < settings.send_wait_seconds <= 60:
+        raise ValueError("send_wait_seconds must be more than 0 and at most 60")
     if not settings.redis_url:
         return
     from serve.web.redis_url import CLUSTER, parse_redis_url
