@@ -27,6 +27,7 @@ def is_transient(error: BaseException) -> bool:
     from redis.exceptions import (
         ClusterDownError,
         ClusterError,
+        ReadOnlyError,
         ResponseError,
         SlotNotCoveredError,
         TryAgainError,
@@ -36,9 +37,11 @@ def is_transient(error: BaseException) -> bool:
 
     if isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError, NotReplicated,
                           ClusterDownError, TryAgainError, ClusterError,
-                          SlotNotCoveredError)):
-        return True  # MasterNotFoundError and BusyLoadingError are ConnectionErrors
-    # ReadOnlyError (the node we hold was demoted) and NOREPLICAS are ResponseErrors.
+                          SlotNotCoveredError, ReadOnlyError)):
+        # MasterNotFoundError and BusyLoadingError are ConnectionErrors; ReadOnlyError:
+        # the node we still hold a connection to was demoted to a replica.
+        return True
+    # NOREPLICAS (min-replicas-to-write) and the like come as plain ResponseErrors.
     return isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES)
 
 

@@ -34,21 +34,37 @@ class Replication:
         are none to ask); NotReplicated when some exist and none answered in time."""
         if self.replicas <= 0:
             return await script(keys=keys, args=args)
-        # Alone, a full WAIT would only add its timeout to every message: a short one
-        # notices a replica coming back, and the retry then waits in full.
-        timeout_ms = 10 if self.alone else self.timeout_ms
+        if self.alone:
+            return await self._run_alone(client, script, keys, args)
         async with client.pipeline(transaction=False) as pipe:
             await script(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", self.replicas, timeout_ms)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
             result, acked = await pipe.execute()
         if int(acked) >= self.replicas:
-            self._alone(False)
             return result
         connected = await self._connected_replicas(client)
         if int(acked) >= min(self.replicas, connected):
             self._alone(True)
             return result
-        self._alone(False)
+        raise NotReplicated(f"{acked} of {self.replicas} replicas acknowledged the write "
+                            f"in {self.timeout_ms} ms ({connected} connected)")
+
+    async def _run_alone(self, client: Any, script: Any, keys: list, args: list) -> Any:
+        # Without replicas a WAIT would only add its timeout (Redis checks it ten times a
+        # second at best) to every message: ask ROLE first, on the write's own connection
+        # so that a replica back in between is waited on for this very write.
+        single = client.client()
+        try:
+            result = await script(keys=keys, args=args, client=single)
+            connected = await self._connected_replicas(single)
+            if connected == 0:
+                return result
+            self._alone(False)
+            acked = await single.execute_command("WAIT", self.replicas, self.timeout_ms)
+        finally:
+            await single.aclose(close_connection_pool=False)
+        if int(acked) >= min(self.replicas, connected):
+            return result
         raise NotReplicated(f"{acked} of {self.replicas} replicas acknowledged the write "
                             f"in {self.timeout_ms} ms ({connected} connected)")
 

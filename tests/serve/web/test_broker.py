@@ -227,3 +227,93 @@ async def test_the_rate_limit_is_shared_by_every_process(redis_server):
         assert not (await one.rate_hit("send:short", 1, 0.2))[0]
         await asyncio.sleep(0.3)
         assert (await one.rate_hit("send:short", 1, 0.2))[0]  # a new window
+
+
+# --- Replication (issue 19): a chat message is acknowledged once a replica holds it --------
+
+@contextlib.contextmanager
+def primary_and_replica(tmp_path):
+    from tests.conftest import RedisServer
+
+    primary = RedisServer(tmp_path / "primary")
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(tmp_path / "replica", ("--replicaof", "127.0.0.1", str(primary.port)))
+    try:
+        primary.start()
+        replica.start()
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+async def wait_linked(replica_port: int) -> None:
+    import redis.asyncio as aredis
+
+    async with aredis.Redis(port=replica_port, decode_responses=True) as r:
+        for _ in range(200):
+            if (await r.info("replication")).get("master_link_status") == "up":
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the replica never linked")
+
+
+async def test_a_message_no_replica_acknowledged_is_a_503_and_its_retry_writes_once(tmp_path):
+    import os
+    import signal
+
+    with primary_and_replica(tmp_path) as (primary, replica):
+        await wait_linked(replica.port)
+        broker = RedisBroker(primary.url, wait_replicas=1, wait_ms=100)
+        async with running(broker):
+            first = await broker.publish("r", "message", {"text": "有副本"})
+            os.kill(replica.proc.pid, signal.SIGSTOP)  # connected, but acknowledging nothing
+            try:
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailable, match="replicas acknowledged"):
+                    await broker.publish("r", "message", {"text": "没人确认"}, timeout=0.6)
+                assert time.monotonic() - started < 2  # bounded by the timeout, not stuck
+                # Tokens and typing are not waited for: they are not kept in the history.
+                await broker.publish("r", "token", {"delta": "x"}, timeout=0.6)
+                retried = asyncio.create_task(
+                    broker.publish("r", "message", {"text": "恢复后"}, timeout=5))
+                await asyncio.sleep(0.3)
+                assert not retried.done()  # held while no replica has it
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            await retried
+            messages, _ = await broker.history("r", 10)
+            # The unacknowledged write stays on the primary (its client was told 503 and
+            # resends); the held one was retried with its uid: written exactly once.
+            assert [m.data["text"] for m in messages] == ["有副本", "没人确认", "恢复后"]
+            assert messages[0].id == first.id
+
+
+async def test_a_primary_without_replicas_still_accepts_messages(redis_server):
+    broker = RedisBroker(redis_server.url, wait_replicas=1, wait_ms=200)
+    async with running(broker):
+        started = time.monotonic()
+        for i in range(5):
+            await broker.publish("alone", "message", {"text": str(i)}, timeout=2)
+        # Only the first write waits the full WAIT; once alone, a short one.
+        assert time.monotonic() - started < 0.6
+        assert len((await broker.history("alone", 10))[0]) == 5
+
+
+async def test_under_sentinel_live_events_are_read_from_the_replica(tmp_path):
+    from tests.reliability._topologies import SentinelTrio
+
+    trio = SentinelTrio(tmp_path / "redis").start()
+    try:
+        async with running(RedisBroker(trio.url)) as broker:
+            async with broker.subscribe("r") as live:
+                event = await broker.publish("r", "message", {"text": "你好"})
+                assert (await take(live, 1))[0].id == event.id
+            import redis as sync_redis
+
+            with sync_redis.Redis(port=trio.replica.port, decode_responses=True) as r:
+                commands = [c.get("cmd") for c in r.client_list()]
+            assert "xread" in commands or "ping" in commands, commands
+    finally:
+        trio.stop()
