@@ -121,3 +121,49 @@ def check_keys_stay_in_their_room_slot(cluster: Cluster, rooms: dict[str, int]) 
     for key in room_keys:
         room = key.split("}")[0][len("xiaox:{"):]
         assert key_slot(key.encode()) == key_slot(log_key(room).encode()), key
+
+
+def move_slot(cluster: Cluster, slot: int, to_port: int) -> None:
+    """Reshard one slot by hand (IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE everywhere)."""
+    import redis
+
+    from_port = cluster.port_of_slot(slot)
+    nodes = {n.port: redis.Redis(port=n.port, decode_responses=True) for n in cluster.nodes}
+    try:
+        ids = {port: r.execute_command("CLUSTER", "MYID") for port, r in nodes.items()}
+        nodes[to_port].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[from_port])
+        nodes[from_port].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to_port])
+        keys = nodes[from_port].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys:
+            nodes[from_port].execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000,
+                                             "KEYS", *keys)
+        for r in nodes.values():
+            r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to_port])
+    finally:
+        for r in nodes.values():
+            r.close()
+
+
+async def test_a_room_whose_slot_moves_keeps_its_listeners_and_history(cluster, model_dir,
+                                                                        tmp_path):
+    room = "moving"
+    slot = key_slot(log_key(room).encode())
+    server = ServerProcess(model_dir, tmp_path, redis_url=cluster.url, env=ENV)
+    with running(server):
+        async with server.client() as client:
+            await login(client, "mover")
+            stream = await ReconnectingStream(client.cookies, [server.url], room).start()
+            try:
+                before = await send(client, "搬家前", room)
+                await stream.wait_for(bot_reply_to(before["id"]), 60)
+                old_port = cluster.port_of_slot(slot)
+                new_port = next(n.port for n in cluster.nodes if n.port != old_port)
+                move_slot(cluster, slot, new_port)  # the reader's next XREAD meets MOVED
+                assert cluster.port_of_slot(slot) == new_port
+                after = await send(client, "搬家后", room)
+                await stream.wait_for(bot_reply_to(after["id"]), 60)
+                await check_stream(cluster, room, stream)
+                await check_history(client, room, [before, after])
+            finally:
+                await stream.close()
+    assert "unhandled error" not in server.log_tail(200_000)
