@@ -317,3 +317,89 @@ async def test_under_sentinel_live_events_are_read_from_the_replica(tmp_path):
             assert "xread" in commands or "ping" in commands, commands
     finally:
         trio.stop()
+
+
+class FreezableLink:
+    """A TCP relay between a replica and its primary whose flow can be stopped: frozen,
+    what the primary sends stays here (dropped on ``close``), as on a cut network."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.frozen = False
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> FreezableLink:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+
+        async def pump(source, sink) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await source.read(65536):
+                    while self.frozen:
+                        await asyncio.sleep(0.01)
+                    sink.write(data)
+                    await sink.drain()
+
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()  # whatever is still held here is lost
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["no-wait", "wait-1"])
+async def test_the_replication_gap_is_closed_by_waiting(tmp_path, wait_replicas):
+    """The gap itself, made deterministic: the replication link is cut, a message
+    written, the primary killed and the replica promoted. Without WAIT the message was
+    acknowledged and is gone; with WAIT it was never acknowledged (the client got a 503
+    and retries)."""
+    import redis.asyncio as aredis
+
+    from tests.conftest import RedisServer
+
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "replica").mkdir()
+    primary = RedisServer(tmp_path / "primary")
+    primary.start()
+    link = await FreezableLink(primary.port).start()
+    replica = RedisServer(tmp_path / "replica", ("--replicaof", "127.0.0.1", str(link.port)))
+    replica.start()
+    try:
+        await wait_linked(replica.port)
+        broker = RedisBroker(primary.url, wait_replicas=wait_replicas, wait_ms=100)
+        async with running(broker):
+            await broker.publish("gap", "message", {"text": "复制了"})
+            async with aredis.Redis(port=replica.port) as r:
+                for _ in range(200):  # the first one is on the replica before the cut
+                    if await r.xlen("xiaox:{gap}:messages") == 1:
+                        break
+                    await asyncio.sleep(0.01)
+            link.frozen = True  # the replica hears nothing more, the primary does not know
+            acknowledged = True
+            try:
+                await broker.publish("gap", "message", {"text": "可能丢"}, timeout=0.5)
+            except BrokerUnavailable:
+                acknowledged = False
+            primary.kill()
+            await link.close()
+        async with aredis.Redis(port=replica.port, decode_responses=True) as r:
+            await r.execute_command("REPLICAOF", "NO", "ONE")  # what Sentinel would do
+            texts = [fields["data"] for _, fields in await r.xrange("xiaox:{gap}:messages")]
+    finally:
+        replica.kill()
+        primary.kill()
+    assert any("复制了" in data for data in texts)
+    # The second message never reached the promoted replica: without WAIT its client was
+    # told it was stored (lost after an acknowledgement), with WAIT it was told to retry.
+    assert not any("可能丢" in data for data in texts)
+    assert acknowledged == (wait_replicas == 0)
