@@ -33,6 +33,7 @@ class Sender:
     as ``Retry-After`` would have it (shortened) and sends the same text again."""
 
     clients: list[httpx.AsyncClient]
+    name: str
     accepted: dict[str, str] = field(default_factory=dict)  # text -> id
     statuses: list[int] = field(default_factory=list)
     missing_retry_after: int = 0
@@ -43,7 +44,7 @@ class Sender:
     async def run(self) -> None:
         n = 0
         while not self.stop.is_set():
-            text = f"第{n}条消息"
+            text = f"{self.name}的第{n}条消息"
             first_503 = None
             while True:
                 client = self.clients[len(self.statuses) % len(self.clients)]
@@ -68,7 +69,7 @@ class Sender:
                 self.missing_retry_after += "retry-after" not in response.headers
                 await asyncio.sleep(0.2)
             n += 1
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.15)
 
 
 def user_messages(events: list[dict]) -> list[tuple[str, str]]:
@@ -102,25 +103,30 @@ async def test_primary_killed_mid_chat_loses_and_doubles_nothing(trio, model_dir
             for server, client in list(zip(servers, clients, strict=True)) * 2:
                 streams.append(await ReconnectingStream(client.cookies, [server.url],
                                                         ROOM).start())
-            sender = Sender(clients)
-            sending = asyncio.create_task(sender.run())
-            await wait_until(lambda: len(sender.accepted) >= 8, 30)
+            # Two senders, each through both servers in turn: several messages are in
+            # flight when the primary dies.
+            senders = [Sender(clients, "甲"), Sender(clients[::-1], "乙")]
+            sending = [asyncio.create_task(s.run()) for s in senders]
+            await wait_until(lambda: accepted_count(senders) >= 8, 30)
             old_primary = trio.primary.port
             killed = time.monotonic()
             trio.primary.kill()  # SIGKILL: no shutdown, the replica's copy is all there is
             assert await wait_until(lambda: trio.primary_port() not in (None, old_primary),
                                     30), "the sentinels promoted no replica"
             promoted = time.monotonic() - killed
-            before = len(sender.accepted)
-            await wait_until(lambda: len(sender.accepted) >= before + 8, 30)
-            sender.stop.set()
-            await sending
-            await check_everything_arrived_once(sender, streams, clients)
-            print(f"\nFAILOVER (send wait {send_wait} s): accepted {len(sender.accepted)} "
+            before = accepted_count(senders)
+            await wait_until(lambda: accepted_count(senders) >= before + 10, 30)
+            for sender in senders:
+                sender.stop.set()
+            await asyncio.gather(*sending)
+            await check_everything_arrived_once(senders, streams, clients)
+            statuses = [status for s in senders for status in s.statuses]
+            print(f"\nFAILOVER (send wait {send_wait} s): accepted {accepted_count(senders)} "
                   f"messages, lost 0, duplicated 0; replica promoted {promoted:.1f} s "
                   "after the kill; "
-                  f"{sender.statuses.count(503)} answers 503, longest 503 window "
-                  f"{sender.longest_503_window:.1f} s, longest /send {sender.longest_send:.1f} s")
+                  f"{statuses.count(503)} answers 503, longest 503 window "
+                  f"{max(s.longest_503_window for s in senders):.1f} s, longest /send "
+                  f"{max(s.longest_send for s in senders):.1f} s")
         finally:
             for stream in streams:
                 await stream.close()
@@ -130,11 +136,17 @@ async def test_primary_killed_mid_chat_loses_and_doubles_nothing(trio, model_dir
         assert "unhandled error" not in server.log_tail(200_000)
 
 
-async def check_everything_arrived_once(sender: Sender, streams: list[ReconnectingStream],
+def accepted_count(senders: list[Sender]) -> int:
+    return sum(len(s.accepted) for s in senders)
+
+
+async def check_everything_arrived_once(senders: list[Sender],
+                                        streams: list[ReconnectingStream],
                                         clients: list[httpx.AsyncClient]) -> None:
-    assert set(sender.statuses) <= {202, 503}, f"statuses other than 202/503: {sender.statuses}"
-    assert sender.missing_retry_after == 0, "a 503 without Retry-After"
-    accepted = set(sender.accepted.items())
+    statuses = {status for s in senders for status in s.statuses}
+    assert statuses <= {202, 503}, f"statuses other than 202/503: {statuses}"
+    assert sum(s.missing_retry_after for s in senders) == 0, "a 503 without Retry-After"
+    accepted = {item for s in senders for item in s.accepted.items()}
     for stream in streams:
         await stream.wait_for(lambda ev: accepted <= set(user_messages(ev)), 30)
     await asyncio.sleep(0.5)  # nothing more trickles in afterwards
