@@ -42,6 +42,20 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"{what}: not after {timeout}s")
 
 
+def unique_port(taken: set[int]) -> int:
+    """A free port not handed out yet to this topology (free_port alone can repeat one)."""
+    while (port := free_port()) in taken:
+        pass
+    taken.add(port)
+    return port
+
+
+def server(workdir: Path, taken: set[int], extra_args: tuple[str, ...] = ()) -> RedisServer:
+    redis_server = RedisServer(workdir, extra_args)
+    redis_server.port = unique_port(taken)
+    return redis_server
+
+
 def info(port: int, section: str) -> dict:
     with redis.Redis(host=HOST, port=port, socket_timeout=1) as r:
         return r.info(section)
@@ -50,9 +64,9 @@ def info(port: int, section: str) -> dict:
 class Sentinel:
     """One ``redis-sentinel`` process with its own (rewritable) configuration file."""
 
-    def __init__(self, workdir: Path, primary_port: int):
+    def __init__(self, workdir: Path, primary_port: int, port: int):
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port
         self.primary_port = primary_port
         self.proc: subprocess.Popen | None = None
 
@@ -89,13 +103,15 @@ class SentinelTrio:
 
     def __init__(self, workdir: Path):
         needs("redis-server", "redis-sentinel")
-        self.primary = RedisServer(workdir / "primary")
-        self.primary.workdir.mkdir(parents=True)
-        replica_dir = workdir / "replica"
-        replica_dir.mkdir()
-        self.replica = RedisServer(replica_dir, ("--replicaof", HOST, str(self.primary.port)))
-        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.primary.port)
-                          for i in range(3)]
+        # The replica's first sync at once (Redis waits 5 s for more replicas by default).
+        taken: set[int] = set()
+        for folder in ("primary", "replica"):
+            (workdir / folder).mkdir(parents=True)
+        self.primary = server(workdir / "primary", taken, ("--repl-diskless-sync-delay", "0"))
+        self.replica = server(workdir / "replica", taken,
+                              ("--replicaof", HOST, str(self.primary.port)))
+        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.primary.port,
+                                   unique_port(taken)) for i in range(3)]
 
     @property
     def url(self) -> str:
@@ -137,12 +153,13 @@ class Cluster:
     def __init__(self, workdir: Path, size: int = 3):
         needs("redis-server", "redis-cli")
         self.nodes = []
+        taken: set[int] = set()
         for i in range(size):
             folder = workdir / f"node{i}"
             folder.mkdir(parents=True)
-            self.nodes.append(RedisServer(folder, (
+            self.nodes.append(server(folder, taken, (
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()))))
+                "--cluster-node-timeout", "2000", "--cluster-port", str(unique_port(taken)))))
 
     @property
     def url(self) -> str:

@@ -231,11 +231,14 @@ async def test_the_rate_limit_is_shared_by_every_process(redis_server):
 
 # --- Replication (issue 19): a chat message is acknowledged once a replica holds it --------
 
+# A replica's first sync starts at once (Redis waits 5 s for more replicas by default).
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")
+
 @contextlib.contextmanager
 def primary_and_replica(tmp_path):
     from tests.conftest import RedisServer
 
-    primary = RedisServer(tmp_path / "primary")
+    primary = RedisServer(tmp_path / "primary", FAST_SYNC)
     (tmp_path / "primary").mkdir()
     (tmp_path / "replica").mkdir()
     replica = RedisServer(tmp_path / "replica", ("--replicaof", "127.0.0.1", str(primary.port)))
@@ -369,7 +372,7 @@ async def test_the_replication_gap_is_closed_by_waiting(tmp_path, wait_replicas)
 
     (tmp_path / "primary").mkdir()
     (tmp_path / "replica").mkdir()
-    primary = RedisServer(tmp_path / "primary")
+    primary = RedisServer(tmp_path / "primary", FAST_SYNC)
     primary.start()
     link = await FreezableLink(primary.port).start()
     replica = RedisServer(tmp_path / "replica", ("--replicaof", "127.0.0.1", str(link.port)))
