@@ -22,17 +22,27 @@ from serve.web.metrics import Metrics, RequestMetricsMiddleware
 from serve.web.security.body_limit import BodyLimitMiddleware
 from serve.web.security.cors import ApiCorsMiddleware
 from serve.web.security.headers import SecurityHeadersMiddleware
+from serve.web.security.hosts import (
+    HOSTS_REQUIRED,
+    HostCheckMiddleware,
+    effective_allowed_hosts,
+)
 from serve.web.security.origin import OriginCheckMiddleware
-from serve.web.security.secret_key import load_or_create_secret_key
+from serve.web.security.rate_limit import SharedRateLimiter
+from serve.web.security.revocation import RevocationMiddleware, Revocations
+from serve.web.security.secret_key import signing_keys
 from serve.web.security.session import session_middleware
 from serve.web.settings import Settings, settings_from_env
 
 
-def _middleware(settings: Settings, secret_key: str, metrics: Metrics,
-                route_paths: set[str]) -> list[Middleware]:
+def _middleware(settings: Settings, secret_keys: list[str], metrics: Metrics,
+                route_paths: set[str], revocations: Revocations) -> list[Middleware]:
     def count_rejection(reason: str) -> None:
         metrics.errors.labels(reason).inc()
 
+    hosts = effective_allowed_hosts(settings.allowed_hosts, settings.host)
+    if not hosts:
+        raise ValueError(HOSTS_REQUIRED.format(bind=settings.host))
     # CORS (for /v1/* only) sits outside the body limit and the Origin check, so that the
     # API's refusals reach a permitted page with their CORS headers; the Origin check
     # never applies to /v1/* (bearer key, no cookie).
@@ -41,20 +51,24 @@ def _middleware(settings: Settings, secret_key: str, metrics: Metrics,
     return [  # outermost first
         Middleware(RequestMetricsMiddleware, metrics=metrics, routes=route_paths),
         Middleware(SecurityHeadersMiddleware),
+        Middleware(HostCheckMiddleware, allowed_hosts=hosts, on_reject=count_rejection),
         *cors,
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                    on_reject=count_rejection),
         Middleware(OriginCheckMiddleware, allowed_origins=settings.allowed_origins,
-                   on_reject=count_rejection),
-        session_middleware(secret_key, https_only=settings.cookie_secure),
+                   allowed_hosts=hosts, on_reject=count_rejection),
+        session_middleware(secret_keys, https_only=settings.cookie_secure),
+        Middleware(RevocationMiddleware, revocations=revocations),
     ]
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings if settings is not None else settings_from_env()
-    secret_key = settings.secret_key or load_or_create_secret_key(settings.secret_key_file)
+    secret_keys = signing_keys(settings.secret_keys, settings.secret_key,
+                               settings.secret_key_file)
     metrics = Metrics()
     chat = Chat(settings, metrics)
+    revocations = Revocations(lambda: chat.broker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -62,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            await revocations.close()
             await chat.stop()
 
     routes = [
@@ -72,10 +87,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     # The request counter's route labels: the routes' own paths (a bounded set).
     route_paths = {route.path for route in routes if isinstance(route, Route)}
-    app = Starlette(routes=routes, middleware=_middleware(settings, secret_key, metrics,
-                                                          route_paths),
+    app = Starlette(routes=routes, middleware=_middleware(settings, secret_keys, metrics,
+                                                          route_paths, revocations),
                     lifespan=lifespan, exception_handlers=exception_handlers())
     app.state.chat = chat
+    app.state.revocations = revocations
+    app.state.login_limiter = SharedRateLimiter("login", settings.login_rate_limit,
+                                                settings.login_rate_window, lambda: chat.broker)
     return app
 
 

@@ -8,8 +8,8 @@ process and every reconnecting client sees the same events in order.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from urllib.parse import quote
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -21,7 +21,14 @@ from serve.web.broker import BrokerUnavailable, parse_id
 from serve.web.chat import chat_of
 from serve.web.fields import int_param, read_fields
 from serve.web.reply import try_publish
-from serve.web.security.session import current_user, log_in, log_out, require_user
+from serve.web.security.client import client_ip
+from serve.web.security.session import (
+    current_user,
+    log_in,
+    log_out,
+    require_user,
+    session_id,
+)
 from serve.web.security.text import InvalidInput, clean_room, clean_text, clean_username
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -52,18 +59,40 @@ async def login_page(request: Request) -> Response:
     return page("login.html", "登录 · 小X 聊天室")
 
 
+# The ?error= codes the login page knows (login.js shows its own text for each): the
+# redirect never carries text, so the page never shows text taken from the URL.
+LOGIN_ERRORS = frozenset({"invalid_input", "too_long", "name_reserved", "name_not_one_line",
+                          "rate_limited"})
+
+
+def _login_refused(request: Request, e: InvalidInput, headers: dict[str, str]) -> Response:
+    if wants_html(request) and e.status in (400, 429):  # a plain form post from the page
+        chat_of(request).metrics.errors.labels(e.reason).inc()
+        code = e.reason if e.reason in LOGIN_ERRORS else "invalid_input"
+        return RedirectResponse(f"/login?error={code}", status_code=303)
+    chat_of(request).metrics.errors.labels(e.reason).inc()
+    return JSONResponse({"error": str(e), "reason": e.reason}, status_code=e.status,
+                        headers=headers)
+
+
 async def login(request: Request) -> Response:
     chat = chat_of(request)
+    allowed, retry_after = await request.app.state.login_limiter.allow(
+        client_ip(request.scope))
+    if not allowed:  # per client address: many names from one place are one budget
+        wait = max(1, math.ceil(retry_after))
+        return _login_refused(request, InvalidInput(
+            f"too many logins from this address: wait {wait} s", status=429,
+            reason="rate_limited"), {"Retry-After": str(wait)})
     try:
         fields = await read_fields(request)
         if "username" not in fields:
             raise InvalidInput("'username' is missing")
         name = clean_username(fields["username"], max_chars=chat.settings.max_username_chars)
     except InvalidInput as e:
-        if wants_html(request) and e.status == 400:  # a plain form post from the login page
-            chat.metrics.errors.labels(e.reason).inc()
-            return RedirectResponse(f"/login?error={quote(str(e))}", status_code=303)
-        raise
+        if e.status != 400:
+            raise
+        return _login_refused(request, e, {})
     log_in(request, name)
     if wants_html(request):
         return RedirectResponse("/", status_code=303)
@@ -71,6 +100,9 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
+    sid = session_id(request)
+    if sid is not None:  # refused from now on, by every process; its streams end
+        await request.app.state.revocations.revoke(sid)
     log_out(request)
     if wants_html(request):
         return RedirectResponse("/login", status_code=303)

@@ -264,7 +264,9 @@ def _forget_dead_processes(path: str) -> None:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by route template (not raw path: bounded label values)."""
+    """Counts requests by route template and method, from known sets only: an unknown
+    path is ``other``, an unknown method ``OTHER`` (any token is a valid HTTP method, and
+    each new label value would be a new series kept forever)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: set[str]):
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -276,7 +278,7 @@ class RequestMetricsMiddleware:
         path = scope["path"]
         route = path if path in self.routes else (
             "/static" if path.startswith("/static/") else "other")
-        method = scope["method"] if scope["method"] in _METHODS else "other"
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         status = 500
 
         async def counting_send(message: Message) -> None:

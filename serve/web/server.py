@@ -44,12 +44,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exposure = _exposure_problems(settings)
+    if exposure:
+        print("python -m serve: refusing to start:\n" + "\n".join(f"- {p}" for p in exposure),
+              file=sys.stderr)
+        return 2
     problem = _check_model(settings)
     if problem:
         print(f"python -m serve: {problem}\n(use --model DIR or XIAOX_MODEL to choose another "
               "model folder)", file=sys.stderr)
         return 2
-    if not settings.secret_key:
+    if not settings.secret_key and not settings.secret_keys:
         from serve.web.security.secret_key import load_or_create_secret_key
 
         try:  # created here, once, before any worker starts
@@ -62,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                   timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
-                  proxy_headers=True, server_header=False)
+                  server_header=False, **_proxy_options(settings))
     with _metrics_dir(settings.workers):
         if settings.workers > 1:
             # Workers are separate processes: they import the factory and read the settings
@@ -75,6 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             uvicorn.run(create_app(settings), **common)
     return 0
+
+
+def _exposure_problems(settings: Settings) -> list[str]:
+    """Bound off loopback: the host names and an API key (or XIAOX_PUBLIC_API) are needed."""
+    from serve.web.security.hosts import startup_problems
+
+    return startup_problems(bind=settings.host, allowed_hosts=settings.allowed_hosts,
+                            api_key=settings.api_key, public_api=settings.public_api)
+
+
+def _proxy_options(settings: Settings) -> dict[str, object]:
+    """Forwarded headers believed only from ``trusted_proxies`` (none by default: then a
+    direct client could otherwise pick its address, and so its rate-limit budget)."""
+    if not settings.trusted_proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(settings.trusted_proxies)}
 
 
 @contextlib.contextmanager

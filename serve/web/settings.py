@@ -8,6 +8,7 @@ worker processes, which import the app from a factory string, see the same value
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,9 @@ class Settings:
     secret_key_file: Path = field(default_factory=default_secret_key_file)
     api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/*
     cookie_secure: bool = False  # True behind HTTPS
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's
+    # forwarded_allow_ips); empty: none, the socket peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # extra origins allowed to POST (besides same-origin)
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call /v1/* (CORS); "*" = any
     max_batch_size: int = 32
@@ -60,6 +64,16 @@ class Settings:
     redis_wait_ms: int = 500  # how long one WAIT may take before the write is retried
     # How long /send keeps retrying Redis (a failover takes about 2 s) before a 503.
     send_wait_seconds: float = 5.0
+    # --- the public edge (issue 16: login limit, hosts, metrics, keys, exposure) ---
+    login_rate_limit: int = 30  # logins per client IP and login_rate_window seconds
+    login_rate_window: float = 60.0
+    # Host names served (Starlette's TrustedHostMiddleware); empty: the loopback names
+    # when bound to loopback, and a startup error when bound elsewhere.
+    allowed_hosts: tuple[str, ...] = ()
+    metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")  # who may read /metrics (IPs, CIDRs)
+    # Session signing keys, newest first: the first signs, every one verifies (rotation).
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
+    public_api: bool = False  # bound off loopback without XIAOX_API_KEY: allowed only if set
 
     @property
     def model_path(self) -> Path:
@@ -142,6 +156,30 @@ def validate(settings: Settings) -> None:
         raise ValueError("threads must be at least 0")
     for origin in settings.cors_origins:
         normalize_origin(origin)
+    validate_edge(settings)
+
+
+MIN_SECRET_KEY_CHARS = 32
+
+
+def validate_edge(settings: Settings) -> None:
+    """The edge settings: the login limit, the signing keys' length, the host patterns."""
+    if settings.login_rate_limit < 1 or settings.login_rate_window <= 0:
+        raise ValueError("login_rate_limit and login_rate_window must be positive")
+    for key in (settings.secret_key, *settings.secret_keys):
+        if key is not None and len(key) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(f"a session secret key (XIAOX_SECRET_KEY/XIAOX_SECRET_KEYS) must be "
+                             f"at least {MIN_SECRET_KEY_CHARS} characters")
+    for host in settings.allowed_hosts:
+        if "*" in host[1:] or (host.startswith("*") and host != "*"
+                               and not host.startswith("*.")):
+            raise ValueError(f"XIAOX_ALLOWED_HOSTS: {host!r}: a wildcard is only '*.example.com'")
+    for network in settings.metrics_allow:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"XIAOX_METRICS_ALLOW: {network!r} is not an address or a "
+                             "network (e.g. 10.0.0.0/8)") from None
 
 
 def _validate_redis(settings: Settings) -> None:

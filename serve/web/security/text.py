@@ -38,13 +38,32 @@ def clean_text(value: object, *, field: str, max_chars: int) -> str:
     return text
 
 
+# Names only 小X may use, compared by ``name_key`` (so 小Ｘ, 小X\u200b, "Xiao X" match).
+RESERVED_NAMES = frozenset({"小x", "xiaox", "小叉", "小艾克斯", "system", "admin"})
+
+
+def normalize_name(value: str) -> str:
+    """NFKC with the format characters (Unicode Cf: zero-width, joiners, bidi marks)
+    removed: what is stored and shown, so two names that look alike are alike."""
+    text = unicodedata.normalize("NFKC", value)
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
+def name_key(name: str) -> str:
+    """The form reserved names are compared in: normalised, no spaces, case-folded."""
+    return "".join(normalize_name(name).split()).casefold()
+
+
 def clean_username(value: object, *, max_chars: int = 32) -> str:
+    """A display name, NFKC-normalised without format characters; 400 when reserved."""
     name = clean_text(value, field="username", max_chars=max_chars)
     if any(ch in "\n\t" or unicodedata.category(ch).startswith("Z") and ch != " "
            for ch in name):
-        raise InvalidInput("'username' must be one line")
-    if name.casefold() in (BOT_NAME.casefold(), "xiaox", "小x"):
-        raise InvalidInput(f"'{name}' is the bot's name")
+        raise InvalidInput("'username' must be one line", reason="name_not_one_line")
+    # NFKC can lengthen a name (one ligature is 18 characters): checked again after.
+    name = clean_text(normalize_name(name), field="username", max_chars=max_chars)
+    if name_key(name) in RESERVED_NAMES:
+        raise InvalidInput(f"'{name}' is the bot's name", reason="name_reserved")
     return name
 
 

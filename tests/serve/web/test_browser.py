@@ -343,9 +343,12 @@ def test_login_errors_show_as_text(app, open_page):
     expect(page.locator("#login-error")).not_to_be_empty()
     assert page.request.get(app.url + "/me").status == 401  # not logged in
 
+    expect(page.locator("#login-error")).to_have_text("这是小X自己的名字，请换一个昵称。")
+
+    # Only known codes are shown, as the page's own text: nothing from the URL.
     attack = "<img src=x onerror=alert(1)>"
     page.goto(app.url + "/login?error=" + attack)
-    expect(page.locator("#login-error")).to_have_text(attack)
+    expect(page.locator("#login-error")).to_have_text("登录失败，请重试。")
     assert page.locator("img").count() == 0
 
 

@@ -98,7 +98,7 @@ async def test_the_chat_routes_never_send_cors_headers(server):
 async def test_no_cors_origins_no_cors_at_all():
     app = create_app(Settings(secret_key="k" * 40))  # the default: none
     transport = httpx.ASGITransport(app=app)  # no lifespan: the model is not loaded
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
         response = await c.options("/v1/chat/completions", headers=preflight(ALLOWED))
         assert response.status_code == 405 and cors_headers(response) == {}
 

@@ -79,3 +79,14 @@ def test_readiness_names_each_failed_check(chat, failed, checks):
     body = readiness(chat)
     assert body["failed"] == failed and body["checks"] == checks
     assert body["status"] == ("ready" if not failed else "not ready")
+
+
+def test_metrics_are_for_the_allowed_addresses_only():
+    from serve.web.health import metrics_allowed
+
+    loopback = ("127.0.0.1", "::1")
+    assert metrics_allowed("127.0.0.1", loopback) and metrics_allowed("::1", loopback)
+    assert not metrics_allowed("203.0.113.5", loopback)
+    assert not metrics_allowed("unknown", loopback)  # no address: nobody's
+    assert metrics_allowed("10.1.2.3", ("10.0.0.0/8",))
+    assert not metrics_allowed("::ffff:10.1.2.3", ("10.0.0.0/8",))

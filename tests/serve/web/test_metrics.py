@@ -159,3 +159,26 @@ async def _idle_gauges_come_back_to_zero(server: ServerProcess, requests: int) -
         assert time.monotonic() < deadline, values
         await asyncio.sleep(0.3)
     assert metric_value(page, "xiaox_broker_healthy") == 1
+
+
+async def test_request_labels_come_from_known_sets_only():
+    """Any token is a valid HTTP method and any path can be asked for: neither may make a
+    new series. Unknown methods count as OTHER, unknown paths as other."""
+    from serve.web.metrics import Metrics, RequestMetricsMiddleware
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message):
+        pass
+
+    metrics = Metrics()
+    counted = RequestMetricsMiddleware(app, metrics, routes={"/send"})
+    for method, path in [("FOOBAR", "/x"), ("get", "/y"), ("GET", "/send"),
+                         ("PROPFIND", "/static/a.js")]:
+        await counted({"type": "http", "method": method, "path": path}, None, ignore)
+    labels = {tuple(s.labels.values()) for s in metrics.requests.collect()[0].samples
+              if s.name.endswith("_total")}
+    assert labels == {("OTHER", "other", "404"), ("GET", "/send", "404"),
+                      ("OTHER", "/static", "404")}

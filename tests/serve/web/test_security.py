@@ -3,6 +3,7 @@ bad input is a 4xx JSON, never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -12,9 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve.web.security.rate_limit import RateLimiter
-from serve.web.security.secret_key import load_or_create_secret_key
-from serve.web.security.text import clean_text
+from serve.web.app import create_app
+from serve.web.security.hosts import effective_allowed_hosts, is_loopback, startup_problems
+from serve.web.security.origin import OriginCheckMiddleware
+from serve.web.security.rate_limit import RateLimiter, SharedRateLimiter
+from serve.web.security.revocation import Revocations
+from serve.web.security.secret_key import load_or_create_secret_key, signing_keys
+from serve.web.security.session import SESSION_MAX_AGE
+from serve.web.security.text import InvalidInput, clean_text, clean_username, normalize_name
+from serve.web.settings import Settings, settings_from_env
 from tests.conftest import ROOT
 from tests.serve._helpers_server import ServerProcess, login
 
@@ -103,6 +110,45 @@ async def test_the_session_cookie_is_signed_and_http_only(server):
         forger.cookies.set("xiaox_session", fake + ".x.y")
         assert_json_error(await forger.get("/me"), 401)
 
+
+
+def _session_payload(client: httpx.AsyncClient) -> dict:
+    import base64
+
+    payload = client.cookies["xiaox_session"].partition(".")[0]
+    return json.loads(base64.b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+async def test_each_login_gets_its_own_random_session_id(server):
+    async with server.client() as first, server.client() as second:
+        await login(first, "same-name")
+        await login(second, "same-name")
+        ids = {_session_payload(first)["sid"], _session_payload(second)["sid"]}
+        assert len(ids) == 2 and all(len(sid) >= 24 for sid in ids)
+        await login(first, "same-name")  # a new login is a new session
+        assert _session_payload(first)["sid"] not in ids
+
+
+async def test_a_signed_cookie_without_a_session_id_is_not_logged_in(server):
+    """Cookies signed before session ids existed (a name alone) no longer log in."""
+    import base64
+
+    from itsdangerous import TimestampSigner
+
+    key = (server.workdir / "secret_key").read_text().strip()
+    payload = base64.b64encode(json.dumps({"user": "old"}).encode())
+    async with server.client() as c:
+        c.cookies.set("xiaox_session", TimestampSigner(key).sign(payload).decode())
+        assert_json_error(await c.get("/me"), 401)
+
+
+def test_forwarded_headers_are_believed_only_from_trusted_proxies():
+    from serve.web.server import _proxy_options
+    from serve.web.settings import Settings
+
+    assert _proxy_options(Settings()) == {"proxy_headers": False}
+    assert _proxy_options(Settings(trusted_proxies=("127.0.0.1",))) == {
+        "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1"]}
 
 # --- origin -----------------------------------------------------------------------------
 
@@ -293,3 +339,149 @@ def test_no_input_gets_a_500(server, body, content_type, path):
         assert response.status_code < 500, (response.status_code, response.text)
         if response.status_code >= 400:
             assert "error" in response.json()
+
+
+# --- text: names --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["小X\u200b", "小Ｘ", "小\u2060X", "\u202e小X", "ｘｉａｏｘ",
+                                  "Xiao X", "小 x", "ADMIN"])
+def test_names_that_only_look_reserved_are_reserved(name):
+    with pytest.raises(InvalidInput) as refused:
+        clean_username(name)
+    assert refused.value.reason == "name_reserved"
+
+
+def test_names_are_stored_nfkc_without_format_characters():
+    assert clean_username("ａｌｉ\u200bｃｅ") == "alice"
+    assert clean_username("  小\u2060明 ") == "小明"
+    assert normalize_name("①\u00ad") == "1"
+    with pytest.raises(InvalidInput, match="longer"):  # NFKC lengthens: checked after it
+        clean_username("\ufdfa" * 2, max_chars=32)
+    with pytest.raises(InvalidInput, match="empty"):
+        clean_username("\u200b\u2060")
+
+
+# --- hosts ----------------------------------------------------------------------------------
+
+def test_the_default_hosts_are_the_loopback_names_only_on_loopback():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
+    assert not is_loopback("chat.example.com")
+    assert effective_allowed_hosts((), "127.0.0.1") == ("127.0.0.1", "localhost", "[::1]")
+    assert effective_allowed_hosts((), "0.0.0.0") == ()
+    assert effective_allowed_hosts(("Chat.Example.com", "::1"), "0.0.0.0") == (
+        "chat.example.com", "[::1]")
+
+
+def test_off_loopback_hosts_and_an_api_key_are_required():
+    ok = dict(allowed_hosts=("a.example",), api_key="k", public_api=False)
+    assert startup_problems(bind="127.0.0.1", allowed_hosts=(), api_key=None,
+                            public_api=False) == []
+    assert startup_problems(bind="0.0.0.0", **ok) == []
+    assert len(startup_problems(bind="0.0.0.0", allowed_hosts=(), api_key=None,
+                                public_api=False)) == 2
+    assert startup_problems(bind="0.0.0.0", **{**ok, "api_key": None, "public_api": True}) == []
+    with pytest.raises(ValueError, match="XIAOX_ALLOWED_HOSTS"):
+        create_app(Settings(host="0.0.0.0", secret_key="k" * 40))
+
+
+def _scope(headers: dict[str, str]) -> dict:
+    return {"type": "http", "method": "POST", "path": "/login",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+
+@pytest.mark.parametrize(("headers", "same"), [
+    ({"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"}, True),
+    ({"Host": "localhost", "Origin": "https://localhost"}, True),  # nginx's $host: no port
+    ({"Host": "[::1]:8000", "Origin": "http://[::1]:8000"}, True),
+    ({"Host": "evil.example", "Origin": "http://evil.example"}, False),  # DNS rebinding
+    ({"Host": "127.0.0.1:8000", "X-Forwarded-Host": "evil.example",
+      "Origin": "http://evil.example"}, False),
+    ({"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:9999"}, False),
+    ({"Host": "127.0.0.1:8000", "Origin": "http://localhost:8000"}, False),
+    ({"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000/path"}, False),
+    ({"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:99999"}, False),
+    ({"Host": "x", "Origin": "https://chat.example.org"}, True),  # allowed_origins
+])
+def test_the_origin_check_compares_with_the_allowed_hosts(headers, same):
+    check = OriginCheckMiddleware(None, allowed_origins=("https://chat.example.org",),
+                                  allowed_hosts=LOOPBACK)
+    assert check.same_site(_scope(headers)) is same
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+# --- session keys --------------------------------------------------------------------------
+
+def test_the_newest_key_signs_and_every_key_verifies(tmp_path):
+    assert signing_keys(("new", "old"), "single", tmp_path / "k") == ["new", "old"]
+    assert signing_keys((), "single", tmp_path / "k") == ["single"]
+    from_file = signing_keys((), None, tmp_path / "k")
+    assert from_file == [load_or_create_secret_key(tmp_path / "k")]
+    with pytest.raises(ValueError, match="at least 32"):
+        settings_from_env({"XIAOX_SECRET_KEY": "short"})
+    with pytest.raises(ValueError, match="at least 32"):
+        settings_from_env({"XIAOX_SECRET_KEYS": "n" * 40 + ",old"})
+    assert settings_from_env({"XIAOX_SECRET_KEYS": "n" * 40 + "," + "o" * 40}
+                             ).secret_keys == ("n" * 40, "o" * 40)
+
+
+# --- revocation ------------------------------------------------------------------------------
+
+async def test_in_process_revocations_are_bounded_and_expire():
+    revocations = Revocations(max_local=3)
+    for sid in ("a", "b", "c", "d"):
+        await revocations.revoke(sid)
+    assert [await revocations.is_revoked(s) for s in "abcd"] == [False, True, True, True]
+    short = Revocations(ttl=0.05)
+    await short.revoke("x")
+    assert await short.is_revoked("x")
+    await asyncio.sleep(0.1)
+    assert not await short.is_revoked("x")
+
+
+async def test_a_watched_session_is_told_at_once():
+    revocations = Revocations()
+    with revocations.watch("s") as revoked, revocations.watch("other") as untouched:
+        assert not revoked.is_set()
+        await revocations.revoke("s")
+        assert revoked.is_set() and not untouched.is_set()
+    assert revocations._watchers == {}  # nothing kept for streams that ended
+    await revocations.close()
+
+
+@pytest.mark.redis
+async def test_revocations_are_shared_through_redis_one_key_each_with_a_ttl(redis_server):
+    import redis as redis_py
+
+    from serve.web.broker import RedisBroker
+
+    brokers = [RedisBroker(redis_server.url) for _ in range(2)]
+    for broker in brokers:
+        await broker.start()
+    here, there = (Revocations(lambda b=b: b, poll_seconds=0.1) for b in brokers)
+    try:
+        with there.watch("sid-1") as revoked_there:
+            await here.revoke("sid-1")
+            await asyncio.wait_for(revoked_there.wait(), 2)  # polled from Redis
+        assert await there.is_revoked("sid-1") and not await there.is_revoked("sid-2")
+        keys = redis_py.Redis.from_url(redis_server.url).keys("xiaox:revoked:*")
+        assert len(keys) == 1
+        ttl = redis_py.Redis.from_url(redis_server.url).ttl(keys[0])
+        assert SESSION_MAX_AGE - 60 < ttl <= SESSION_MAX_AGE
+        redis_server.stop()  # an outage: no one is logged out by it, and nothing raises
+        assert not await there.is_revoked("sid-3")
+        await here.revoke("sid-4")
+        assert await here.is_revoked("sid-4")
+    finally:
+        for r in (here, there):
+            await r.close()
+        for broker in brokers:
+            await broker.close()
+
+
+async def test_the_login_limiter_counts_in_process_without_redis():
+    limiter = SharedRateLimiter("login", 2, 60.0, lambda: None)
+    assert [(await limiter.allow("203.0.113.1"))[0] for _ in range(3)] == [True, True, False]
+    assert (await limiter.allow("203.0.113.2"))[0]
