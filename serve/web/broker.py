@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +115,13 @@ class Broker:
         return None if self.healthy else "broker closed"
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
-                      timeout: float | None = 5.0) -> Event:
+                      timeout: float | None = 5.0, uid: str | None = None) -> Event:
+        """Append an event; a message published twice with one ``uid`` is stored once."""
+        raise NotImplementedError
+
+    async def published_id(self, room: str, uid: str, *,
+                           timeout: float | None = 5.0) -> str | None:
+        """The id of the message published with ``uid`` (within the last hour), or None."""
         raise NotImplementedError
 
     async def last_id(self, room: str) -> str:
@@ -191,6 +197,7 @@ class InProcessBroker(Broker):
         self._log_max = log_max_events
         self._history_max = history_max_messages
         self._last = (0, 0)
+        self._uids: OrderedDict[str, Event] = OrderedDict()  # room+uid -> message, bounded
 
     def _next_id(self) -> str:
         ms = int(time.time() * 1000)
@@ -199,16 +206,27 @@ class InProcessBroker(Broker):
         return f"{self._last[0]}-{self._last[1]}"
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
-                      timeout: float | None = 5.0) -> Event:
+                      timeout: float | None = 5.0, uid: str | None = None) -> Event:
         if self.closed:
             raise BrokerUnavailable("the broker is closed")
+        if uid is not None and f"{room}\0{uid}" in self._uids:
+            return self._uids[f"{room}\0{uid}"]
         payload = {**data, "room": room, "ts": data.get("ts", time.time())}
         event = _make_event(self._next_id(), event_type, payload)
+        if uid is not None and event_type == STORED_IN_HISTORY:
+            self._uids[f"{room}\0{uid}"] = event
+            while len(self._uids) > 10_000:
+                self._uids.popitem(last=False)
         self._logs.setdefault(room, deque(maxlen=self._log_max)).append(event)
         if event_type == STORED_IN_HISTORY:
             self._messages.setdefault(room, deque(maxlen=self._history_max)).append(event)
         self._fan_out(event)
         return event
+
+    async def published_id(self, room: str, uid: str, *,
+                           timeout: float | None = 5.0) -> str | None:
+        event = self._uids.get(f"{room}\0{uid}")
+        return None if event is None else event.id
 
     async def last_id(self, room: str) -> str:
         room_log = self._logs.get(room)
@@ -356,10 +374,10 @@ class RedisBroker(Broker):
                 delay = min(delay * 2, 1.0)
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
-                      timeout: float | None = 5.0) -> Event:
+                      timeout: float | None = 5.0, uid: str | None = None) -> Event:
         payload = {**data, "room": room, "ts": data.get("ts", time.time())}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        uid = secrets.token_hex(12)
+        uid = uid or secrets.token_hex(12)  # a client's idempotency key, or our own
         is_message = event_type == STORED_IN_HISTORY
         # Only messages need exactly-once; a doubled typing/token is harmless and cheap.
         keys = [self._log_key(room), self._messages_key(room), self._uid_key(room, uid)]
@@ -371,6 +389,11 @@ class RedisBroker(Broker):
         event_id = await self._call(
             "publish", lambda: run(self._redis, self._script, keys, args), timeout)
         return _make_event(event_id, event_type, payload)
+
+    async def published_id(self, room: str, uid: str, *,
+                           timeout: float | None = 5.0) -> str | None:
+        return await self._call(
+            "published id", lambda: self._redis.get(self._uid_key(room, uid)), timeout)
 
     async def rate_hit(self, key: str, limit: int, window: float) -> tuple[bool, float]:
         """Count one event for ``key`` across all processes: (allowed, seconds to wait)."""

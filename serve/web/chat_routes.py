@@ -20,6 +20,8 @@ from starlette.routing import Route
 from serve.web.broker import BrokerUnavailable, parse_id
 from serve.web.chat import chat_of
 from serve.web.fields import int_param, read_fields
+from serve.web.idempotency import HEADER as IDEMPOTENCY_HEADER
+from serve.web.idempotency import send_uid
 from serve.web.reply import try_publish
 from serve.web.security.client import client_ip
 from serve.web.security.session import (
@@ -123,6 +125,11 @@ async def send(request: Request) -> Response:
         raise InvalidInput("'message' is missing")
     text = clean_text(fields["message"], field="message",
                       max_chars=chat.settings.max_message_chars)
+    uid = send_uid(request.headers.get(IDEMPOTENCY_HEADER), user, room)
+    if uid is not None and (sent := await _sent_before(chat, room, uid)) is not None:
+        # A resend of a message already stored (its first answer was a 503 or was lost).
+        return JSONResponse({"id": sent, "room": room, "reply_id": None, "duplicate": True},
+                            status_code=202)
     allowed, retry_after = await chat.allow_send(user)
     if not allowed:
         raise InvalidInput(f"too many messages: wait {retry_after:.0f} s",
@@ -132,13 +139,24 @@ async def send(request: Request) -> Response:
     try:
         event = await chat.broker.publish(room, "message", {"role": "user", "user": user,
                                                              "text": text},
-                                          timeout=chat.settings.send_wait_seconds)
+                                          timeout=chat.settings.send_wait_seconds, uid=uid)
     except BrokerUnavailable:
         raise InvalidInput("chat storage is unavailable; try again", status=503,
                            reason="broker_unavailable") from None
     chat.metrics.messages.labels("user").inc()
     reply_id = chat.start_reply(room, text, event.id)
     return JSONResponse({"id": event.id, "room": room, "reply_id": reply_id}, status_code=202)
+
+
+async def _sent_before(chat, room: str, uid: str) -> str | None:
+    if chat.broker is None:
+        return None  # not started: the send answers 503 below
+    try:
+        return await chat.broker.published_id(room, uid,
+                                              timeout=chat.settings.send_wait_seconds)
+    except BrokerUnavailable:
+        raise InvalidInput("chat storage is unavailable; try again", status=503,
+                           reason="broker_unavailable") from None
 
 
 async def history(request: Request) -> Response:

@@ -11,6 +11,7 @@ and the longest run of 503s the sender met is printed (the README's figure).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +31,8 @@ ROOM = "failover"
 @dataclass
 class Sender:
     """Posts numbered messages in turn to each server until ``stop``; on a 503 it waits
-    as ``Retry-After`` would have it (shortened) and sends the same text again."""
+    as ``Retry-After`` would have it (shortened) and sends the same text again, with the
+    same ``Idempotency-Key`` (as the browser chat does)."""
 
     clients: list[httpx.AsyncClient]
     name: str
@@ -40,6 +42,8 @@ class Sender:
     longest_503_window: float = 0.0  # first 503 to the next 202, seconds
     longest_send: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    key_prefix: str = field(default_factory=lambda: secrets.token_hex(6))
+    duplicates: int = 0  # resends answered "duplicate": stored before their 503
 
     async def run(self) -> None:
         n = 0
@@ -50,8 +54,9 @@ class Sender:
                 client = self.clients[len(self.statuses) % len(self.clients)]
                 started = time.monotonic()
                 try:
-                    response = await client.post("/send", params={"room": ROOM},
-                                                 json={"message": text})
+                    response = await client.post(
+                        "/send", params={"room": ROOM}, json={"message": text},
+                        headers={"Idempotency-Key": f"{self.key_prefix}-{n:06d}"})
                 except httpx.HTTPError:  # the app servers stay up: this would be a bug
                     self.statuses.append(-1)
                     continue
@@ -59,6 +64,7 @@ class Sender:
                 self.statuses.append(response.status_code)
                 if response.status_code == 202:
                     self.accepted[text] = response.json()["id"]
+                    self.duplicates += bool(response.json().get("duplicate"))
                     if first_503 is not None:
                         self.longest_503_window = max(self.longest_503_window,
                                                       time.monotonic() - first_503)
@@ -126,7 +132,8 @@ async def test_primary_killed_mid_chat_loses_and_doubles_nothing(trio, model_dir
                   "after the kill; "
                   f"{statuses.count(503)} answers 503, longest 503 window "
                   f"{max(s.longest_503_window for s in senders):.1f} s, longest /send "
-                  f"{max(s.longest_send for s in senders):.1f} s")
+                  f"{max(s.longest_send for s in senders):.1f} s; resends found stored "
+                  f"{sum(s.duplicates for s in senders)}")
         finally:
             for stream in streams:
                 await stream.close()
