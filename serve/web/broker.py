@@ -124,6 +124,11 @@ class Broker:
         """The id of the message published with ``uid`` (within the last hour), or None."""
         raise NotImplementedError
 
+    async def claim(self, room: str, uid: str, what: str) -> bool:
+        """True for the first caller only, per room, uid and ``what`` (within the hour):
+        one reply per message however often it is resent."""
+        raise NotImplementedError
+
     async def last_id(self, room: str) -> str:
         raise NotImplementedError
 
@@ -198,6 +203,7 @@ class InProcessBroker(Broker):
         self._history_max = history_max_messages
         self._last = (0, 0)
         self._uids: OrderedDict[str, Event] = OrderedDict()  # room+uid -> message, bounded
+        self._claims: OrderedDict[str, None] = OrderedDict()
 
     def _next_id(self) -> str:
         ms = int(time.time() * 1000)
@@ -227,6 +233,15 @@ class InProcessBroker(Broker):
                            timeout: float | None = 5.0) -> str | None:
         event = self._uids.get(f"{room}\0{uid}")
         return None if event is None else event.id
+
+    async def claim(self, room: str, uid: str, what: str) -> bool:
+        key = f"{room}\0{uid}\0{what}"
+        if key in self._claims:
+            return False
+        self._claims[key] = None
+        while len(self._claims) > 10_000:
+            self._claims.popitem(last=False)
+        return True
 
     async def last_id(self, room: str) -> str:
         room_log = self._logs.get(room)
@@ -394,6 +409,11 @@ class RedisBroker(Broker):
                            timeout: float | None = 5.0) -> str | None:
         return await self._call(
             "published id", lambda: self._redis.get(self._uid_key(room, uid)), timeout)
+
+    async def claim(self, room: str, uid: str, what: str) -> bool:
+        key = f"{self._uid_key(room, uid)}:{what}"  # the room's slot, like its other keys
+        return bool(await self._call(
+            "claim", lambda: self._redis.set(key, "1", nx=True, ex=3600), 2.0))
 
     async def rate_hit(self, key: str, limit: int, window: float) -> tuple[bool, float]:
         """Count one event for ``key`` across all processes: (allowed, seconds to wait)."""

@@ -127,9 +127,11 @@ async def send(request: Request) -> Response:
                       max_chars=chat.settings.max_message_chars)
     uid = send_uid(request.headers.get(IDEMPOTENCY_HEADER), user, room)
     if uid is not None and (sent := await _sent_before(chat, room, uid)) is not None:
-        # A resend of a message already stored (its first answer was a 503 or was lost).
-        return JSONResponse({"id": sent, "room": room, "reply_id": None, "duplicate": True},
-                            status_code=202)
+        # A resend of a message already stored (its first answer was a 503 or was lost):
+        # answered by 小X only if the first attempt never got as far.
+        reply_id = chat.start_reply(room, text, sent) if await _claim(chat, room, uid) else None
+        return JSONResponse({"id": sent, "room": room, "reply_id": reply_id,
+                             "duplicate": True}, status_code=202)
     allowed, retry_after = await chat.allow_send(user)
     if not allowed:
         raise InvalidInput(f"too many messages: wait {retry_after:.0f} s",
@@ -144,6 +146,9 @@ async def send(request: Request) -> Response:
         raise InvalidInput("chat storage is unavailable; try again", status=503,
                            reason="broker_unavailable") from None
     chat.metrics.messages.labels("user").inc()
+    if uid is not None and not await _claim(chat, room, uid):
+        return JSONResponse({"id": event.id, "room": room, "reply_id": None,
+                             "duplicate": True}, status_code=202)  # a concurrent resend
     reply_id = chat.start_reply(room, text, event.id)
     return JSONResponse({"id": event.id, "room": room, "reply_id": reply_id}, status_code=202)
 
@@ -157,6 +162,14 @@ async def _sent_before(chat, room: str, uid: str) -> str | None:
     except BrokerUnavailable:
         raise InvalidInput("chat storage is unavailable; try again", status=503,
                            reason="broker_unavailable") from None
+
+
+async def _claim(chat, room: str, uid: str) -> bool:
+    """Whether this request starts the message's reply (the first to ask does)."""
+    try:
+        return await chat.broker.claim(room, uid, "reply")
+    except BrokerUnavailable:
+        return True  # Redis gone again: a reply (perhaps a second) beats none
 
 
 async def history(request: Request) -> Response:

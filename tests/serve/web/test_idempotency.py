@@ -59,3 +59,38 @@ async def test_a_resend_with_the_same_key_is_stored_and_answered_once(broker, mo
                 first.json()["id"], other.json()["id"]]
             assert sorted(m["reply_to"] for m in messages if m["role"] == "bot") == sorted(
                 [first.json()["id"], other.json()["id"]])
+
+
+async def test_a_message_stored_before_its_503_is_answered_on_its_resend(model_dir, tmp_path,
+                                                                         redis_server):
+    from serve.web.broker import RedisBroker
+
+    # The first attempt's write reached Redis, its answer was a 503: no reply was started.
+    uid = send_uid("stored-then-503", "amy", "r")
+    broker = RedisBroker(redis_server.url)
+    await broker.start()
+    try:
+        stored = await broker.publish("r", "message", {"role": "user", "user": "amy",
+                                                       "text": "在吗"}, uid=uid)
+        assert await broker.published_id("r", uid) == stored.id
+    finally:
+        await broker.close()
+    with running(ServerProcess(model_dir, tmp_path, redis_url=redis_server.url)) as (server,):
+        async with server.client() as client:
+            await login(client, "amy")
+            resends = [await client.post("/send", params={"room": "r"}, json={"message": "在吗"},
+                                         headers={"Idempotency-Key": "stored-then-503"})
+                       for _ in range(2)]
+            assert [r.json()["id"] for r in resends] == [stored.id, stored.id]
+            assert resends[0].json()["reply_id"] is not None  # the first resend answers it
+            assert resends[1].json()["reply_id"] is None  # and only the first
+            for _ in range(100):
+                messages = (await client.get("/history", params={"room": "r"})).json()[
+                    "messages"]
+                if any(m["role"] == "bot" for m in messages):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            messages = (await client.get("/history", params={"room": "r"})).json()["messages"]
+            assert [m["id"] for m in messages if m["role"] == "user"] == [stored.id]
+            assert [m["reply_to"] for m in messages if m["role"] == "bot"] == [stored.id]
