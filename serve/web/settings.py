@@ -29,7 +29,7 @@ class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
     host: str = "127.0.0.1"
     port: int = 8000
-    redis_url: str | None = None  # None: the in-process broker (one process only)
+    redis_url: str | None = field(default=None, repr=False)  # None: in-process; may hold a password
     workers: int = 1
     secret_key: str | None = field(default=None, repr=False)  # None: read/create the file
     secret_key_file: Path = field(default_factory=default_secret_key_file)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
+from serve.web.settings import settings_from_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -406,3 +407,31 @@ async def test_the_replication_gap_is_closed_by_waiting(tmp_path, wait_replicas)
     # told it was stored (lost after an acknowledgement), with WAIT it was told to retry.
     assert not any("可能丢" in data for data in texts)
     assert acknowledged == (wait_replicas == 0)
+
+
+async def test_a_password_in_the_url_is_never_logged_nor_shown(tmp_path, caplog):
+    import logging
+
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path, ("--requirepass", "hunter2-secret"))
+    server.start()
+    url = f"redis://:hunter2-secret@127.0.0.1:{server.port}/0"
+    caplog.set_level(logging.DEBUG)
+    try:
+        async with running(RedisBroker(f"redis://:wrong-pass@127.0.0.1:{server.port}/0")
+                           ) as wrong:
+            assert not wrong.healthy  # refused by Redis: logged, without the password
+            refused = wrong.problem
+        async with running(RedisBroker(url)) as broker:
+            await broker.publish("r", "message", {"text": "hi"})
+            server.kill()
+            with pytest.raises(BrokerUnavailable) as error:
+                await broker.publish("r", "message", {"text": "down"}, timeout=0.3)
+            problem = broker.problem
+    finally:
+        server.stop()
+    assert "Authentication" in str(refused) or "password" in str(refused), refused
+    shown = caplog.text + str(error.value) + str(problem) + str(refused) + repr(settings_from_env(
+        {"XIAOX_REDIS_URL": url}))
+    assert "redis" in shown and "hunter2" not in shown and "wrong-pass" not in shown
