@@ -51,6 +51,13 @@ class Settings:
     history_limit: int = 50
     log_max_events: int = 10_000  # the room's event log (approximate MAXLEN)
     history_max_messages: int = 1_000
+    # Rooms (issue 16): limits keyed by session id and client IP, never the chosen name.
+    rate_limit_ip_messages: int = 120  # per client IP and rate_limit_window (both must allow)
+    max_streams_per_session: int = 8  # open /stream connections (429 past it)
+    max_streams_per_ip: int = 64
+    presence_grace_seconds: float = 15.0  # a reconnect within it announces no leave/join
+    room_idle_seconds: float = 7 * 24 * 3600.0  # a room's log expires after so long unused
+    max_rooms: int = 10_000  # rooms the in-process broker keeps (least recently used go)
     ping_seconds: float = 15.0
     reply_max_tokens: int = 40
     drain_seconds: float = 20.0
@@ -148,12 +155,17 @@ def validate(settings: Settings) -> None:
             "--workers > 1 needs --redis-url: separate processes share chat rooms through Redis"
         )
     for name in ("max_body_bytes", "max_message_chars", "rate_limit_messages", "max_queue",
-                 "max_batch_size", "history_limit", "reply_max_tokens"):
+                 "max_batch_size", "history_limit", "reply_max_tokens",
+                 "rate_limit_ip_messages", "max_streams_per_session", "max_streams_per_ip",
+                 "max_rooms"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1")
     _validate_redis(settings)
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
+    for name in ("presence_grace_seconds", "room_idle_seconds"):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{name} must be at least 0")
     for origin in settings.cors_origins:
         normalize_origin(origin)
     validate_edge(settings)

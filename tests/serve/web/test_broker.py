@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker, parse_id
+from serve.web.broker import (
+    MALFORMED,
+    Broker,
+    BrokerUnavailable,
+    InProcessBroker,
+    RedisBroker,
+    _decode,
+    parse_id,
+)
 from serve.web.settings import settings_from_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,9 +55,12 @@ async def take(events, n: int, timeout: float = 10.0) -> list:
 def test_event_ids_parse_and_order():
     assert parse_id("1700000000000-2") == (1700000000000, 2)
     assert parse_id("5-10") > parse_id("5-9")
-    for bad in ("", "5", "a-1", "1-b", "-1", "1--1", "1-2-3", "1" * 60 + "-0"):
+    for bad in ("", "5", "a-1", "1-b", "-1", "1--1", "1-2-3", "1" * 60 + "-0",
+                "١-0", "0-١", "²-0", "１-0", " 1-0", "1-0\n", "+1-0",
+                f"{2**64}-0", f"0-{2**64}", "1" * 21 + "-0", None, 5):
         with pytest.raises(ValueError):
             parse_id(bad)
+    assert parse_id(f"{2**64 - 1}-{2**64 - 1}") == (2**64 - 1, 2**64 - 1)
 
 
 async def test_publish_history_and_replay(make_broker):
@@ -435,3 +446,112 @@ async def test_a_password_in_the_url_is_never_logged_nor_shown(tmp_path, caplog)
     shown = caplog.text + str(error.value) + str(problem) + str(refused) + repr(settings_from_env(
         {"XIAOX_REDIS_URL": url}))
     assert "redis" in shown and "hunter2" not in shown and "wrong-pass" not in shown
+async def test_a_retried_publish_with_a_uid_is_stored_once(make_broker):
+    async with running(make_broker()) as broker:
+        first = await broker.publish("retry", "message", {"text": "一"}, uid="u1")
+        again = await broker.publish("retry", "message", {"text": "一"}, uid="u1")
+        other = await broker.publish("retry", "message", {"text": "一"}, uid="u2")
+        assert (first.duplicate, again.duplicate, other.duplicate) == (False, True, False)
+        assert again.id == first.id != other.id
+        messages, _ = await broker.history("retry", 10)
+        assert [m.id for m in messages] == [first.id, other.id]
+
+
+async def test_a_replay_past_the_trimmed_log_starts_with_a_reset(make_broker):
+    async with running(make_broker(log_max_events=10)) as broker:
+        first = await broker.publish("trim", "token", {"i": 0})
+        for i in range(1, 400):  # Redis trims whole nodes (MAXLEN ~): well past 10
+            await broker.publish("trim", "token", {"i": i})
+        async with broker.subscribe("trim", first.id) as live:
+            reset = (await take(live, 1))[0]
+        assert reset.type == "reset" and reset.id == await broker.last_id("trim")
+        recent = await broker.last_id("trim")
+        async with broker.subscribe("trim", recent) as live:  # no gap: no reset
+            later = await broker.publish("trim", "token", {"i": "late"})
+            assert [e.id for e in await take(live, 1)] == [later.id]
+
+
+async def test_a_replay_into_a_room_without_a_log(make_broker):
+    async with running(make_broker()) as broker:
+        assert await broker.replay("never", "0-0") == []
+        async with broker.subscribe("gone", "1700000000000-0") as live:  # it expired
+            assert (await take(live, 1))[0].type == "reset"
+
+
+async def test_the_largest_id_replays_nothing(make_broker):
+    async with running(make_broker()) as broker:
+        await broker.publish("top", "token", {"i": 1})
+        assert await broker.replay("top", f"{2**64 - 1}-{2**64 - 1}") == []
+
+
+def test_a_malformed_entry_decodes_as_a_placeholder():
+    good = ("1-0", {"type": "message", "data": '{"room":"r","text":"好","id":"9-9"}'})
+    assert _decode(good).data == {"id": "1-0", "room": "r", "text": "好"}
+    for fields in ({"type": "message", "data": "{"}, {"type": "message", "data": "[1]"},
+                   {"type": "message", "data": '{"text":"no room"}'},
+                   {"type": "bogus", "data": '{"room":"r"}'}, {"type": "message"},
+                   {"type": "message", "data": '{"room":"r","t":"\\ud800"}'},
+                   {"type": "message", "data": "[" * 100_000}):
+        event = _decode(("2-0", fields))
+        assert event.type == MALFORMED and event.id == "2-0"
+
+
+@pytest.mark.redis
+async def test_redis_skips_malformed_entries_live_and_in_replays(redis_server):
+    import redis
+
+    async with running(RedisBroker(redis_server.url)) as broker:
+        before = await broker.publish("bad", "message", {"text": "一"})
+        async with broker.subscribe("bad") as live:
+            with redis.Redis.from_url(redis_server.url) as r:
+                r.xadd("xiaox:{bad}:log", {"type": "message", "data": "{oops"})
+                r.xadd("xiaox:{bad}:messages", {"type": "message", "data": "{oops"})
+            after = await broker.publish("bad", "message", {"text": "二"})
+            assert [e.id for e in await take(live, 1)] == [after.id]  # the reader went on
+        assert [e.id for e in await broker.replay("bad", before.id)] == [after.id]
+        messages, _ = await broker.history("bad", 10)
+        assert [m.id for m in messages] == [before.id, after.id]
+
+
+@pytest.mark.redis
+async def test_redis_refusing_a_command_is_broker_unavailable(redis_server):
+    import redis
+
+    async with running(RedisBroker(redis_server.url)) as broker:
+        with redis.Redis.from_url(redis_server.url) as r:
+            r.set("xiaox:{typo}:log", "a string")
+        for call in (lambda: broker.publish("typo", "message", {"text": "x"}),
+                     lambda: broker.history("typo", 5), lambda: broker.replay("typo", "1-0"),
+                     lambda: broker.last_id("typo")):
+            with pytest.raises(BrokerUnavailable):
+                await call()
+        assert broker.healthy  # one bad key, not an outage
+
+
+@pytest.mark.redis
+async def test_every_publish_pushes_the_rooms_expiry_back(redis_server):
+    import redis
+
+    async with running(RedisBroker(redis_server.url)) as broker:
+        broker.room_idle_seconds = 100
+        await broker.publish("idle", "message", {"text": "x"})
+        with redis.Redis.from_url(redis_server.url) as r:
+            assert 90 < r.ttl("xiaox:{idle}:log") <= 100
+            assert 90 < r.ttl("xiaox:{idle}:messages") <= 100
+            broker.room_idle_seconds = 0  # never
+            await broker.publish("kept", "token", {"i": 1})
+            assert r.ttl("xiaox:{kept}:log") == -1
+
+
+async def test_the_in_process_broker_forgets_idle_and_surplus_rooms():
+    async with running(InProcessBroker(max_rooms=3)) as broker:
+        async with broker.subscribe("watched"):
+            await broker.publish("watched", "token", {"i": 0})
+            for i in range(6):
+                await broker.publish(f"r{i}", "message", {"text": str(i)})
+            assert set(broker._logs) == {"watched", "r4", "r5"}  # listened to: kept
+        assert (await broker.history("r0", 5))[0] == []
+        broker.room_idle_seconds = 0.05
+        await asyncio.sleep(0.1)
+        await broker.publish("new", "token", {"i": 1})
+        assert set(broker._logs) == {"new"}
