@@ -332,22 +332,21 @@ class RedisBroker(Broker):
     page = 1_000
 
     def __init__(self, url: str, *, prefix: str = "xiaox", log_max_events: int = 10_000,
-                 history_max_messages: int = 1_000):
+                 history_max_messages: int = 1_000, wait_replicas: int = -1,
+                 wait_ms: int = 500):
         super().__init__()
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from serve.web.redis_clients import connect
+        from serve.web.redis_replication import Replication
+        from serve.web.redis_url import SENTINEL, parse_redis_url
 
-        # Our own loops retry (with backoff and de-duplication); redis-py's default of
-        # ten jittered retries would hide an outage for many seconds.
-        options = dict(decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
-                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.url = url
-        # A blocking pool: a burst of more commands than connections waits for a free one
-        # instead of failing as if Redis were down.
-        pool = BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **options)
-        self._redis = Redis(connection_pool=pool)
-        self._reader_redis = Redis.from_url(url, max_connections=2, **options)
+        self.target = parse_redis_url(url)  # one Redis, a Sentinel service or a Cluster
+        self._clients = connect(self.target)
+        self._redis, self._reader_redis = self._clients.commands, self._clients.delivery
+        # -1: wait for one replica under Sentinel (the one it would promote), else none.
+        if wait_replicas < 0:
+            wait_replicas = 1 if self.target.kind == SENTINEL else 0
+        self._replication = Replication(wait_replicas, wait_ms)
         self._prefix = prefix
         self._log_max = log_max_events
         self._history_max = history_max_messages
@@ -385,7 +384,7 @@ class RedisBroker(Broker):
     def _mark(self, ok: bool, problem: str | None = None) -> None:
         if ok != self._healthy:
             if ok:
-                log.info("redis reachable at %s", _redact(self.url))
+                log.info("redis reachable: %s", self.target.describe())
             else:
                 log.warning("redis unreachable (%s); retrying with backoff", problem)
         self._healthy, self._problem = ok, (None if ok else problem)
@@ -404,13 +403,13 @@ class RedisBroker(Broker):
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-        await self._reader_redis.aclose()
-        await self._redis.aclose()
+        await self._clients.aclose()
 
     async def _call(self, what: str, coro_factory, timeout: float | None):
-        """Run a Redis command, retrying connection errors with backoff until ``timeout``."""
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
+        """Run a Redis command, retrying transient errors (Redis down, a failover or a
+        resharding in progress, a write no replica acknowledged) with backoff until
+        ``timeout``; then BrokerUnavailable (a 503 with Retry-After, never a 500)."""
+        from serve.web.redis_clients import is_transient
 
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.05
@@ -421,12 +420,14 @@ class RedisBroker(Broker):
                 result = await coro_factory()
                 self._mark(True)
                 return result
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except Exception as e:
+                if not is_transient(e):
+                    raise
                 self._mark(False, _describe(e))
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise BrokerUnavailable(f"{what}: redis unreachable ({_describe(e)})") from e
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
                       timeout: float | None = 5.0, uid: str | None = None) -> Event:
@@ -439,8 +440,11 @@ class RedisBroker(Broker):
         args = [event_type, body, self._log_max, self._history_max,
                 "1" if is_message else "0", 3600, "1" if is_message else "0",
                 max(0, int(self.room_idle_seconds * 1000))]
+        # A message is acknowledged once a replica holds it (redis_replication); a retry
+        # after a failover carries the same uid, so it cannot write the message twice.
+        run = self._replication.run_script if is_message else _run_plain
         event_id, seen = await self._refused("publish", lambda: self._call(
-            "publish", lambda: self._script(keys=keys, args=args), timeout))
+            "publish", lambda: run(self._redis, self._script, keys, args), timeout))
         return Event(event_id, event_type, {"id": event_id, **payload}, duplicate=seen == 1)
 
     async def _refused(self, what: str, call):
@@ -535,6 +539,13 @@ class RedisBroker(Broker):
         self._cursors.pop(room, None)
 
     async def _read_forever(self) -> None:
+        if self._clients.cluster:  # rooms in different slots: one reader per slot
+            from serve.web.redis_reader import SlotReaders
+
+            await SlotReaders(self._reader_redis, self._cursors, self._log_key,
+                              self._deliver, self._mark, self._rooms_changed,
+                              block_ms=self.block_ms, page=self.page).run()
+            return
         delay = 0.1
         while not self.closed:
             try:
@@ -558,13 +569,21 @@ class RedisBroker(Broker):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            for key, entries in response or ():
-                room = self._room_of(key)
-                for entry in entries:
-                    event = _decode(entry)
-                    if room in self._cursors:
-                        self._cursors[room] = event.id
-                    self._fan_out(event)
+            self._deliver(response)
+
+    def _deliver(self, response) -> None:
+        """Fan out one XREAD response and move the rooms' cursors past it."""
+        for key, entries in response or ():
+            room = self._room_of(key)
+            for entry in entries:
+                event = _decode(entry)
+                if room in self._cursors:
+                    self._cursors[room] = event.id
+                self._fan_out(event)
+
+
+async def _run_plain(client, script, keys: list, args: list):
+    return await script(keys=keys, args=args)
 
 
 malformed_entries = 0  # log entries skipped as unreadable, since this process started

@@ -88,7 +88,9 @@ class Chat:
         self.model_error = None
         if s.redis_url:
             self.broker = RedisBroker(s.redis_url, log_max_events=s.log_max_events,
-                                      history_max_messages=s.history_max_messages)
+                                      history_max_messages=s.history_max_messages,
+                                      wait_replicas=s.redis_wait_replicas,
+                                      wait_ms=s.redis_wait_ms)
         else:
             self.broker = InProcessBroker(log_max_events=s.log_max_events,
                                           history_max_messages=s.history_max_messages,

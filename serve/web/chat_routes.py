@@ -160,7 +160,7 @@ async def send(request: Request) -> Response:
     try:
         event = await chat.broker.publish(
             room, "message", {"role": "user", "user": user, "tag": public_tag(sid),
-                              "text": text}, uid=uid)
+                              "text": text}, uid=uid, timeout=chat.settings.send_wait_seconds)
     except BrokerUnavailable:
         raise _unavailable() from None
     if not event.duplicate:

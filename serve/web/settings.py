@@ -29,7 +29,7 @@ class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
     host: str = "127.0.0.1"
     port: int = 8000
-    redis_url: str | None = None  # None: the in-process broker (one process only)
+    redis_url: str | None = field(default=None, repr=False)  # None: in-process; may hold a password
     workers: int = 1
     secret_key: str | None = field(default=None, repr=False)  # None: read/create the file
     secret_key_file: Path = field(default_factory=default_secret_key_file)
@@ -80,6 +80,12 @@ class Settings:
     # queue (a cap of its own), so neither can starve the other.
     api_batch_share: float = 0.5  # of max_batch_size; the chat room has the rest
     api_queue_share: float = 0.5  # of max_queue; the chat room has the rest
+    # Redis Sentinel/Cluster (issue 19): a chat message is acknowledged once this many
+    # replicas hold it (WAIT); -1: one under redis+sentinel://, none otherwise.
+    redis_wait_replicas: int = -1
+    redis_wait_ms: int = 500  # how long one WAIT may take before the write is retried
+    # How long /send keeps retrying Redis (a failover takes about 2 s) before a 503.
+    send_wait_seconds: float = 5.0
     # --- the public edge (issue 16: login limit, hosts, metrics, keys, exposure) ---
     login_rate_limit: int = 30  # logins per client IP and login_rate_window seconds
     login_rate_window: float = 60.0
@@ -169,6 +175,7 @@ def validate(settings: Settings) -> None:
                  "max_rooms"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1")
+    _validate_redis(settings)
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
     for name in ("presence_grace_seconds", "room_idle_seconds"):
@@ -223,6 +230,22 @@ def _validate_bounds(settings: Settings) -> None:
     for name in ("api_batch_share", "api_queue_share"):
         if not 0 < getattr(settings, name) < 1:
             raise ValueError(f"{name} must be in (0, 1), got {getattr(settings, name)}")
+
+
+def _validate_redis(settings: Settings) -> None:
+    """A bad --redis-url is a startup error that names the problem (never a traceback)."""
+    if not 0 < settings.send_wait_seconds <= 60:
+        raise ValueError("send_wait_seconds must be more than 0 and at most 60")
+    if not settings.redis_url:
+        return
+    from serve.web.redis_url import CLUSTER, parse_redis_url
+
+    target = parse_redis_url(settings.redis_url)
+    if settings.redis_wait_replicas > 0 and target.kind == CLUSTER:
+        raise ValueError("XIAOX_REDIS_WAIT_REPLICAS: not supported with redis+cluster:// "
+                         "(WAIT counts one connection's writes; use -1 or 0)")
+    if settings.redis_wait_ms < 1:
+        raise ValueError("redis_wait_ms must be at least 1")
 
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")

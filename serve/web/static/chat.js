@@ -38,6 +38,8 @@
     source: null,
     retryMs: BACKOFF_MIN_MS,
     retryTimer: null,
+    sendKey: null, // Idempotency-Key of the text being sent, kept until it is accepted
+    sendKeyText: null,
     sending: false,
   };
 
@@ -350,6 +352,15 @@
     els.input.rows = Math.min(5, Math.max(1, lines));
   }
 
+  function sendKey(text) {
+    if (state.sendKey === null || state.sendKeyText !== text) {
+      const bytes = crypto.getRandomValues(new Uint8Array(16));
+      state.sendKey = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+      state.sendKeyText = text;
+    }
+    return state.sendKey;
+  }
+
   async function send() {
     const text = els.input.value;
     if (!text.trim() || state.sending) return;
@@ -359,7 +370,9 @@
       const res = await fetch("/send?room=" + encodeURIComponent(room), {
         method: "POST",
         credentials: "same-origin",
-        headers: { "Content-Type": "application/json" },
+        // The same key while the same text is resent: a message stored although its
+        // answer was lost (or a 503) is not stored, nor answered, twice.
+        headers: { "Content-Type": "application/json", "Idempotency-Key": sendKey(text) },
         body: JSON.stringify({ message: text }),
       });
       if (res.status === 401) return goToLogin();
@@ -368,6 +381,7 @@
         return;
       }
       showSendError("");
+      state.sendKey = null;
       els.input.value = "";
       fitInput();
     } catch (err) {
