@@ -134,6 +134,12 @@ class Broker:
         publish (a retry) is not stored again: the first event's id, ``duplicate`` set."""
         raise NotImplementedError
 
+    async def claim(self, room: str, uid: str) -> bool:
+        """True for the first caller only, per room and publish ``uid`` (within the hour
+        the uid is remembered): the message's reply is started once, by the first attempt
+        or, when that one stored the message but answered 503, by the first retry."""
+        raise NotImplementedError
+
     async def last_id(self, room: str) -> str:
         raise NotImplementedError
 
@@ -217,6 +223,7 @@ class InProcessBroker(Broker):
         self._trimmed: dict[str, tuple[int, int]] = {}  # room -> newest event dropped
         self._active: OrderedDict[str, float] = OrderedDict()  # room -> last publish
         self._uids: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._claims: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._log_max = log_max_events
         self._history_max = history_max_messages
         self.max_rooms = max_rooms
@@ -253,6 +260,14 @@ class InProcessBroker(Broker):
                     self._uids.popitem(last=False)  # bounded: oldest first
         self._fan_out(event)
         return event
+
+    async def claim(self, room: str, uid: str) -> bool:
+        if (room, uid) in self._claims:
+            return False
+        self._claims[(room, uid)] = None
+        while len(self._claims) > 10 * self._history_max:  # bounded like the uids
+            self._claims.popitem(last=False)
+        return True
 
     def _evict(self, now: float, keep: str) -> None:
         """Forget rooms idle past ``room_idle_seconds``, and the least recently used past
@@ -457,6 +472,11 @@ class RedisBroker(Broker):
         except ResponseError as e:
             log.warning("redis refused %s: %s", what, _describe(e))
             raise BrokerUnavailable(f"{what}: redis refused the command") from e
+
+    async def claim(self, room: str, uid: str) -> bool:
+        key = f"{self._uid_key(room, uid)}:reply"  # in the room's slot, like its other keys
+        return bool(await self._call(
+            "claim", lambda: self._redis.set(key, "1", nx=True, ex=3600), 2.0))
 
     async def rate_hit(self, key: str, limit: int, window: float) -> tuple[bool, float]:
         """Count one event for ``key`` across all processes: (allowed, seconds to wait)."""

@@ -165,8 +165,18 @@ async def send(request: Request) -> Response:
         raise _unavailable() from None
     if not event.duplicate:
         chat.metrics.messages.labels("user").inc()
+    if uid is None or await _claim(chat, room, uid):
         reply_id = chat.start_reply(room, text, event.id, reply_id=reply_id)
     return JSONResponse({"id": event.id, "room": room, "reply_id": reply_id}, status_code=202)
+
+
+async def _claim(chat: Chat, room: str, uid: str) -> bool:
+    """Whether this attempt starts the message's reply: the first to ask does (a retry
+    whose first attempt stored the message but got a 503 never started one)."""
+    try:
+        return await chat.broker.claim(room, uid)
+    except BrokerUnavailable:
+        return True  # Redis gone again: a reply (perhaps a second one) beats none
 
 
 async def history(request: Request) -> Response:

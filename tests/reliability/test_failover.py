@@ -170,3 +170,42 @@ async def check_everything_arrived_once(senders: list[Sender],
         assert accepted <= set(stored), f"lost from history: {sorted(accepted - set(stored))[:5]}"
         replies = [m["reply_to"] for m in messages if m["role"] == "bot"]
         assert len(replies) == len(set(replies)), "a message was answered twice"
+
+
+async def test_a_message_stored_before_its_503_is_answered_once_when_resent(trio, model_dir,
+                                                                          tmp_path):
+    """A write no replica acknowledged is stored on the primary yet answered 503; the
+    client's resend (same Idempotency-Key) finds it stored. 小X must still answer it, and
+    only once: the first attempt never got as far as starting a reply."""
+    import os
+    import signal
+
+    env = {**ENV, "XIAOX_SEND_WAIT_SECONDS": "0.5", "XIAOX_REDIS_WAIT_MS": "100"}
+    room, key = "resent", {"Idempotency-Key": "resend-0001"}
+    with running(ServerProcess(model_dir, tmp_path, redis_url=trio.url, env=env)) as (app,):
+        async with app.client() as c:
+            await login(c, "resender")
+            os.kill(trio.replica.proc.pid, signal.SIGSTOP)  # linked, acknowledging nothing
+            try:
+                refused = await c.post("/send", params={"room": room},
+                                       json={"message": "你好呀"}, headers=key)
+            finally:
+                os.kill(trio.replica.proc.pid, signal.SIGCONT)
+            assert refused.status_code == 503 and "retry-after" in refused.headers
+            accepted = await c.post("/send", params={"room": room},
+                                    json={"message": "你好呀"}, headers=key)
+            assert accepted.status_code == 202, accepted.text
+            again = await c.post("/send", params={"room": room},
+                                 json={"message": "你好呀"}, headers=key)
+            assert again.json()["id"] == accepted.json()["id"]
+            message_id = accepted.json()["id"]
+
+            async def replies() -> list[dict]:
+                got = (await c.get("/history", params={"room": room})).json()["messages"]
+                return [m for m in got if m.get("reply_to") == message_id]
+
+            deadline = time.monotonic() + 60
+            while not await replies() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # a second reply would be under way by now
+            assert len(await replies()) == 1, "the resent message was not answered once"

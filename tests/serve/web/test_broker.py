@@ -555,3 +555,12 @@ async def test_the_in_process_broker_forgets_idle_and_surplus_rooms():
         await asyncio.sleep(0.1)
         await broker.publish("new", "token", {"i": 1})
         assert set(broker._logs) == {"new"}
+
+
+async def test_a_publish_uid_is_claimed_once(make_broker):
+    """The first claim of a uid starts the message's reply; every later one does not."""
+    async with running(make_broker()) as broker:
+        assert await broker.claim("claims", "u1") is True
+        assert await broker.claim("claims", "u1") is False
+        assert await broker.claim("claims", "u2") is True
+        assert await broker.claim("other-room", "u1") is True
