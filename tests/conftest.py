@@ -52,9 +52,10 @@ def shared_data() -> Path:
 class RedisServer:
     """A real redis-server on a free port, in its own temporary folder."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()):
         self.workdir = workdir
         self.port = free_port()
+        self.extra_args = extra_args  # e.g. --replicaof, --cluster-enabled (tests/reliability)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -78,6 +79,7 @@ class RedisServer:
                 "yes",
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -2,7 +2,8 @@
 
 One asyncio task (the scheduler) owns the batch. Each loop iteration it
 
-1. admits waiting requests up to ``max_batch_size``; each newcomer's encoder runs alone
+1. admits waiting requests up to ``max_batch_size`` (each lane up to its guaranteed rows
+   first, then idle rows lent: ``serve.runtime.lanes``); each newcomer's encoder runs alone
    (batch 1, its own source length) and the request joins the batch at this step;
 2. runs one decoder step for every active row in a worker thread (onnxruntime releases
    the GIL, so the event loop keeps serving while the step runs), padding ``memory`` and
@@ -13,7 +14,8 @@ One asyncio task (the scheduler) owns the batch. Each loop iteration it
    at once.
 
 A request's tokens and rules (a vocabulary scan for new suppressed words) are made in a
-worker thread too, before it is queued.
+worker thread too, before it is queued: one thread a lane, so that one lane's costly
+word lists delay neither the other lane nor the decoder steps.
 
 Since every row's log-probs do not depend on the other rows (fp32 onnxruntime computes
 each row alone; the padding is masked out exactly) and a row's choice only depends on its
@@ -37,11 +39,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from serve.runtime.batch_step import BatchRow, BatchStep
+from serve.runtime.lanes import DEFAULT_LANE, Lane, LaneQueues
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
 from serve.runtime.replies import (
@@ -66,8 +70,8 @@ from serve.runtime.search import (
 )
 from serve.runtime.selection import usable
 
-__all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Overloaded", "Piece",
-           "Stream"]
+__all__ = ["Engine", "EngineStats", "EngineStopped", "GenerationResult", "Lane", "Overloaded",
+           "Piece", "Stream"]
 
 
 class Overloaded(Exception):
@@ -102,8 +106,9 @@ MetricCallback = Callable[[str, float], None]
 class _Request(BatchRow):
     """A queued or batched request: its row of the batch and its consumer's events."""
 
-    def __init__(self, src_ids: list[int], decoder: SequenceDecoder):
+    def __init__(self, src_ids: list[int], decoder: SequenceDecoder, lane: str):
         super().__init__(src_ids, decoder)
+        self.lane = lane
         self.events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         self.cancelled = False
         self.submitted = time.perf_counter()
@@ -131,10 +136,12 @@ class Stream:
     an exception, or the consumer task being cancelled) cancels the request.
     """
 
-    def __init__(self, engine: Engine, text: str, options: DecodingOptions):
+    def __init__(self, engine: Engine, text: str, options: DecodingOptions,
+                 lane: str | None = None):
         self._engine = engine
         self._text = text
         self._options = options
+        self._lane = lane
         self.result: GenerationResult | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -152,16 +159,17 @@ class Stream:
     async def pieces(self) -> AsyncIterator[Piece]:
         """One ``Piece`` per decoded token (a chosen reply: per word or character)."""
         if self._engine.sources.needs_selection(self._options):  # chosen, then streamed
-            self.result = await self._engine._select(self._text, self._options)
+            self.result = await self._engine._select(self._text, self._options, self._lane)
             for delta in reply_deltas(self._engine.model, self.result.text):
                 yield Piece(delta)
             return
         if self._options.beam_size > 1:  # beam search has no partial text: one final delta
-            self.result = await self._engine.generate(self._text, options=self._options)
+            self.result = await self._engine.generate(self._text, options=self._options,
+                                                      lane=self._lane)
             if self.result.text:
                 yield Piece(self.result.text)
             return
-        request = await self._engine._submit(self._text, self._options)
+        request = await self._engine._submit(self._text, self._options, self._lane)
         try:
             while True:
                 kind, value = await request.events.get()
@@ -189,22 +197,28 @@ class Engine:
         max_source_length: int = MAX_SOURCE_LENGTH,
         on_metric: MetricCallback | None = None,
         sources: ReplySources | None = None,
+        lanes: dict[str, Lane] | None = None,
     ):
         """``sources``: the folder's reply index, scoring graphs and selection weights
-        (``ReplySources.load(model)``); None serves plain generation."""
+        (``ReplySources.load(model)``); None serves plain generation. ``lanes``: who
+        submits, each with its share of the batch and its own queue cap
+        (``serve.runtime.lanes``); None: one lane of the whole batch and queue."""
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        lanes = lanes or {DEFAULT_LANE: Lane(rows=max_batch_size, queue=max_queue)}
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_source_length = max_source_length
         self.on_metric = on_metric
         self.stats = EngineStats()
-        self._waiting: deque[_Request] = deque()
+        self._waiting = LaneQueues(lanes)
+        self.lanes = self._waiting.lanes
         self._active: list[_Request] = []
         self._in_flight: list[_Request] = []  # the rows of the step running now
         self._beams_waiting = 0
-        self._preparing = 0  # requests whose tokens and rules are being made
+        self._selecting: Counter[str] = Counter()  # chosen replies under way, per lane
+        self._preparers = _preparers(self.lanes)
         self._beam_lock: asyncio.Lock | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -238,28 +252,34 @@ class Engine:
             if not request.closed:
                 request.events.put_nowait(("error", EngineStopped("the engine stopped")))
         self._waiting.clear()
+        for pool in self._preparers.values():
+            pool.shutdown(wait=False)  # what it still holds ends in EngineStopped
+        self._preparers = _preparers(self.lanes)
         self._active, self._in_flight = [], []
         self._batch.reset()
         self._update_sizes()
 
     # -- public API -----------------------------------------------------------------------
-    def stream(self, text: str, options: DecodingOptions | None = None, **kwargs) -> Stream:
+    def stream(self, text: str, options: DecodingOptions | None = None, *,
+               lane: str | None = None, **kwargs) -> Stream:
         """Text deltas as tokens are decoded (greedy and sampling; beam yields its best
-        reply once at the end). Options as ``DecodingOptions`` or keyword arguments.
+        reply once at the end). Options as ``DecodingOptions`` or keyword arguments;
+        ``lane``: whose request it is (None: the first lane).
 
-        Overloaded, EngineStopped and ValueError (bad text or option) are raised when
-        iteration begins.
+        Overloaded, EngineStopped and ValueError (bad text, option or lane) are raised
+        when iteration begins.
         """
-        return Stream(self, text, _options(options, kwargs))
+        return Stream(self, text, _options(options, kwargs), lane)
 
     async def generate(
-        self, text: str, options: DecodingOptions | None = None, **kwargs
+        self, text: str, options: DecodingOptions | None = None, *,
+        lane: str | None = None, **kwargs
     ) -> GenerationResult:
         """The whole reply. Cancelling the awaiting task frees the request's slot."""
         options = _options(options, kwargs)
         if self.sources.needs_selection(options):
-            return await self._select(text, options)
-        return await self._generate_plain(text, options)
+            return await self._select(text, options, lane)
+        return await self._generate_plain(text, options, lane)
 
     async def forward_log_probs(self, text: str, replies: list[list[int]]
                                 ) -> list[list[float]] | None:
@@ -269,31 +289,40 @@ class Engine:
         src = source_ids(self.model, text, self.max_source_length)
         return await asyncio.to_thread(forward_token_log_probs, self.sources, src, replies)
 
-    async def _generate_plain(self, text: str, options: DecodingOptions) -> GenerationResult:
+    async def _generate_plain(self, text: str, options: DecodingOptions,
+                              lane: str | None = None) -> GenerationResult:
         """The decoder's own reply, no selection."""
         if options.beam_size > 1:
-            return await self._generate_beam(text, options)
-        stream = Stream(self, text, options)
+            return await self._generate_beam(text, options, lane)
+        stream = Stream(self, text, options, lane)
         async for _ in stream:
             pass
         assert stream.result is not None
         return stream.result
 
     # -- requests -------------------------------------------------------------------------
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, lane: str | None) -> str:
+        """The request's lane, which has room for it in its queue."""
         if not self.running:
             raise EngineStopped("the engine is not running: await engine.start() first")
-        if len(self._waiting) + self._beams_waiting + self._preparing >= self.max_queue:
+        name = self._waiting.name(lane)
+        if self._waiting.full(name):
             self.stats.overloaded_total += 1
-            raise Overloaded(f"the request queue is full ({self.max_queue} waiting)")
+            raise Overloaded(f"the request queue is full ({self.lanes[name].queue} "
+                             f"waiting in lane {name!r})")
+        return name
 
-    async def _submit(self, text: str, options: DecodingOptions) -> _Request:
-        self._check_capacity()
-        self._preparing += 1
-        try:  # tokenizing and a vocabulary scan take milliseconds: not on the event loop
-            request = await asyncio.to_thread(self._prepare, text, options)
+    async def _submit(self, text: str, options: DecodingOptions,
+                      lane: str | None = None) -> _Request:
+        lane = self._check_capacity(lane)
+        self._waiting.hold(lane)
+        try:  # tokenizing and a vocabulary scan take milliseconds: not on the event loop,
+            # and in the lane's own thread: a lane's costly word lists delay only itself
+            # (nor do they take the default pool's threads, which the decoder steps use)
+            request = await asyncio.get_running_loop().run_in_executor(
+                self._preparers[lane], self._prepare, text, options, lane)
         finally:
-            self._preparing -= 1
+            self._waiting.release(lane)
         if not self.running:
             raise EngineStopped("the engine stopped")
         self._waiting.append(request)
@@ -303,11 +332,11 @@ class Engine:
         self._wakeup.set()
         return request
 
-    def _prepare(self, text: str, options: DecodingOptions) -> _Request:
+    def _prepare(self, text: str, options: DecodingOptions, lane: str) -> _Request:
         """Worker thread: the request's source tokens, rules and decoder."""
         src = source_ids(self.model, text, self.max_source_length)
         rules = TokenRules.for_model(self.model, options)
-        request = _Request(src, SequenceDecoder(rules, make_rng(options.seed)))
+        request = _Request(src, SequenceDecoder(rules, make_rng(options.seed)), lane)
         self._batch.encode(request)  # here, beside the running step, not inside it
         return request
 
@@ -317,13 +346,18 @@ class Engine:
             return
         request.cancelled = True
         self.stats.requests_cancelled += 1
-        if request in self._waiting:
-            self._waiting.remove(request)
+        self._waiting.remove(request)
         self._update_sizes()
 
-    async def _generate_beam(self, text: str, options: DecodingOptions) -> GenerationResult:
-        self._check_capacity()
-        src = source_ids(self.model, text, self.max_source_length)
+    async def _generate_beam(self, text: str, options: DecodingOptions,
+                             lane: str | None = None) -> GenerationResult:
+        lane = self._check_capacity(lane)
+        self._waiting.hold(lane)  # a place in its lane's queue until the beam runs
+        try:  # tokenizing takes milliseconds: not on the event loop
+            src = await asyncio.to_thread(source_ids, self.model, text, self.max_source_length)
+        except BaseException:
+            self._waiting.release(lane)
+            raise
         self.stats.requests_total += 1
         stop_flag = threading.Event()
         started = time.perf_counter()
@@ -334,6 +368,7 @@ class Engine:
             assert self._beam_lock is not None
             async with self._beam_lock:  # one beam at a time: it already is a batch
                 self._beams_waiting -= 1
+                self._waiting.release(lane)
                 waiting = False
                 self.stats.beams_running += 1
                 self._update_sizes()
@@ -358,25 +393,39 @@ class Engine:
         finally:
             if waiting:
                 self._beams_waiting -= 1
+                self._waiting.release(lane)
             self._update_sizes()
         self.stats.requests_finished += 1
         self.stats.tokens_total += len(result.token_ids) + (result.finish_reason == "stop")
         self._metric("request_latency", time.perf_counter() - started)
         return result
 
-    async def _select(self, text: str, options: DecodingOptions) -> GenerationResult:
+    async def _select(self, text: str, options: DecodingOptions,
+                      lane: str | None = None) -> GenerationResult:
         """A reply chosen among candidates (module docstring); cancelling the caller
-        cancels its proposals' rows."""
+        cancels its proposals' rows. A lane has at most its queue cap of these under way
+        (retrieval and scoring have queues of their own, which this bounds)."""
         sources, started = self.sources, time.perf_counter()
         hybrid = sources.mode(options) == "hybrid"
-        async with asyncio.TaskGroup() as group:
-            found = group.create_task(asyncio.to_thread(self._retrieve, text, options, hybrid))
-            proposals = [group.create_task(self._generate_plain(text, o))
-                         for o in sources.proposals(options)]
-        src, retrieved = found.result()
-        generated = [p.result() for p in proposals]
-        candidates = usable([*retrieved, *generated_candidates(self.model, generated)], text)
-        scores = await self._scoring.score([(src, c.token_ids) for c in candidates])
+        lane = self._waiting.name(lane)
+        if self._selecting[lane] >= self.lanes[lane].queue:
+            self.stats.overloaded_total += 1
+            raise Overloaded(f"too many replies being chosen ({self.lanes[lane].queue} "
+                             f"in lane {lane!r})")
+        self._selecting[lane] += 1
+        try:
+            async with asyncio.TaskGroup() as group:
+                found = group.create_task(asyncio.to_thread(self._retrieve, text, options,
+                                                            hybrid))
+                proposals = [group.create_task(self._generate_plain(text, o, lane))
+                             for o in sources.proposals(options)]
+            src, retrieved = found.result()
+            generated = [p.result() for p in proposals]
+            candidates = usable([*retrieved, *generated_candidates(self.model, generated)],
+                                text)
+            scores = await self._scoring.score([(src, c.token_ids) for c in candidates])
+        finally:
+            self._selecting[lane] -= 1
         result = sources.choose(self.model, text, candidates, scores, generated, options)
         self._metric("selection_latency", time.perf_counter() - started)
         return result
@@ -391,9 +440,8 @@ class Engine:
         assert self._wakeup is not None
         while True:
             self._active = [r for r in self._active if not r.cancelled]
-            newcomers: list[_Request] = []
-            while self._waiting and len(self._active) + len(newcomers) < self.max_batch_size:
-                newcomers.append(self._waiting.popleft())
+            newcomers: list[_Request] = self._waiting.admit(
+                self._active, self.max_batch_size - len(self._active))
             self._update_sizes(active=len(self._active) + len(newcomers))
             if not self._active and not newcomers:
                 self._wakeup.clear()
@@ -450,6 +498,12 @@ class Engine:
                 self.on_metric(name, seconds)
             except Exception:  # a broken metrics hook must not break decoding
                 pass
+
+
+def _preparers(lanes: dict[str, Lane]) -> dict[str, ThreadPoolExecutor]:
+    """One worker thread a lane for making its requests' tokens and rules."""
+    return {name: ThreadPoolExecutor(1, thread_name_prefix=f"xiaox-prepare-{name}")
+            for name in lanes}
 
 
 def _options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:

@@ -163,11 +163,16 @@ def bleu(replies: list[str], references: list[str], order: int) -> float:
 
 
 def mode_options(base: Mapping | None, mode: dict, blocklist: Blocklist,
-                 pair_index: int = 0) -> DecodingOptions:
+                 pair_index: int = 0, *, enforced: tuple[str, ...] = ()) -> DecodingOptions:
     """A mode's options for one pair: the base options, the mode's own, the blocklist's
-    words suppressed, and a sampling seed of its own per pair."""
+    words suppressed, and a sampling seed of its own per pair.
+
+    ``enforced`` are the words the model folder's own blocklist suppresses anyway (its
+    rules always hold them): only the others are added, so that a request's
+    ``suppress_words`` stays within its cap."""
     base = {"max_length": MAX_REPLY_TOKENS, **(base or {})}
-    words = (*base.get("suppress_words", ()), *blocklist.words)
+    extra = tuple(w for w in blocklist.words if w not in set(enforced))
+    words = (*base.get("suppress_words", ()), *extra)
     options = {**base, **mode, "suppress_words": words}
     if "seed" in mode:  # proposals take seed, seed+1, ...: pairs' seeds must not overlap
         options["seed"] = mode["seed"] + pair_index * RERANKED_SAMPLES
@@ -182,7 +187,8 @@ def is_echo(reply: str, message: str) -> bool:
 
 def answer_all(model: OnnxSeq2Seq, sources: ReplySources, questions: list[str], options: dict,
                blocklist: Blocklist, base: Mapping | None = None) -> list[GenerationResult]:
-    return [select_reply(model, sources, q, mode_options(base, options, blocklist, i))
+    return [select_reply(model, sources, q, mode_options(
+                base, options, blocklist, i, enforced=model.blocklist_words))
             for i, q in enumerate(questions)]
 
 

@@ -11,6 +11,17 @@ REPLY_MODES = (None, "hybrid", "generate")
 MAX_RETRIEVAL_CANDIDATES = 32
 MAX_GENERATED_CANDIDATES = 8
 MAX_TOP_LOG_PROBS = 20
+# The ceilings of one request's work, wherever it comes from (the API, the chat room,
+# ``ask``, ``evaluate``, the engine): a server's settings may lower them, never raise
+# them. Each bounds a cost that grows with it: decoder steps per row (max_length), the
+# beam's [k, V] arrays (beam_size; 5,000 took 2.6 GB), the n-gram scan at every step
+# (no_repeat_ngram_size), and the vocabulary scan a new word list costs in a worker
+# thread (suppress_words: 64 words of 32 characters take about 4 s on 12,000 pieces).
+MAX_LENGTH = 1024
+MAX_BEAM_SIZE = 16
+MAX_NO_REPEAT_NGRAM_SIZE = 16
+MAX_SUPPRESS_WORDS = 64
+MAX_SUPPRESS_WORD_CHARS = 32
 # What a newly exported model folder serves the chat room with (its manifest's
 # "generation"): nucleus sampling as CDial-GPT (p 0.9, T 0.7), repeats discouraged, and
 # in the hybrid mode one sample beside eight retrieved replies (with two samples, the
@@ -30,23 +41,23 @@ class DecodingOptions:
 
     Arguments:
       beam_size: 1 = greedy or sampling, one token at a time (the engine streams it);
-        > 1 = beam search, whose n-best comes at once at the end. (default 1;
-        CTranslate2: 2)
+        > 1 = beam search, whose n-best comes at once at the end; at most 16. (default
+        1; CTranslate2: 2)
       num_hypotheses: How many of the beam's hypotheses to return, best first
         (<= beam_size). (default 1)
       length_penalty: A hypothesis's score is sum(log p) / length ** length_penalty.
         (default 1.0)
       repetition_penalty: > 1 makes already generated tokens less likely (their
         log-prob is multiplied by it). (default 1.0)
-      no_repeat_ngram_size: > 0: never repeat an n-gram of this size (0 = off).
-        (default 0)
+      no_repeat_ngram_size: > 0: never repeat an n-gram of this size (0 = off); at
+        most 16. (default 0)
       presence_penalty: OpenAI's: subtracted from the log-prob of every token the reply
         already has, once; in [-2, 2], < 0 encourages repeats. (default 0.0)
       frequency_penalty: OpenAI's: subtracted from a token's log-prob once per time the
         reply already has it; in [-2, 2]. (default 0.0)
       min_length: </s> is forbidden before this many reply tokens. (default 1)
-      max_length: Reply tokens at most (finish_reason "length" when reached). (default
-        40; CTranslate2: 256)
+      max_length: Reply tokens at most (finish_reason "length" when reached), at most
+        1024. (default 40; CTranslate2: 256)
       sampling_temperature: > 1 flatter, < 1 sharper (sampling only). (default 1.0)
       sampling_topk: 1 = greedy (argmax); k > 1 = sample among the k most likely
         tokens; 0 = among the whole vocabulary. (default 1)
@@ -57,7 +68,7 @@ class DecodingOptions:
       disable_unk: Never produce <unk>. (default True; CTranslate2: False)
       suppress_words: No token whose piece contains one of these words, nor one that
         would finish such a word spelled across tokens; the model folder's blocklist is
-        always added. (default ())
+        always added. At most 64 words of at most 32 characters. (default ())
       antilm_weight: MMI-antiLM (Li et al. 2016), beam search only: for the first
         antilm_steps reply tokens subtract this x the log-prob the decoder gives the
         token with no question at all, so replies any question would get ("我也是")
@@ -181,6 +192,31 @@ def _number(options: DecodingOptions, name: str) -> float:
     return float(value)
 
 
+# Option -> its ceiling; ``check_caps`` takes a server's lower ones in the same shape.
+CAPS = {"max_length": MAX_LENGTH, "min_length": MAX_LENGTH, "beam_size": MAX_BEAM_SIZE,
+        "num_hypotheses": MAX_BEAM_SIZE, "no_repeat_ngram_size": MAX_NO_REPEAT_NGRAM_SIZE,
+        "retrieval_candidates": MAX_RETRIEVAL_CANDIDATES,
+        "generated_candidates": MAX_GENERATED_CANDIDATES, "top_log_probs": MAX_TOP_LOG_PROBS,
+        "suppress_words": MAX_SUPPRESS_WORDS, "suppress_word_chars": MAX_SUPPRESS_WORD_CHARS}
+
+
+def check_caps(o: DecodingOptions, caps: dict[str, int]) -> None:
+    """Each capped option within ``caps`` (``CAPS``, or a server's lower ones): a
+    ValueError that begins with the option's name."""
+    for name, cap in caps.items():
+        if name == "suppress_words":
+            if len(o.suppress_words) > cap:
+                raise ValueError(f"suppress_words must have at most {cap} words, got "
+                                 f"{len(o.suppress_words)}")
+        elif name == "suppress_word_chars":
+            longest = max(map(len, o.suppress_words), default=0)
+            if longest > cap:
+                raise ValueError(f"suppress_words must be words of at most {cap} "
+                                 f"characters, got one of {longest}")
+        elif getattr(o, name) > cap:  # each is work for one request: bounded
+            raise ValueError(f"{name} must be at most {cap}, got {getattr(o, name)!r}")
+
+
 def validate(o: DecodingOptions) -> None:
     """Each value in its range, and the values consistent with each other."""
     for name, low in (("beam_size", 1), ("num_hypotheses", 1), ("no_repeat_ngram_size", 0),
@@ -222,11 +258,7 @@ def validate(o: DecodingOptions) -> None:
     if o.reply_mode not in REPLY_MODES:
         raise ValueError(f"reply_mode must be one of {', '.join(map(str, REPLY_MODES))}, "
                          f"got {o.reply_mode!r}")
-    for name, cap in (("retrieval_candidates", MAX_RETRIEVAL_CANDIDATES),
-                      ("generated_candidates", MAX_GENERATED_CANDIDATES),
-                      ("top_log_probs", MAX_TOP_LOG_PROBS)):
-        if getattr(o, name) > cap:  # each is work for one request: bounded
-            raise ValueError(f"{name} must be at most {cap}, got {getattr(o, name)!r}")
+    check_caps(o, CAPS)
     if o.generated_candidates > 1 and not o.sampling:
         raise ValueError("generated_candidates > 1 needs sampling (greedy proposes one "
                          "reply, a beam its num_hypotheses)")

@@ -19,9 +19,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,25 +31,35 @@ log = logging.getLogger("xiaox.broker")
 
 STORED_IN_HISTORY = "message"
 ZERO_ID = "0-0"
+EVENT_TYPES = frozenset({"message", "typing", "token", "join", "leave"})
+RESET = "reset"  # sent first to a client whose Last-Event-ID predates the trimmed log
+MALFORMED = "malformed"  # a log entry that cannot be read: skipped, never sent
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only, as Redis writes them
+_ID_PART_MAX = 2**64 - 1
 
 
 class BrokerUnavailable(Exception):
     """The event log cannot be reached (Redis down beyond the retry deadline)."""
 
 
+class ReplayGap(Exception):
+    """Events after the requested id were trimmed (or the room expired): reload."""
+
+
 def parse_id(event_id: str) -> tuple[int, int]:
-    """``"<ms>-<seq>"`` as a sortable pair; ValueError for anything else."""
-    ms, sep, seq = event_id.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit() or len(event_id) > 41:
-        raise ValueError(f"not an event id: {event_id[:50]!r}")
-    return int(ms), int(seq)
+    """``"<ms>-<seq>"`` as a sortable pair, each part within 2^64-1; ValueError otherwise."""
+    match = _ID.fullmatch(event_id) if isinstance(event_id, str) else None
+    if match is None or max(int(match[1]), int(match[2])) > _ID_PART_MAX:
+        raise ValueError(f"not an event id: {str(event_id)[:50]!r}")
+    return int(match[1]), int(match[2])
 
 
 @dataclass(frozen=True)
 class Event:
     id: str
-    type: str  # message, typing, token, join, leave
+    type: str  # message, typing, token, join, leave (reset: made for one client)
     data: dict[str, Any]  # includes id, room and ts
+    duplicate: bool = field(default=False, compare=False)  # a retried publish's first id
 
     @property
     def key(self) -> tuple[int, int]:
@@ -87,6 +98,9 @@ class Broker:
     """The shared part: local listeners and the subscribe-replay-dedupe iteration."""
 
     max_pending = 2_000
+    # A room's log and history expire after this long without a publish (Redis EXPIRE,
+    # refreshed by every publish; in-process eviction); 0: never.
+    room_idle_seconds: float = 7 * 24 * 3600.0
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[_Listener]] = {}
@@ -115,7 +129,15 @@ class Broker:
         return None if self.healthy else "broker closed"
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
-                      timeout: float | None = 5.0) -> Event:
+                      timeout: float | None = 5.0, uid: str | None = None) -> Event:
+        """Append an event to the room's log. A message with the ``uid`` of an earlier
+        publish (a retry) is not stored again: the first event's id, ``duplicate`` set."""
+        raise NotImplementedError
+
+    async def claim(self, room: str, uid: str) -> bool:
+        """True for the first caller only, per room and publish ``uid`` (within the hour
+        the uid is remembered): the message's reply is started once, by the first attempt
+        or, when that one stored the message but answered 503, by the first retry."""
         raise NotImplementedError
 
     async def last_id(self, room: str) -> str:
@@ -136,6 +158,8 @@ class Broker:
         """Stop live delivery for a room without local listeners."""
 
     def _fan_out(self, event: Event) -> None:
+        if event.type == MALFORMED:
+            return
         for listener in tuple(self._listeners.get(event.data["room"], ())):
             listener.offer(event)
 
@@ -153,10 +177,15 @@ class Broker:
             await self._watch(room)
             # Registered before reading the log: whatever is published from now on is
             # either in what we read next or arrives in the queue (or both: de-dup by id).
+            backlog: list[Event] = []
             if last_id is not None:
-                backlog = await self.replay(room, last_id)
+                try:
+                    backlog = await self.replay(room, last_id)
+                except ReplayGap:
+                    last_id = await self.last_id(room)
+                    backlog = [_make_event(last_id, RESET, {"room": room})]
             else:
-                backlog, last_id = [], await self.last_id(room)
+                last_id = await self.last_id(room)
             yield self._iterate(listener, backlog, parse_id(last_id))
         finally:
             listeners = self._listeners.get(room)
@@ -169,7 +198,7 @@ class Broker:
     async def _iterate(self, listener: _Listener, backlog: list[Event],
                        cursor: tuple[int, int]) -> AsyncIterator[Event]:
         for event in backlog:
-            if event.key > cursor:
+            if event.key > cursor or event.type == RESET:
                 cursor = event.key
                 yield event
         while True:
@@ -184,12 +213,20 @@ class Broker:
 class InProcessBroker(Broker):
     """Rooms in this process's memory: the default for a single server process."""
 
-    def __init__(self, *, log_max_events: int = 10_000, history_max_messages: int = 1_000):
+    uid_seconds = 3600.0  # how long a publish's uid is remembered (as in Redis)
+
+    def __init__(self, *, log_max_events: int = 10_000, history_max_messages: int = 1_000,
+                 max_rooms: int = 10_000):
         super().__init__()
         self._logs: dict[str, deque[Event]] = {}
         self._messages: dict[str, deque[Event]] = {}
+        self._trimmed: dict[str, tuple[int, int]] = {}  # room -> newest event dropped
+        self._active: OrderedDict[str, float] = OrderedDict()  # room -> last publish
+        self._uids: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._claims: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._log_max = log_max_events
         self._history_max = history_max_messages
+        self.max_rooms = max_rooms
         self._last = (0, 0)
 
     def _next_id(self) -> str:
@@ -199,16 +236,55 @@ class InProcessBroker(Broker):
         return f"{self._last[0]}-{self._last[1]}"
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
-                      timeout: float | None = 5.0) -> Event:
+                      timeout: float | None = 5.0, uid: str | None = None) -> Event:
         if self.closed:
             raise BrokerUnavailable("the broker is closed")
         payload = {**data, "room": room, "ts": data.get("ts", time.time())}
+        now = time.monotonic()
+        if uid is not None and event_type == STORED_IN_HISTORY:
+            seen = self._uids.get((room, uid))
+            if seen is not None and seen[1] > now:
+                return Event(seen[0], event_type, {"id": seen[0], **payload}, duplicate=True)
         event = _make_event(self._next_id(), event_type, payload)
-        self._logs.setdefault(room, deque(maxlen=self._log_max)).append(event)
+        self._evict(now, keep=room)
+        room_log = self._logs.setdefault(room, deque(maxlen=self._log_max))
+        if len(room_log) == room_log.maxlen:
+            self._trimmed[room] = room_log[0].key
+        room_log.append(event)
         if event_type == STORED_IN_HISTORY:
             self._messages.setdefault(room, deque(maxlen=self._history_max)).append(event)
+            if uid is not None:
+                self._uids[(room, uid)] = (event.id, now + self.uid_seconds)
+                while len(self._uids) > 10 * self._history_max or (
+                        self._uids and next(iter(self._uids.values()))[1] <= now):
+                    self._uids.popitem(last=False)  # bounded: oldest first
         self._fan_out(event)
         return event
+
+    async def claim(self, room: str, uid: str) -> bool:
+        if (room, uid) in self._claims:
+            return False
+        self._claims[(room, uid)] = None
+        while len(self._claims) > 10 * self._history_max:  # bounded like the uids
+            self._claims.popitem(last=False)
+        return True
+
+    def _evict(self, now: float, keep: str) -> None:
+        """Forget rooms idle past ``room_idle_seconds``, and the least recently used past
+        ``max_rooms``; a room with local listeners stays."""
+        self._active[keep] = now
+        self._active.move_to_end(keep)
+        idle = self.room_idle_seconds
+        for room, last in list(self._active.items()):
+            crowded = len(self._active) > self.max_rooms
+            if room == keep or not (crowded or (idle > 0 and now - last > idle)):
+                break
+            if room in self._listeners:
+                self._active.move_to_end(room)
+                continue
+            del self._active[room]
+            for store in (self._logs, self._messages, self._trimmed):
+                store.pop(room, None)
 
     async def last_id(self, room: str) -> str:
         room_log = self._logs.get(room)
@@ -220,16 +296,25 @@ class InProcessBroker(Broker):
 
     async def replay(self, room: str, after_id: str) -> list[Event]:
         after = parse_id(after_id)
-        return [e for e in self._logs.get(room, ()) if e.key > after]
+        room_log = self._logs.get(room)
+        if room_log is None:
+            if after != (0, 0):
+                raise ReplayGap(room)  # evicted (or never seen here): what it had is gone
+            return []
+        if after < self._trimmed.get(room, (0, 0)):
+            raise ReplayGap(room)
+        return [e for e in room_log if e.key > after]
 
 
 # Atomic publish: append to the room's log, copy a message into the history stream
 # under the same id, and remember the publish's uid so a retried publish (the reply
-# was lost, not the write) returns the first id instead of writing twice.
+# was lost, not the write; or a client's Idempotency-Key) returns the first id instead
+# of writing twice. Every publish pushes the room's expiry back (ARGV[8] ms, 0: none):
+# an idle room's keys go. All keys carry the {room} tag: one slot.
 _PUBLISH_SCRIPT = """
 if ARGV[7] == '1' then
   local seen = redis.call('GET', KEYS[3])
-  if seen then return seen end
+  if seen then return {seen, 1} end
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
                       'type', ARGV[1], 'data', ARGV[2])
@@ -239,7 +324,11 @@ end
 if ARGV[7] == '1' then
   redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
 end
-return id
+if ARGV[8] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('PEXPIRE', KEYS[2], ARGV[8])
+end
+return {id, 0}
 """
 
 
@@ -258,22 +347,21 @@ class RedisBroker(Broker):
     page = 1_000
 
     def __init__(self, url: str, *, prefix: str = "xiaox", log_max_events: int = 10_000,
-                 history_max_messages: int = 1_000):
+                 history_max_messages: int = 1_000, wait_replicas: int = -1,
+                 wait_ms: int = 500):
         super().__init__()
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from serve.web.redis_clients import connect
+        from serve.web.redis_replication import Replication
+        from serve.web.redis_url import SENTINEL, parse_redis_url
 
-        # Our own loops retry (with backoff and de-duplication); redis-py's default of
-        # ten jittered retries would hide an outage for many seconds.
-        options = dict(decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
-                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.url = url
-        # A blocking pool: a burst of more commands than connections waits for a free one
-        # instead of failing as if Redis were down.
-        pool = BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **options)
-        self._redis = Redis(connection_pool=pool)
-        self._reader_redis = Redis.from_url(url, max_connections=2, **options)
+        self.target = parse_redis_url(url)  # one Redis, a Sentinel service or a Cluster
+        self._clients = connect(self.target)
+        self._redis, self._reader_redis = self._clients.commands, self._clients.delivery
+        # -1: wait for one replica under Sentinel (the one it would promote), else none.
+        if wait_replicas < 0:
+            wait_replicas = 1 if self.target.kind == SENTINEL else 0
+        self._replication = Replication(wait_replicas, wait_ms)
         self._prefix = prefix
         self._log_max = log_max_events
         self._history_max = history_max_messages
@@ -311,7 +399,7 @@ class RedisBroker(Broker):
     def _mark(self, ok: bool, problem: str | None = None) -> None:
         if ok != self._healthy:
             if ok:
-                log.info("redis reachable at %s", _redact(self.url))
+                log.info("redis reachable: %s", self.target.describe())
             else:
                 log.warning("redis unreachable (%s); retrying with backoff", problem)
         self._healthy, self._problem = ok, (None if ok else problem)
@@ -330,13 +418,13 @@ class RedisBroker(Broker):
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-        await self._reader_redis.aclose()
-        await self._redis.aclose()
+        await self._clients.aclose()
 
     async def _call(self, what: str, coro_factory, timeout: float | None):
-        """Run a Redis command, retrying connection errors with backoff until ``timeout``."""
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
+        """Run a Redis command, retrying transient errors (Redis down, a failover or a
+        resharding in progress, a write no replica acknowledged) with backoff until
+        ``timeout``; then BrokerUnavailable (a 503 with Retry-After, never a 500)."""
+        from serve.web.redis_clients import is_transient
 
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.05
@@ -347,26 +435,48 @@ class RedisBroker(Broker):
                 result = await coro_factory()
                 self._mark(True)
                 return result
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except Exception as e:
+                if not is_transient(e):
+                    raise
                 self._mark(False, _describe(e))
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise BrokerUnavailable(f"{what}: redis unreachable ({_describe(e)})") from e
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
 
     async def publish(self, room: str, event_type: str, data: dict[str, Any], *,
-                      timeout: float | None = 5.0) -> Event:
+                      timeout: float | None = 5.0, uid: str | None = None) -> Event:
         payload = {**data, "room": room, "ts": data.get("ts", time.time())}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        uid = secrets.token_hex(12)
+        uid = uid or secrets.token_hex(12)
         is_message = event_type == STORED_IN_HISTORY
         # Only messages need exactly-once; a doubled typing/token is harmless and cheap.
         keys = [self._log_key(room), self._messages_key(room), self._uid_key(room, uid)]
         args = [event_type, body, self._log_max, self._history_max,
-                "1" if is_message else "0", 3600, "1" if is_message else "0"]
-        event_id = await self._call(
-            "publish", lambda: self._script(keys=keys, args=args), timeout)
-        return _make_event(event_id, event_type, payload)
+                "1" if is_message else "0", 3600, "1" if is_message else "0",
+                max(0, int(self.room_idle_seconds * 1000))]
+        # A message is acknowledged once a replica holds it (redis_replication); a retry
+        # after a failover carries the same uid, so it cannot write the message twice.
+        run = self._replication.run_script if is_message else _run_plain
+        event_id, seen = await self._refused("publish", lambda: self._call(
+            "publish", lambda: run(self._redis, self._script, keys, args), timeout))
+        return Event(event_id, event_type, {"id": event_id, **payload}, duplicate=seen == 1)
+
+    async def _refused(self, what: str, call):
+        """``call()``, with Redis refusing the command (a ``ResponseError``: a key of the
+        wrong type, an id out of range) as ``BrokerUnavailable``: a clean 503."""
+        from redis.exceptions import ResponseError
+
+        try:
+            return await call()
+        except ResponseError as e:
+            log.warning("redis refused %s: %s", what, _describe(e))
+            raise BrokerUnavailable(f"{what}: redis refused the command") from e
+
+    async def claim(self, room: str, uid: str) -> bool:
+        key = f"{self._uid_key(room, uid)}:reply"  # in the room's slot, like its other keys
+        return bool(await self._call(
+            "claim", lambda: self._redis.set(key, "1", nx=True, ex=3600), 2.0))
 
     async def rate_hit(self, key: str, limit: int, window: float) -> tuple[bool, float]:
         """Count one event for ``key`` across all processes: (allowed, seconds to wait)."""
@@ -376,8 +486,8 @@ class RedisBroker(Broker):
         return int(count) <= limit, 0.0 if int(count) <= limit else max(0, int(ttl_ms)) / 1000
 
     async def last_id(self, room: str) -> str:
-        entries = await self._call(
-            "last id", lambda: self._redis.xrevrange(self._log_key(room), count=1), 5.0)
+        entries = await self._refused("last id", lambda: self._call(
+            "last id", lambda: self._redis.xrevrange(self._log_key(room), count=1), 5.0))
         return entries[0][0] if entries else ZERO_ID
 
     async def history(self, room: str, limit: int) -> tuple[list[Event], str]:
@@ -386,21 +496,58 @@ class RedisBroker(Broker):
         cursor = await self.last_id(room)
         if limit <= 0 or cursor == ZERO_ID:
             return [], cursor
-        entries = await self._call("history", lambda: self._redis.xrevrange(
-            self._messages_key(room), max=cursor, min="-", count=limit), 5.0)
-        return [_decode(e) for e in reversed(entries)], cursor
+        entries = await self._refused("history", lambda: self._call(
+            "history", lambda: self._redis.xrevrange(
+                self._messages_key(room), max=cursor, min="-", count=limit), 5.0))
+        return _readable(_decode(e) for e in reversed(entries)), cursor
 
     async def replay(self, room: str, after_id: str) -> list[Event]:
-        parse_id(after_id)
+        after = parse_id(after_id)
+        if after == (_ID_PART_MAX, _ID_PART_MAX):
+            return []  # nothing can follow it (and Redis refuses "(" of it)
+        # Trimmed past the client's id, or expired with the room: the client must reload.
+        # XINFO first: whatever is trimmed after this point is after what we read.
+        kept_from = await self._trimmed_through(room)
+        if kept_from is None:  # no log: the room expired (or never was)
+            if after != (0, 0):
+                raise ReplayGap(room)
+            return []
+        if after < kept_from:
+            raise ReplayGap(room)
         events: list[Event] = []
         start = "(" + after_id
         while True:
-            entries = await self._call("replay", lambda s=start: self._redis.xrange(
-                self._log_key(room), min=s, max="+", count=self.page), 5.0)
-            events.extend(_decode(e) for e in entries)
+            entries = await self._refused("replay", lambda s=start: self._call(
+                "replay", lambda: self._redis.xrange(
+                    self._log_key(room), min=s, max="+", count=self.page), 5.0))
+            events.extend(_readable(map(_decode, entries)))
             if len(entries) < self.page:
                 return events
             start = "(" + entries[-1][0]
+
+    async def _trimmed_through(self, room: str) -> tuple[int, int] | None:
+        """An id before which events may have been dropped (the first kept), (0, 0) when
+        none were; None when the room has no log."""
+        from redis.exceptions import ResponseError
+
+        async def info():
+            try:
+                return await self._redis.xinfo_stream(self._log_key(room))
+            except ResponseError as e:
+                if "no such key" in str(e).lower():
+                    return None
+                raise
+
+        found = await self._refused("replay", lambda: self._call("replay", info, 5.0))
+        if found is None:
+            return None
+        if int(found.get("entries-added", 0)) <= int(found.get("length", 0)):
+            return (0, 0)  # nothing dropped yet
+        # XADD's trimming does not record what it dropped (Redis 7.0): everything before
+        # the first entry may be gone. A client whose last id is the very last one dropped
+        # reloads without need; none misses an event.
+        first = found.get("first-entry")
+        return parse_id(first[0]) if first else (_ID_PART_MAX, _ID_PART_MAX)
 
     async def _watch(self, room: str) -> None:
         async with self._watch_lock:  # a second listener waits until the room is covered
@@ -412,6 +559,13 @@ class RedisBroker(Broker):
         self._cursors.pop(room, None)
 
     async def _read_forever(self) -> None:
+        if self._clients.cluster:  # rooms in different slots: one reader per slot
+            from serve.web.redis_reader import SlotReaders
+
+            await SlotReaders(self._reader_redis, self._cursors, self._log_key,
+                              self._deliver, self._mark, self._rooms_changed,
+                              block_ms=self.block_ms, page=self.page).run()
+            return
         delay = 0.1
         while not self.closed:
             try:
@@ -435,18 +589,51 @@ class RedisBroker(Broker):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            for key, entries in response or ():
-                room = self._room_of(key)
-                for entry in entries:
-                    event = _decode(entry)
-                    if room in self._cursors:
-                        self._cursors[room] = event.id
-                    self._fan_out(event)
+            self._deliver(response)
+
+    def _deliver(self, response) -> None:
+        """Fan out one XREAD response and move the rooms' cursors past it."""
+        for key, entries in response or ():
+            room = self._room_of(key)
+            for entry in entries:
+                event = _decode(entry)
+                if room in self._cursors:
+                    self._cursors[room] = event.id
+                self._fan_out(event)
+
+
+async def _run_plain(client, script, keys: list, args: list):
+    return await script(keys=keys, args=args)
+
+
+malformed_entries = 0  # log entries skipped as unreadable, since this process started
 
 
 def _decode(entry: tuple[str, dict[str, str]]) -> Event:
+    """A log entry as an Event; one that cannot be read (written by hand, by another
+    version) comes back as a ``MALFORMED`` placeholder with its id, so the reader's cursor
+    moves past it, and is never sent."""
+    global malformed_entries
     event_id, fields = entry
-    return _make_event(event_id, fields.get("type", "message"), json.loads(fields["data"]))
+    try:
+        event_type, raw = fields.get("type", STORED_IN_HISTORY), fields["data"]
+        data = json.loads(raw)
+        if event_type not in EVENT_TYPES or not isinstance(data, dict) or not isinstance(
+                data.get("room"), str):
+            raise ValueError("not an event of this server")
+        if "\\u" in raw:  # an escaped lone surrogate would break the SSE encoder later
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        data.pop("id", None)  # the entry's own id is the event's id
+        return _make_event(event_id, event_type, data)
+    except (KeyError, ValueError, TypeError, RecursionError, UnicodeEncodeError) as e:
+        malformed_entries += 1
+        log.warning("skipped malformed log entry %s (%d so far): %s", str(event_id)[:48],
+                    malformed_entries, _describe(e))
+        return Event(str(event_id), MALFORMED, {"id": str(event_id)})
+
+
+def _readable(events) -> list[Event]:
+    return [e for e in events if e.type != MALFORMED]
 
 
 def _describe(error: BaseException) -> str:

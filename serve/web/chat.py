@@ -17,7 +17,10 @@ from starlette.requests import Request
 
 from serve.web import reply
 from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
+from serve.web.lanes import engine_lanes
+from serve.web.leases import LocalLeases, RedisLeases
 from serve.web.metrics import Metrics, multiprocess_dir
+from serve.web.presence import StreamGate
 from serve.web.security.rate_limit import RateLimiter
 from serve.web.settings import Settings
 
@@ -43,6 +46,9 @@ class Chat:
         self.model_error: str | None = "the model is loading"
         self.broker: Broker | None = None
         self.send_limiter = RateLimiter(settings.rate_limit_messages, settings.rate_limit_window)
+        self.ip_send_limiter = RateLimiter(settings.rate_limit_ip_messages,
+                                           settings.rate_limit_window)
+        self.gate: StreamGate | None = None
         self.replies: set[asyncio.Task] = set()
         self.closing = False
         self.sse_shutdown: anyio.Event | None = None  # set by sse-starlette on shutdown
@@ -75,17 +81,24 @@ class Chat:
         engine_class = _import(s.engine) if s.engine else Engine
         self.engine = engine_class(model, max_batch_size=s.max_batch_size,
                                    max_queue=s.max_queue,
-                                   on_metric=self.metrics.on_engine_metric, sources=sources)
+                                   on_metric=self.metrics.on_engine_metric, sources=sources,
+                                   **({} if s.engine else {"lanes": engine_lanes(s)}))
         await self.engine.start()
         self.metrics.watch_engine(self.engine)
         self.model_error = None
         if s.redis_url:
             self.broker = RedisBroker(s.redis_url, log_max_events=s.log_max_events,
-                                      history_max_messages=s.history_max_messages)
+                                      history_max_messages=s.history_max_messages,
+                                      wait_replicas=s.redis_wait_replicas,
+                                      wait_ms=s.redis_wait_ms)
         else:
             self.broker = InProcessBroker(log_max_events=s.log_max_events,
-                                          history_max_messages=s.history_max_messages)
+                                          history_max_messages=s.history_max_messages,
+                                          max_rooms=s.max_rooms)
+        self.broker.room_idle_seconds = s.room_idle_seconds
         await self.broker.start()
+        self.gate = self.make_gate(self.broker)
+        self.gate.start()
         self.sse_shutdown = anyio.Event()
         self._watcher = asyncio.create_task(self._end_streams_on_shutdown())
         if multiprocess_dir() is not None:  # the other workers' scrapes read our copy
@@ -116,22 +129,43 @@ class Chat:
         for task in (self._watcher, self._metrics_sync):
             if task is not None:
                 task.cancel()
+        if self.gate is not None:
+            await self.gate.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.broker is not None:
             await self.broker.close()
         self.metrics.close()
 
-    async def allow_send(self, user: str) -> tuple[bool, float]:
-        """The per-user rate limit: shared through Redis when there is one."""
+    def make_gate(self, broker: Broker) -> StreamGate:
+        """The stream caps and presence, counted in Redis when the broker is Redis's."""
         s = self.settings
-        if isinstance(self.broker, RedisBroker) and self.broker.healthy:
-            try:
-                return await self.broker.rate_hit(f"send:{user}", s.rate_limit_messages,
-                                                  s.rate_limit_window)
-            except BrokerUnavailable:
-                pass  # this process's own bucket below
-        return self.send_limiter.allow(user)
+        leases = RedisLeases(broker) if isinstance(broker, RedisBroker) else LocalLeases()
+
+        async def announce(room: str, kind: str, data: dict) -> None:
+            await reply.try_publish(broker, room, kind, data)
+
+        return StreamGate(leases, announce, per_session=s.max_streams_per_session,
+                          per_ip=s.max_streams_per_ip, grace=s.presence_grace_seconds)
+
+    async def allow_send(self, sid: str, ip: str) -> tuple[bool, float]:
+        """The rate limits of the session and of the client's address (both must allow):
+        shared through Redis when there is one. (allowed, seconds to wait)."""
+        s = self.settings
+        limits = ((f"send:session:{sid}", s.rate_limit_messages, self.send_limiter, sid),
+                  (f"send:ip:{ip}", s.rate_limit_ip_messages, self.ip_send_limiter, ip))
+        for key, limit, local, local_key in limits:
+            allowed, wait = None, 0.0
+            if isinstance(self.broker, RedisBroker) and self.broker.healthy:
+                try:
+                    allowed, wait = await self.broker.rate_hit(key, limit, s.rate_limit_window)
+                except BrokerUnavailable:
+                    pass  # this process's own bucket below
+            if allowed is None:
+                allowed, wait = local.allow(local_key)
+            if not allowed:
+                return False, wait
+        return True, 0.0
 
     def problems(self) -> list[str]:
         problems = []
@@ -147,10 +181,11 @@ class Chat:
             problems.append(self.broker.problem or "broker: unhealthy")
         return problems
 
-    def start_reply(self, room: str, text: str, reply_to: str) -> str:
+    def start_reply(self, room: str, text: str, reply_to: str,
+                    reply_id: str | None = None) -> str:
         """小X's reply to ``text`` as a task of its own (see ``serve.web.reply``): its id."""
         assert self.broker is not None
-        reply_id = secrets.token_hex(8)
+        reply_id = reply_id or secrets.token_hex(8)
         coro = reply.reply(self.broker, self.engine, self.metrics, room, text,
                            reply_id=reply_id, reply_to=reply_to, options=self.reply_options)
         task = asyncio.create_task(coro, name=f"xiaox-reply-{reply_id}")

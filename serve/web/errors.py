@@ -23,7 +23,9 @@ def error_response(status: int, message: str, reason: str,
 async def invalid_input_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidInput)
     chat_of(request).metrics.errors.labels(exc.reason).inc()
-    headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+    # The real window where the raiser knows it (serve.web.fields.try_later), else 5 s.
+    retry_after = getattr(exc, "retry_after", 5)
+    headers = {"Retry-After": str(retry_after)} if exc.status in (429, 503) else None
     return error_response(exc.status, str(exc), exc.reason, headers)
 
 

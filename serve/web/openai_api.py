@@ -10,8 +10,9 @@ short names (top_k, min_tokens) are accepted as extra fields. The options start 
 model folder's default generation settings (its manifest's ``generation``, shown by
 ``/v1/models`` as ``xiaox_generation``), then the request's fields win; a request asking
 for greedy decoding (temperature 0, top_k 1) or beam search drops the folder's sampling
-defaults (the rule in full: ``serve.web.openai_fields``). ``n`` (up to 4), ``stop``
-(up to 4 strings) and ``logprobs``/``top_logprobs`` (up to 5) work streamed and not
+defaults (the rule in full: ``serve.web.openai_fields``). ``n`` (up to 4: the server's
+``api_max_n``, as every cap there), ``stop`` (up to 4 strings) and
+``logprobs``/``top_logprobs`` (up to 5) work streamed and not
 (``serve.web.openai_choices`` says how, and what the log-probs of a reply chosen among
 candidates are). A field this server does not implement is a 400 that names it
 (``serve.web.openai_fields``), never silently ignored.
@@ -21,10 +22,15 @@ Every answer under ``/v1`` is OpenAI's shape, errors included (``{"error": {"mes
 ``logprobs: true`` a chat completion's first choice also has ``xiaox_source`` and
 ``xiaox_candidates`` (every candidate reply and its scores) when it was chosen among
 candidates: extension fields OpenAI's clients ignore.
+
+A client that hangs up cancels its request, streamed or not (a non-streamed one is
+watched for ``http.disconnect`` while it is worked on), so its rows of the decoder batch
+are freed at once. Requests go to the engine's ``api`` lane (``serve.web.lanes``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -39,8 +45,8 @@ from starlette.routing import Route
 
 from serve.web.openai_choices import Event, start_choices
 from serve.web.openai_fields import (
-    MAX_TOKENS,
     ApiError,
+    ApiLimits,
     Wanted,
     check_key,
     decoding_options,
@@ -95,12 +101,15 @@ class _Request:
     created: int
 
 
-def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
-    """The body checked against this server and its model: ApiError if wrong."""
+async def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
+    """The body checked against this server and its model (within its ``api_max_*``
+    settings): ApiError if wrong."""
     from serve.runtime.search import source_ids
 
     chat = request.app.state.chat
-    text = last_user_text(body) if chat_api else prompt_text(body)
+    limits = ApiLimits.of(chat.settings)
+    text = last_user_text(body, limits.prompt_chars) if chat_api \
+        else prompt_text(body, limits.prompt_chars)
     model_name = body.get("model")
     if model_name not in (None, "", chat.model_name):
         raise ApiError(404, f"the model '{model_name}' does not exist; "
@@ -108,12 +117,11 @@ def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
                        param="model")
     settings = chat.settings
     generation = chat.engine.model.manifest.generation if chat.engine is not None else {}
-    options = decoding_options(body, settings.reply_max_tokens,
-                               max(MAX_TOKENS, settings.reply_max_tokens), generation)
-    want = wanted(body, chat_api)
+    options = decoding_options(body, settings.reply_max_tokens, limits, generation)
+    want = wanted(body, chat_api, limits.n)
     chat = _model_ready(request)
-    try:
-        prompt_tokens = len(source_ids(chat.engine.model, text))
+    try:  # jieba on 2,000 characters takes milliseconds: not on the event loop
+        prompt_tokens = len(await asyncio.to_thread(source_ids, chat.engine.model, text))
     except ValueError as e:
         raise ApiError(400, str(e), "invalid_content",
                        param="messages" if chat_api else "prompt") from None
@@ -280,6 +288,31 @@ async def _chunks(name: str, req: _Request, choices, record) -> AsyncIterator[by
     yield b"data: [DONE]\n\n"
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body is read: ``receive`` has nothing else
+    to say but ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, answer) -> Response:
+    """Awaits ``answer`` (a coroutine: the request's work) unless the client hangs up
+    first: then the work is cancelled, which frees its rows of the batch at once. (A
+    streamed answer, once begun, is watched by Starlette's StreamingResponse.)"""
+    work = asyncio.ensure_future(answer)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})  # its cleanup (freeing its rows) has run
+    if work.cancelled():  # the client left: nobody reads this
+        return Response(status_code=499)
+    return work.result()
+
+
 async def _guarded(request: Request, answer) -> Response:
     """Runs ``answer`` (async, the request's work): any failure in OpenAI's shape."""
     chat = request.app.state.chat
@@ -305,9 +338,10 @@ def _completion_endpoint(chat_api: bool):
     async def endpoint(request: Request) -> Response:
         async def answer() -> Response:
             _allow(request, "POST")
-            req = _parse(request, await read_body(request), chat_api)
+            req = await _parse(request, await read_body(request), chat_api)
             chat = request.app.state.chat
-            return await (_stream if req.want.stream else _complete)(chat, req)
+            return await _unless_disconnected(
+                request, (_stream if req.want.stream else _complete)(chat, req))
 
         return await _guarded(request, answer)
 

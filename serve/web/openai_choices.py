@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from serve.web.lanes import API_LANE, lane
 from serve.web.openai_fields import ApiError, Wanted
 
 FLOOR = -9999.0  # OpenAI's log-prob for "impossible" (JSON has no -inf)
@@ -184,7 +185,7 @@ async def start_decoded(engine, text: str, options: dict[str, Any], want: Wanted
     try:
         for i in range(want.n):
             seeded = {**options, "seed": None if seed is None else seed + i}
-            stream = engine.stream(text, **seeded)
+            stream = engine.stream(text, **lane(engine, API_LANE), **seeded)
             pieces = _pieces(stream)
             streams.append(stream)
             iterators.append(pieces)
@@ -270,7 +271,7 @@ async def start_whole(engine, text: str, options: dict[str, Any], want: Wanted) 
             decoding = replace(decoding, generated_candidates=max(
                 decoding.generated_candidates, want.n))
         decoding = replace(decoding, return_candidates=True)
-    result = await engine.generate(text, decoding)
+    result = await engine.generate(text, decoding, **lane(engine, API_LANE))
     replies = _whole_replies(result, want.n, decoding.max_length, engine.model.tokenizer)
     log_probs = None
     if want.logprobs and hasattr(engine, "forward_log_probs"):

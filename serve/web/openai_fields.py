@@ -36,9 +36,6 @@ from starlette.responses import JSONResponse
 
 from serve.web.security.text import InvalidInput, clean_text, decode_utf8
 
-MAX_INPUT_CHARS = 2_000
-MAX_TOKENS = 256  # or the server's reply_max_tokens when that is larger
-MAX_N = 4
 MAX_TOP_LOGPROBS = 5
 MAX_STOP = 4
 MAX_STOP_CHARS = 32
@@ -72,6 +69,33 @@ ALIASES = {"max_tokens": "max_length", "max_completion_tokens": "max_length",
            "temperature": "sampling_temperature"}
 # Read by the API itself, not by DecodingOptions.
 API_FIELDS = {"messages", "prompt", "stream", "n", "stop", "logprobs", "top_logprobs"}
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one request may ask: the server's ``api_max_*`` settings (their defaults
+    here), each at most the runtime's ceiling (``serve.runtime.options.CAPS``)."""
+
+    max_tokens: int = 256
+    n: int = 4
+    beam_size: int = 8
+    no_repeat_ngram_size: int = 8
+    suppress_words: int = 16
+    suppress_word_chars: int = 16
+    prompt_chars: int = 2_000
+
+    @classmethod
+    def of(cls, settings: Any) -> ApiLimits:
+        return cls(**{f.name: getattr(settings, "api_" + f.name if f.name == "max_tokens"
+                                      else "api_max_" + f.name) for f in fields(cls)})
+
+    def caps(self) -> dict[str, int]:
+        """As ``DecodingOptions`` caps (``serve.runtime.options.check_caps``)."""
+        return {"max_length": self.max_tokens, "min_length": self.max_tokens,
+                "beam_size": self.beam_size, "num_hypotheses": self.beam_size,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "suppress_words": self.suppress_words,
+                "suppress_word_chars": self.suppress_word_chars}
 
 
 def _printable(text: str) -> str:
@@ -161,33 +185,36 @@ def _asked(body: dict[str, Any], known: set[str], folder_topk: int) -> dict[str,
 
 
 def decoding_options(body: dict[str, Any], default_max_tokens: int,
-                     max_tokens: int = MAX_TOKENS,
+                     limits: ApiLimits | None = None,
                      generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """OpenAI request fields -> ``DecodingOptions`` keyword arguments (checked): the
-    model folder's default generation settings (``generation``, but its max_length),
-    then ``default_max_tokens`` as max_length, then the request's own fields (the module
+    """OpenAI request fields -> ``DecodingOptions`` keyword arguments (checked, within
+    ``limits``, else the defaults): the model folder's default generation settings
+    (``generation``, but its max_length), then ``default_max_tokens`` (at most
+    ``limits.max_tokens``) as max_length, then the request's own fields (the module
     docstring gives the rule)."""
     from serve.runtime.flags import folder_defaults
-    from serve.runtime.options import DecodingOptions
+    from serve.runtime.options import DecodingOptions, check_caps
 
+    limits = limits or ApiLimits()
     known = {f.name for f in fields(DecodingOptions)}
     _refuse_unimplemented(body, known)
     generation = {k: v for k, v in (generation or {}).items() if k != "max_length"}
     asked = _asked(body, known, generation.get("sampling_topk", 1))
-    options = {**folder_defaults(generation, asked), "max_length": default_max_tokens,
-               **asked}
+    options = {**folder_defaults(generation, asked),
+               "max_length": min(default_max_tokens, limits.max_tokens), **asked}
     length = options["max_length"]
-    if isinstance(length, int) and not isinstance(length, bool) and length > max_tokens:
+    if isinstance(length, int) and not isinstance(length, bool) \
+            and length > limits.max_tokens:
         param = next((k for k in ("max_completion_tokens", "max_tokens", "max_length")
                       if body.get(k) is not None), "max_tokens")
-        raise ApiError(400, f"'{param}' must be at most {max_tokens}, got {length}",
+        raise ApiError(400, f"'{param}' must be at most {limits.max_tokens}, got {length}",
                        "invalid_max_tokens", param=param)
     minimum = options.get("min_length")
     if "min_length" not in asked and isinstance(minimum, int) and isinstance(length, int) \
             and minimum > length:
         options["min_length"] = length  # the folder's minimum, within the request's max
-    try:
-        DecodingOptions.from_kwargs(**options)
+    try:  # the runtime's ceilings, then this server's (lower) caps
+        check_caps(DecodingOptions.from_kwargs(**options), limits.caps())
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e), "invalid_decoding_option",
                        param=_param_of(str(e), body)) from None
@@ -236,9 +263,21 @@ def _text_content(content: Any) -> Any:
     return content
 
 
-def last_user_text(body: dict[str, Any]) -> str:
+def _prompt_length(messages: list[dict], max_chars: int) -> None:
+    """All the messages' text together within ``max_chars``: unread turns cost the
+    parsing and checking of them, and a client must learn its prompt is too long."""
+    total = sum(len(t) for m in messages
+                if isinstance(t := _text_content(m.get("content")), str))
+    if total > max_chars:
+        raise ApiError(400, f"the messages' contents are {total} characters, more than "
+                       f"this server's {max_chars}", "context_length_exceeded",
+                       param="messages")
+
+
+def last_user_text(body: dict[str, Any], max_chars: int = ApiLimits.prompt_chars) -> str:
     """The last ``user`` message: the model reads that one only (a single-turn model);
-    system, developer and assistant turns are checked, then left unread."""
+    system, developer and assistant turns are checked, then left unread. All of them
+    together have at most ``max_chars`` characters."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages",
@@ -261,23 +300,28 @@ def last_user_text(body: dict[str, Any]) -> str:
     if last is None:
         raise ApiError(400, "no message with role 'user'", "invalid_messages",
                        param="messages")
+    _prompt_length(messages, max_chars)
     try:
         return clean_text(_text_content(last["content"]), field="content",
-                          max_chars=MAX_INPUT_CHARS)
+                          max_chars=max_chars)
     except InvalidInput as e:
         raise ApiError(400, str(e), "invalid_content", param="messages") from None
 
 
-def prompt_text(body: dict[str, Any]) -> str:
-    """``/v1/completions``' ``prompt``: a string, or a list of one string."""
+def prompt_text(body: dict[str, Any], max_chars: int = ApiLimits.prompt_chars) -> str:
+    """``/v1/completions``' ``prompt``: a string, or a list of one string, of at most
+    ``max_chars`` characters."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string or a list of one string",
                        "invalid_prompt", param="prompt")
+    if len(prompt) > max_chars:
+        raise ApiError(400, f"'prompt' is {len(prompt)} characters, more than this "
+                       f"server's {max_chars}", "context_length_exceeded", param="prompt")
     try:
-        return clean_text(prompt, field="prompt", max_chars=MAX_INPUT_CHARS)
+        return clean_text(prompt, field="prompt", max_chars=max_chars)
     except InvalidInput as e:
         raise ApiError(400, str(e), "invalid_prompt", param="prompt") from None
 
@@ -295,7 +339,7 @@ class Wanted:
     include_usage: bool = False
 
 
-def wanted(body: dict[str, Any], chat_api: bool) -> Wanted:
+def wanted(body: dict[str, Any], chat_api: bool, max_n: int = ApiLimits.n) -> Wanted:
     """n, stop, logprobs (chat: true/false and top_logprobs; completions: 0-5), stream."""
     if chat_api:
         flag = body.get("logprobs")
@@ -319,5 +363,5 @@ def wanted(body: dict[str, Any], chat_api: bool) -> Wanted:
     stream_options = body.get("stream_options") or {}
     include_usage = isinstance(stream_options, dict) and bool(
         stream_options.get("include_usage"))
-    return replace(want, n=_integer(body, "n", 1, 1, MAX_N), stop=stop_strings(body),
+    return replace(want, n=_integer(body, "n", 1, 1, max_n), stop=stop_strings(body),
                    stream=stream, include_usage=include_usage)

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from serve.web.broker import Broker, BrokerUnavailable
+from serve.web.lanes import CHAT_LANE, lane
 from serve.web.metrics import Metrics
 from serve.web.security.text import BOT_NAME
 
@@ -43,7 +44,7 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
     try:
         await try_publish(broker, room, "typing", {"reply_id": reply_id, "user": BOT_NAME})
         record = metrics.request(await asyncio.to_thread(prompt_tokens, engine, text))
-        stream = engine.stream(text, **options)
+        stream = engine.stream(text, **lane(engine, CHAT_LANE), **options)
         async for delta in stream:
             pieces.append(delta)
             await try_publish(broker, room, "token", {"reply_id": reply_id, "delta": delta})
@@ -52,6 +53,11 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
         error = "overloaded"
     except ValueError:  # nothing the tokenizer can read (emoji only, say)
         error = "unreadable"
+    except ExceptionGroup as group:  # a chosen reply's parts run in a TaskGroup
+        error = "overloaded" if group.subgroup(Overloaded) else (
+            "unreadable" if group.subgroup(ValueError) else "failed")
+        if error == "failed":
+            log.error("reply %s failed", reply_id, exc_info=group)
     except asyncio.CancelledError:
         error = "shutdown"
         raise

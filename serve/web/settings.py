@@ -29,7 +29,7 @@ class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
     host: str = "127.0.0.1"
     port: int = 8000
-    redis_url: str | None = None  # None: the in-process broker (one process only)
+    redis_url: str | None = field(default=None, repr=False)  # None: in-process; may hold a password
     workers: int = 1
     secret_key: str | None = field(default=None, repr=False)  # None: read/create the file
     secret_key_file: Path = field(default_factory=default_secret_key_file)
@@ -51,6 +51,13 @@ class Settings:
     history_limit: int = 50
     log_max_events: int = 10_000  # the room's event log (approximate MAXLEN)
     history_max_messages: int = 1_000
+    # Rooms (issue 16): limits keyed by session id and client IP, never the chosen name.
+    rate_limit_ip_messages: int = 120  # per client IP and rate_limit_window (both must allow)
+    max_streams_per_session: int = 8  # open /stream connections (429 past it)
+    max_streams_per_ip: int = 64
+    presence_grace_seconds: float = 15.0  # a reconnect within it announces no leave/join
+    room_idle_seconds: float = 7 * 24 * 3600.0  # a room's log expires after so long unused
+    max_rooms: int = 10_000  # rooms the in-process broker keeps (least recently used go)
     ping_seconds: float = 15.0
     reply_max_tokens: int = 40
     drain_seconds: float = 20.0
@@ -58,6 +65,27 @@ class Settings:
     # "module:callable" that builds the engine as serve.runtime.engine.Engine is built
     # (empty: that Engine); the TensorFlow baseline benchmark swaps in its own this way.
     engine: str = ""
+    # --- bounded work (issue 16). What one /v1 request may ask: each at most the runtime's
+    # ceiling (serve.runtime.options.CAPS, which bounds `ask`, `evaluate` and the engine
+    # too); a setting may lower a ceiling, never raise it.
+    api_max_tokens: int = 256  # max_tokens / min_tokens (ceiling 1024)
+    api_max_n: int = 4  # choices per request (ceiling 8)
+    api_max_beam_size: int = 8  # beam_size and num_hypotheses (ceiling 16)
+    api_max_no_repeat_ngram_size: int = 8  # (ceiling 16)
+    api_max_suppress_words: int = 16  # words per request (ceiling 64)
+    api_max_suppress_word_chars: int = 16  # characters per word (ceiling 32)
+    api_max_prompt_chars: int = 2_000  # all messages' contents summed, or the prompt
+    # Lanes: the chat room's replies and /v1 requests each have a share of the decoder
+    # batch's rows (guaranteed; rows a lane leaves idle are lent to the other) and of the
+    # queue (a cap of its own), so neither can starve the other.
+    api_batch_share: float = 0.5  # of max_batch_size; the chat room has the rest
+    api_queue_share: float = 0.5  # of max_queue; the chat room has the rest
+    # Redis Sentinel/Cluster (issue 19): a chat message is acknowledged once this many
+    # replicas hold it (WAIT); -1: one under redis+sentinel://, none otherwise.
+    redis_wait_replicas: int = -1
+    redis_wait_ms: int = 500  # how long one WAIT may take before the write is retried
+    # How long /send keeps retrying Redis (a failover takes about 2 s) before a 503.
+    send_wait_seconds: float = 5.0
     # --- the public edge (issue 16: login limit, hosts, metrics, keys, exposure) ---
     login_rate_limit: int = 30  # logins per client IP and login_rate_window seconds
     login_rate_window: float = 60.0
@@ -142,11 +170,18 @@ def validate(settings: Settings) -> None:
             "--workers > 1 needs --redis-url: separate processes share chat rooms through Redis"
         )
     for name in ("max_body_bytes", "max_message_chars", "rate_limit_messages", "max_queue",
-                 "max_batch_size", "history_limit", "reply_max_tokens"):
+                 "max_batch_size", "history_limit", "reply_max_tokens",
+                 "rate_limit_ip_messages", "max_streams_per_session", "max_streams_per_ip",
+                 "max_rooms"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1")
+    _validate_redis(settings)
     if settings.threads < 0:
         raise ValueError("threads must be at least 0")
+    for name in ("presence_grace_seconds", "room_idle_seconds"):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{name} must be at least 0")
+    _validate_bounds(settings)
     for origin in settings.cors_origins:
         normalize_origin(origin)
     validate_edge(settings)
@@ -173,6 +208,44 @@ def validate_edge(settings: Settings) -> None:
         except ValueError:
             raise ValueError(f"XIAOX_METRICS_ALLOW: {network!r} is not an address or a "
                              "network (e.g. 10.0.0.0/8)") from None
+
+
+def api_ceilings() -> dict[str, int]:
+    """Each ``api_max_*`` setting's ceiling: the runtime's cap (one source of truth)."""
+    from serve.runtime.options import CAPS
+
+    return {"api_max_tokens": CAPS["max_length"], "api_max_n": CAPS["generated_candidates"],
+            "api_max_beam_size": CAPS["beam_size"],
+            "api_max_no_repeat_ngram_size": CAPS["no_repeat_ngram_size"],
+            "api_max_suppress_words": CAPS["suppress_words"],
+            "api_max_suppress_word_chars": CAPS["suppress_word_chars"],
+            "api_max_prompt_chars": 1_000_000}
+
+
+def _validate_bounds(settings: Settings) -> None:
+    for name, ceiling in {**api_ceilings(), "reply_max_tokens": api_ceilings()[
+            "api_max_tokens"]}.items():
+        if not 1 <= getattr(settings, name) <= ceiling:
+            raise ValueError(f"{name} must be in [1, {ceiling}], got {getattr(settings, name)}")
+    for name in ("api_batch_share", "api_queue_share"):
+        if not 0 < getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {getattr(settings, name)}")
+
+
+def _validate_redis(settings: Settings) -> None:
+    """A bad --redis-url is a startup error that names the problem (never a traceback)."""
+    if not 0 < settings.send_wait_seconds <= 60:
+        raise ValueError("send_wait_seconds must be more than 0 and at most 60")
+    if not settings.redis_url:
+        return
+    from serve.web.redis_url import CLUSTER, parse_redis_url
+
+    target = parse_redis_url(settings.redis_url)
+    if settings.redis_wait_replicas > 0 and target.kind == CLUSTER:
+        raise ValueError("XIAOX_REDIS_WAIT_REPLICAS: not supported with redis+cluster:// "
+                         "(WAIT counts one connection's writes; use -1 or 0)")
+    if settings.redis_wait_ms < 1:
+        raise ValueError("redis_wait_ms must be at least 1")
 
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")

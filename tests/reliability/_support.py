@@ -21,7 +21,7 @@ from tests.serve._helpers_server import (
     sse_lines,
 )
 
-EVENT_TYPES = {"message", "typing", "token", "join", "leave"}
+EVENT_TYPES = {"message", "typing", "token", "join", "leave", "reset"}
 
 
 def parse_sse(raw: str) -> list[dict]:
@@ -65,11 +65,11 @@ class ReconnectingStream(BackgroundStream):
         self.protocol_error: AssertionError | None = None
 
     async def start(self, wait_subscribed: bool = True) -> ReconnectingStream:
-        """Begin reading; by default wait for the first event (the client's own ``join``,
-        published once the subscription is in place: what follows cannot be missed)."""
+        """Begin reading; by default wait for the first 200 (the server subscribes and
+        replays before it answers: what follows cannot be missed)."""
         self._task = asyncio.create_task(self._run())
         if wait_subscribed:
-            await self.wait_for(lambda events: self.connections > 0 and bool(events), 20)
+            await self.wait_for(lambda events: self.connections > 0, 20)
         return self
 
     def _got(self, event: dict) -> None:

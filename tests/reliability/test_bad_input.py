@@ -91,7 +91,8 @@ def server(model_dir, tmp_path_factory):
     redis = RedisServer(tmp_path_factory.mktemp("redis"))
     redis.start()
     env = {"XIAOX_API_KEY": KEY, "XIAOX_RATE_LIMIT_MESSAGES": str(RATE),
-           "XIAOX_RATE_LIMIT_WINDOW": "600", "XIAOX_MAX_QUEUE": str(MAX_QUEUE)}
+           "XIAOX_RATE_LIMIT_WINDOW": "600", "XIAOX_MAX_QUEUE": str(MAX_QUEUE),
+           "XIAOX_RATE_LIMIT_IP_MESSAGES": "100000"}  # every session here is 127.0.0.1
     process = ServerProcess(model_dir, tmp_path_factory.mktemp("bad_input"),
                             redis_url=redis.url, env=env)
     try:

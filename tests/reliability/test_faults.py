@@ -37,7 +37,9 @@ from tests.serve._helpers_server import (
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 
 # Many messages from one user in a few seconds: not what this suite tests.
-ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "10000"}
+ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "10000", "XIAOX_RATE_LIMIT_IP_MESSAGES": "10000",
+       # ten streams of one session at once; leave notices said soon after
+       "XIAOX_MAX_STREAMS_PER_SESSION": "32", "XIAOX_PRESENCE_GRACE_SECONDS": "1"}
 
 
 @pytest.fixture

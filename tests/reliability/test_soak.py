@@ -31,7 +31,8 @@ pytestmark = [
                        reason="the soak runs for minutes: set XIAOX_SOAK=1 to run it"),
     pytest.mark.timeout(int(SOAK_SECONDS) + 600),
 ]
-ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "1000000", "XIAOX_LOG_MAX_EVENTS": "1000000"}
+ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "1000000", "XIAOX_RATE_LIMIT_IP_MESSAGES": "1000000",
+       "XIAOX_LOG_MAX_EVENTS": "1000000"}
 CLIENTS = 100
 ROOM = "soak"
 

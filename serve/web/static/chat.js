@@ -9,7 +9,9 @@
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 10000;
   const STALLED_REPLY_MS = 60000; // a reply with no token for this long stops "typing"
-  const EVENT_NAMES = ["message", "typing", "token", "join", "leave"];
+  const MAX_SEEN = 2000; // event ids remembered for de-duplication (oldest forgotten first)
+  const MAX_SETTLED = 500; // finished reply ids remembered (a late token starts nothing)
+  const EVENT_NAMES = ["message", "typing", "token", "join", "leave", "reset"];
 
   const room = new URLSearchParams(window.location.search).get("room") || "lobby";
 
@@ -28,6 +30,7 @@
 
   const state = {
     me: null,
+    tag: null, // our session's public tag (from /history): tells us from others of our name
     lastEventId: null, // sent back as ?last_event_id= when we reopen the stream
     seen: new Set(), // event ids already applied (history and stream overlap, replays)
     pending: new Map(), // reply_id -> {item, text, timer} of a reply still streaming
@@ -35,10 +38,24 @@
     source: null,
     retryMs: BACKOFF_MIN_MS,
     retryTimer: null,
+    sendKey: null, // Idempotency-Key of the text being sent, kept until it is accepted
+    sendKeyText: null,
     sending: false,
   };
 
   // ---- helpers -------------------------------------------------------------------------
+
+  // Adds to a Set that keeps only its newest `max` entries (a Set iterates oldest first):
+  // a page left open for days holds a bounded memory. Replays and history only reach back
+  // over recent ids, so forgetting the oldest loses no de-duplication that matters.
+  function remember(set, value, max) {
+    set.add(value);
+    if (set.size <= max) return;
+    for (const old of set) {
+      set.delete(old);
+      if (set.size <= max) break;
+    }
+  }
 
   function goToLogin() {
     window.location.assign("/login");
@@ -99,15 +116,23 @@
 
   // ---- rendering -----------------------------------------------------------------------
 
-  function messageItem(role, user, ts) {
+  // Ours: our name and, where the event carries one, our session's tag (two people may
+  // share a name; the tag tells them apart).
+  function isMine(user, tag) {
+    if (user !== state.me) return false;
+    return !tag || !state.tag || tag === state.tag;
+  }
+
+  function messageItem(role, user, ts, tag) {
     const isBot = role === "bot";
-    const mine = !isBot && user === state.me;
+    const mine = !isBot && isMine(user, tag);
     const item = el("article", "msg " + (isBot ? "msg-bot" : "msg-user") + (mine ? " mine" : ""));
     const name = isBot ? user || "小X" : user || "？";
     item.appendChild(el("div", "avatar", isBot ? "X" : Array.from(name)[0]));
     const body = el("div", "body");
     const meta = el("div", "meta");
     meta.appendChild(el("span", "author", name));
+    if (!isBot && typeof tag === "string" && tag) meta.appendChild(el("span", "tag", "#" + tag));
     meta.appendChild(el("time", "time", formatTime(ts)));
     body.appendChild(meta);
     body.appendChild(el("div", "bubble"));
@@ -122,7 +147,7 @@
   function addMessage(data) {
     if (data.role === "bot" && data.reply_id != null) {
       const replyId = String(data.reply_id);
-      state.settled.add(replyId);
+      remember(state.settled, replyId, MAX_SETTLED);
       const pending = state.pending.get(replyId);
       if (pending) {
         // The streamed reply settles into its final text, in place.
@@ -139,7 +164,7 @@
         return;
       }
     }
-    const item = messageItem(data.role, data.user, data.ts);
+    const item = messageItem(data.role, data.user, data.ts, data.tag);
     if (data.error) item.classList.add("failed"); // "busy" or "failed" stand-in text
     item.dataset.id = String(data.id);
     if (data.reply_id != null) item.dataset.replyId = String(data.reply_id);
@@ -194,8 +219,9 @@
   }
 
   function addNotice(kind, data) {
-    if (!data.user || data.user === state.me) return;
-    const text = data.user + (kind === "join" ? " 进入了聊天室" : " 离开了聊天室");
+    if (!data.user || isMine(data.user, data.tag)) return;
+    const who = data.user + (typeof data.tag === "string" && data.tag ? "#" + data.tag : "");
+    const text = who + (kind === "join" ? " 进入了聊天室" : " 离开了聊天室");
     const item = el("p", "notice", text);
     changeList(function () {
       appendItem(item);
@@ -204,9 +230,10 @@
 
   function applyEvent(kind, data, eventId) {
     const id = eventId || (data.id != null ? String(data.id) : "");
+    if (kind === "reset") return reload();
     if (id) {
       if (state.seen.has(id)) return;
-      state.seen.add(id);
+      remember(state.seen, id, MAX_SEEN);
     }
     if (kind === "message") addMessage(data);
     else if (kind === "typing") pendingReply(data);
@@ -253,6 +280,25 @@
         applyEvent(kind, data, e.lastEventId);
       });
     });
+  }
+
+  // The server no longer has every event after our last id (the room's log was trimmed
+  // or the room expired): what the page shows may have gaps. Start over from /history.
+  function reload() {
+    if (state.source) state.source.close();
+    state.source = null;
+    state.pending.forEach(function (p) {
+      clearTimeout(p.timer);
+    });
+    state.pending.clear();
+    state.seen.clear();
+    state.settled.clear();
+    state.lastEventId = null;
+    els.messages.querySelectorAll(".msg, .notice").forEach(function (node) {
+      node.remove();
+    });
+    els.empty.hidden = false;
+    start();
   }
 
   function scheduleReconnect() {
@@ -306,6 +352,15 @@
     els.input.rows = Math.min(5, Math.max(1, lines));
   }
 
+  function sendKey(text) {
+    if (state.sendKey === null || state.sendKeyText !== text) {
+      const bytes = crypto.getRandomValues(new Uint8Array(16));
+      state.sendKey = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+      state.sendKeyText = text;
+    }
+    return state.sendKey;
+  }
+
   async function send() {
     const text = els.input.value;
     if (!text.trim() || state.sending) return;
@@ -315,7 +370,9 @@
       const res = await fetch("/send?room=" + encodeURIComponent(room), {
         method: "POST",
         credentials: "same-origin",
-        headers: { "Content-Type": "application/json" },
+        // The same key while the same text is resent: a message stored although its
+        // answer was lost (or a 503) is not stored, nor answered, twice.
+        headers: { "Content-Type": "application/json", "Idempotency-Key": sendKey(text) },
         body: JSON.stringify({ message: text }),
       });
       if (res.status === 401) return goToLogin();
@@ -324,6 +381,7 @@
         return;
       }
       showSendError("");
+      state.sendKey = null;
       els.input.value = "";
       fitInput();
     } catch (err) {
@@ -366,6 +424,7 @@
     if (res.status === 401) return goToLogin();
     if (!res.ok) return; // the live stream still works without the past
     const body = await res.json();
+    if (body.you && typeof body.you.tag === "string") state.tag = body.you.tag;
     (body.messages || []).forEach(function (m) {
       applyEvent("message", m, m.id != null ? String(m.id) : "");
     });

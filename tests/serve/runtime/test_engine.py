@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from serve.runtime.engine import Engine, EngineStopped, Overloaded
+from serve.runtime.engine import Engine, EngineStopped, Lane, Overloaded
 from serve.runtime.model import OnnxSeq2Seq
-from serve.runtime.options import DecodingOptions
+from serve.runtime.options import MAX_LENGTH, DecodingOptions
 from serve.runtime.search import beam_search, decode_alone, source_ids
 
 QUESTIONS = [
@@ -24,7 +24,7 @@ QUESTIONS = [
     "周末一起去看电影吧，听说新上映的那部很好看",
     "嗯",
 ]
-ENDLESS = {"min_length": 100_000, "max_length": 100_000}  # only a cancel ends it
+ENDLESS = {"min_length": MAX_LENGTH, "max_length": MAX_LENGTH}  # the longest: tests cancel it
 
 
 @contextlib.asynccontextmanager
@@ -183,6 +183,75 @@ async def test_overloaded_past_the_queue_bound(model):
             assert len(result.token_ids) <= 3
     finally:
         await engine.stop()
+
+
+async def _hog_in(engine: Engine, lane: str, started: asyncio.Event) -> None:
+    async for _ in engine.stream("你好", lane=lane, **ENDLESS):
+        started.set()
+
+
+async def test_lanes_keep_their_queue_and_their_rows(model):
+    # Two rows, one place in each lane's queue: a flood of "api" requests takes its row
+    # and its place, is refused past them, and a "chat" reply still runs beside it.
+    lanes = {"chat": Lane(rows=1, queue=1), "api": Lane(rows=1, queue=1)}
+    engine = Engine(model, max_batch_size=2, max_queue=2, lanes=lanes)
+    await engine.start()
+    try:
+        started = asyncio.Event()
+        hog = asyncio.create_task(_hog_in(engine, "api", started))
+        await asyncio.wait_for(started.wait(), 10)
+        queued = asyncio.create_task(engine.generate("晚安", lane="api", max_length=3))
+        await _until(lambda: engine.stats.queue_size == 1)
+        with pytest.raises(Overloaded, match="lane 'api'"):
+            await engine.generate("你好", lane="api")
+        # the api lane's second row would be the chat lane's reserve: not lent
+        assert engine.stats.active == 1 and not queued.done()
+        reply = await engine.generate("你好", lane="chat", max_length=5)
+        assert 0 < len(reply.token_ids) <= 5 and not hog.done()
+        with pytest.raises(ValueError, match="unknown lane"):
+            await engine.generate("你好", lane="web")
+        hog.cancel()
+        assert len((await queued).token_ids) <= 3
+    finally:
+        await engine.stop()
+
+
+async def test_costly_word_lists_in_one_lane_do_not_delay_the_other(model):
+    # Each new suppress list is a vocabulary scan (about 0.6 s for 16 words of 16
+    # characters): eight of them in the api lane, then a chat request, which is made in
+    # its own lane's thread and answered before the api lane has finished its second.
+    lanes = {"chat": Lane(rows=4, queue=16), "api": Lane(rows=4, queue=16)}
+    async with running(model, max_batch_size=8, lanes=lanes) as engine:
+        costly = [asyncio.create_task(engine.generate("你好", lane="api", max_length=2,
+                  suppress_words=[f"{i}{j:02d}" + "词" * 13 for j in range(16)]))
+                  for i in range(8)]
+        await asyncio.sleep(0.05)  # the first scan under way
+        reply = await engine.generate("晚安", lane="chat", max_length=3)
+        assert reply.token_ids
+        assert engine.stats.requests_total - 1 < 2  # api requests made ready so far
+        for task in costly:
+            task.cancel()
+        await asyncio.gather(*costly, return_exceptions=True)
+        # the scan already under way runs to its end: wait for it, not the next test
+        await asyncio.get_running_loop().run_in_executor(engine._preparers["api"], int)
+
+
+async def test_chosen_replies_under_way_are_bounded_per_lane(model):
+    # Retrieval and scoring queue outside the batch: a lane has at most its queue cap
+    # of chosen replies under way, so those queues are bounded too.
+    from serve.runtime.replies import ReplySources
+
+    sources = ReplySources.load(model, intra_op_num_threads=1)
+    lanes = {"chat": Lane(rows=2, queue=1), "api": Lane(rows=2, queue=1)}
+    async with running(model, max_batch_size=4, lanes=lanes, sources=sources) as engine:
+        hybrid = {"reply_mode": "hybrid", "max_length": 5}
+        first = asyncio.create_task(engine.generate("你好", lane="chat", **hybrid))
+        await asyncio.sleep(0)  # under way
+        with pytest.raises(Overloaded, match="replies being chosen"):
+            await engine.generate("晚安", lane="chat", **hybrid)
+        other = await engine.generate("晚安", lane="api", **hybrid)  # its own bound
+        assert other.text and (await first).text
+        assert (await engine.generate("晚安", lane="chat", **hybrid)).text  # freed
 
 
 async def test_seeded_sampling_reproduces_through_the_engine(model):

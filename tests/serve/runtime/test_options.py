@@ -8,7 +8,7 @@ from dataclasses import asdict, fields
 
 import pytest
 
-from serve.runtime.options import DecodingOptions, option_docs
+from serve.runtime.options import CAPS, MAX_LENGTH, DecodingOptions, check_caps, option_docs
 
 # CTranslate2's Translator.translate_batch defaults, read from ctranslate2 4.8.5
 # (https://opennmt.net/CTranslate2/python/ctranslate2.Translator.html#ctranslate2.Translator.translate_batch):
@@ -155,3 +155,36 @@ def test_an_unknown_option_is_named():
 
 def test_suppress_words_accepts_one_string():
     assert DecodingOptions(suppress_words="笨").suppress_words == ("笨",)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_length": MAX_LENGTH + 1}, "max_length must be at most 1024"),
+    ({"beam_size": 5000}, "beam_size must be at most 16"),
+    ({"beam_size": 16, "num_hypotheses": 17}, r"num_hypotheses \(17\) must not exceed"),
+    ({"no_repeat_ngram_size": 17}, "no_repeat_ngram_size must be at most 16"),
+    ({"suppress_words": [f"w{i}" for i in range(65)]}, "at most 64 words, got 65"),
+    ({"suppress_words": ["长" * 33]}, "at most 32 characters, got one of 33"),
+])
+def test_every_request_is_bounded_wherever_it_comes_from(kwargs, message):
+    # the ceilings hold for ask, evaluate and the engine alike: DecodingOptions checks them
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions(**kwargs)
+
+
+def test_at_the_ceilings_options_are_accepted_and_lower_caps_checked_apart():
+    top = DecodingOptions(max_length=MAX_LENGTH, min_length=MAX_LENGTH, beam_size=16,
+                          num_hypotheses=16, no_repeat_ngram_size=16,
+                          suppress_words=[f"{i:02d}" + "长" * 30 for i in range(64)])
+    check_caps(top, CAPS)
+    with pytest.raises(ValueError, match="^beam_size must be at most 8"):
+        check_caps(top, {**CAPS, "beam_size": 8})
+    with pytest.raises(ValueError, match="^suppress_words must have at most 3 words"):
+        check_caps(top, {"suppress_words": 3})
+
+
+def test_the_documented_ceilings_are_the_enforced_ones():
+    docs = option_docs()
+    assert "at most 1024" in docs["max_length"] and "at most 16" in docs["beam_size"]
+    assert "at most 16" in docs["no_repeat_ngram_size"]
+    assert f"At most {CAPS['suppress_words']} words of at most " \
+           f"{CAPS['suppress_word_chars']} characters" in docs["suppress_words"]

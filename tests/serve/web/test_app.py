@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,9 +83,10 @@ async def test_send_streams_the_message_then_the_bots_reply_token_by_token(serve
         assert len(set(ids)) == len(ids)
         user_message = next(e for e in events if e["id"] == sent["id"])
         assert user_message["event"] == "message"
-        assert user_message["data"] | {"ts": 0} == {
+        assert user_message["data"] | {"ts": 0, "tag": ""} == {
             "id": sent["id"], "room": "r-send", "ts": 0, "role": "user", "user": "sender",
-            "text": "你好"}
+            "tag": "", "text": "你好"}
+        assert re.fullmatch("[0-9a-f]{6}", user_message["data"]["tag"])  # the session's
         reply = [e for e in events if e["data"].get("reply_id") == sent["reply_id"]]
         kinds = [e["event"] for e in reply]
         assert kinds[0] == "typing" and kinds[-1] == "message"
@@ -151,8 +153,10 @@ async def test_history_returns_the_last_messages_and_a_cursor(server):
         assert messages == everything[-4:]
         # The cursor is the log's last id: replaying after it gives nothing old.
         assert parse_id(body["cursor"]) >= max(parse_id(e["id"]) for e in stream.events[:-1])
-        assert (await c.get("/history", params={"room": "empty-room"})).json() == {
-            "room": "empty-room", "messages": [], "cursor": "0-0"}
+        empty = (await c.get("/history", params={"room": "empty-room"})).json()
+        assert empty | {"you": None} == {
+            "room": "empty-room", "messages": [], "cursor": "0-0", "you": None}
+        assert empty["you"]["user"] == "historian"
         assert (await c.get("/history", params={"limit": "-1"})).status_code == 400
 
 

@@ -7,6 +7,8 @@ API drives /usr/bin/chromium (its own browser download does not work here).
 from __future__ import annotations
 
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -436,6 +438,63 @@ def test_server_restart_mid_session(model_dir, redis_server, open_page, tmp_path
     finally:
         if other:
             other.close()
+        app.stop()
+
+
+def test_two_people_of_one_name_are_told_apart(app, open_page):
+    room = new_room()
+    first, second = open_page(), open_page()
+    enter_room(first, app.url, "同名", room)
+    enter_room(second, app.url, "同名", room)
+    first.fill("#input", "我是第一个")
+    first.press("#input", "Enter")
+    on_second = second.locator("#messages .msg-user", has_text="我是第一个")
+    expect(on_second).not_to_have_class(re.compile(r"\bmine\b"))  # same name, not ours
+    second.fill("#input", "我是第二个")
+    second.press("#input", "Enter")
+    expect(second.locator("#messages .msg.mine .bubble")).to_have_text(["我是第二个"])
+    tags = [page.locator("#messages .msg.mine .tag").text_content() for page in (first, second)]
+    assert all(re.fullmatch("#[0-9a-f]{6}", t) for t in tags) and tags[0] != tags[1], tags
+    expect(on_second.locator(".tag")).to_have_text(tags[0])
+
+
+@pytest.mark.redis
+def test_a_reset_reloads_the_history(model_dir, redis_server, open_page):
+    """The page was away while the room's log was trimmed past its last id: the server
+    says ``reset`` and the page reloads /history instead of showing a gap."""
+    import json
+
+    import redis
+
+    app = app_server(model_dir, redis_url=redis_server.url).start()
+    try:
+        page = open_page()
+        room = new_room()
+        enter_room(page, app.url, "linda", room)
+        page.fill("#input", "修剪之前")
+        page.press("#input", "Enter")
+        expect(settled_bot_messages(page)).to_have_count(1)
+        page.route("**/stream?*", lambda route: route.abort())
+        app.kill()  # the page's stream ends; it keeps its last event id
+        expect(page.locator("#banner")).to_be_visible()
+        with redis.Redis.from_url(redis_server.url) as r:
+            # Only in history (and before the log's end, where /history reads up to): only
+            # a reload of /history can show it.
+            only = json.dumps({"room": room, "role": "user", "user": "mia", "text": "只在历史里",
+                               "ts": time.time()})
+            r.xadd(f"xiaox:{{{room}}}:messages", {"type": "message", "data": only})
+            filler = json.dumps({"room": room, "user": "filler", "ts": 1})
+            for _ in range(400):  # the page's last id is trimmed away (MAXLEN ~ as served)
+                r.xadd(f"xiaox:{{{room}}}:log", {"type": "join", "data": filler}, maxlen=50)
+        app.start()
+        page.unroute("**/stream?*")
+        expect(page.locator("body")).to_have_attribute("data-connection", "live")
+        expect(user_bubble(page, "只在历史里")).to_have_count(1)
+        expect(user_bubble(page, "修剪之前")).to_have_count(1)
+        expect(page.locator("#messages .notice", has_text="filler")).to_have_count(0)
+        ids = rendered_ids(page)
+        assert len(ids) == len(set(ids)) == 3
+    finally:
         app.stop()
 
 

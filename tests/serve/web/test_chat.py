@@ -46,3 +46,13 @@ async def test_problems_until_started_and_while_closing():
     chat.closing = True
     assert chat.problems() == ["shutting down"]
     await chat.broker.close()
+
+
+async def test_sends_are_limited_per_session_and_per_address():
+    chat = Chat(Settings(secret_key="k" * 40, rate_limit_messages=2, rate_limit_ip_messages=3),
+                Metrics())
+    assert [(await chat.allow_send("s1", "ip"))[0] for _ in range(3)] == [True, True, False]
+    assert (await chat.allow_send("s2", "ip"))[0]  # a new session, the address's third
+    allowed, wait = await chat.allow_send("s3", "ip")
+    assert not allowed and 0 < wait <= 60
+    assert (await chat.allow_send("s3", "other ip"))[0]

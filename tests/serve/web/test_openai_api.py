@@ -256,11 +256,11 @@ async def test_a_client_leaving_a_stream_cancels_its_request(server):
 async def test_an_overloaded_engine_answers_429(model_dir, tmp_path):
     # One row in the batch and one place in the queue: a long reply takes the row, a
     # second request takes the place, and a third finds the queue full.
-    # (a reply_max_tokens over the API's cap of 256 raises the cap to it)
+    # (the API's cap raised to the runtime's ceiling, 1024; one place in the API's queue)
     process = ServerProcess(model_dir, tmp_path,
                             env={"XIAOX_MAX_BATCH_SIZE": "1", "XIAOX_MAX_QUEUE": "1",
-                                 "XIAOX_REPLY_MAX_TOKENS": "5000"})
-    long = ask(min_tokens=5000, max_tokens=5000, stream=True, reply_mode="generate",
+                                 "XIAOX_API_MAX_TOKENS": "1024"})
+    long = ask(min_tokens=1024, max_tokens=1024, stream=True, reply_mode="generate",
                temperature=0)  # one greedy reply, streamed token by token
     try:
         process.start()

@@ -33,6 +33,7 @@ RATE = 3
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     env = {"XIAOX_RATE_LIMIT_MESSAGES": str(RATE), "XIAOX_RATE_LIMIT_WINDOW": "600",
+           "XIAOX_RATE_LIMIT_IP_MESSAGES": "100000",  # every session here is 127.0.0.1
            "XIAOX_MAX_BODY_BYTES": "4096", "XIAOX_MAX_MESSAGE_CHARS": "100",
            "XIAOX_ALLOWED_ORIGINS": "https://chat.example.org"}
     process = ServerProcess(model_dir, tmp_path_factory.mktemp("security"), env=env).start()
