@@ -1,21 +1,20 @@
 """Continuous batching: concurrent requests share each decoder step.
 
-One asyncio task (the scheduler) owns the batch. Each loop iteration it
+One thread (the scheduler, ``serve.runtime.scheduler``) owns the batch and runs its steps
+back to back. Between two steps it
 
-1. admits waiting requests up to ``max_batch_size`` (each lane up to its guaranteed rows
-   first, then idle rows lent: ``serve.runtime.lanes``); each newcomer's encoder runs alone
-   (batch 1, its own source length) and the request joins the batch at this step;
-2. runs one decoder step for every active row in a worker thread (onnxruntime releases
-   the GIL, so the event loop keeps serving while the step runs), padding ``memory`` and
-   ``memory_keys`` with zeros and ``src_mask`` with 0 to the batch's longest source, and
-   lets every row choose its token with its own rules and its own seeded RNG
-   (``serve.runtime.batch_step``);
-3. sends each row's text delta to its consumer, and drops finished and cancelled rows
-   at once.
+1. drops cancelled rows and admits waiting requests up to ``max_batch_size`` (each lane up
+   to its guaranteed rows first, then idle rows lent: ``serve.runtime.lanes``);
+2. runs one decoder step for every row, padding ``memory`` and ``memory_keys`` with zeros
+   and ``src_mask`` with 0 to the batch's longest source, and lets every row choose its
+   token with its own rules and its own seeded RNG (``serve.runtime.batch_step``);
+3. posts every row's token to the event loop in one callback, which sends each streaming
+   row's text delta to its consumer (a whole reply, ``generate``, gets only its end).
 
-A request's tokens and rules (a vocabulary scan for new suppressed words) are made in a
-worker thread too, before it is queued: one thread a lane, so that one lane's costly
-word lists delay neither the other lane nor the decoder steps.
+A request's tokens, rules (a vocabulary scan for new suppressed words) and encoder (batch
+1, its own source length) are made in a worker thread before it is queued: one thread a
+lane, so that one lane's costly word lists delay neither the other lane nor the decoder
+steps. That thread queues the request itself; it joins the batch at the next step.
 
 Since every row's log-probs do not depend on the other rows (fp32 onnxruntime computes
 each row alone; the padding is masked out exactly) and a row's choice only depends on its
@@ -56,6 +55,7 @@ from serve.runtime.replies import (
     score_pairs,
 )
 from serve.runtime.rules import TokenRules
+from serve.runtime.scheduler import Scheduler, StepTokens
 from serve.runtime.score_batcher import ScoreBatcher
 from serve.runtime.search import (
     MAX_SOURCE_LENGTH,
@@ -104,17 +104,22 @@ MetricCallback = Callable[[str, float], None]
 
 
 class _Request(BatchRow):
-    """A queued or batched request: its row of the batch and its consumer's events."""
+    """A queued or batched request: its row of the batch and its consumer's events
+    (made on the event loop; ``attach`` gives it its row once prepared)."""
 
-    def __init__(self, src_ids: list[int], decoder: SequenceDecoder, lane: str):
-        super().__init__(src_ids, decoder)
+    def __init__(self, lane: str, streaming: bool):
         self.lane = lane
+        self.streaming = streaming  # a piece event per token; else only the end
         self.events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         self.cancelled = False
+        self.held = True  # counted in its lane's queue while being prepared
         self.submitted = time.perf_counter()
         self.last_token_at: float | None = None
         self.last_piece = ""
-        self.closed = False  # its "done" event was sent
+        self.closed = False  # its "done" or "error" event was sent
+
+    def attach(self, src_ids: list[int], decoder: SequenceDecoder) -> None:
+        BatchRow.__init__(self, src_ids, decoder)
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ class Stream:
             if self.result.text:
                 yield Piece(self.result.text)
             return
-        request = await self._engine._submit(self._text, self._options, self._lane)
+        request = await self._engine._submit(self._text, self._options, self._lane, True)
         try:
             while True:
                 kind, value = await request.events.get()
@@ -214,50 +219,52 @@ class Engine:
         self.stats = EngineStats()
         self._waiting = LaneQueues(lanes)
         self.lanes = self._waiting.lanes
-        self._active: list[_Request] = []
-        self._in_flight: list[_Request] = []  # the rows of the step running now
+        # The waiting queues and the gauges, shared by the event loop, the preparers and
+        # the scheduler's thread (reentrant: the gauges are set under it too).
+        self._lock = threading.Condition(threading.RLock())
+        self._accepting = False  # prepared requests are queued (not once stopped)
         self._beams_waiting = 0
         self._selecting: Counter[str] = Counter()  # chosen replies under way, per lane
         self._preparers = _preparers(self.lanes)
         self._beam_lock: asyncio.Lock | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
         self._batch = BatchStep(model)
+        self._scheduler = Scheduler(self._batch, self._waiting, max_batch_size, self._lock,
+                                    self._update_sizes)
         self.sources = sources or ReplySources()
         self._scoring = ScoreBatcher(lambda pairs: score_pairs(self.sources, pairs))
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._scheduler.alive
 
     async def start(self) -> None:
         if self.running:
             return
-        self._wakeup = asyncio.Event()
         self._beam_lock = asyncio.Lock()
         # jieba loads its dictionary on first use (about a second): not on the event loop.
         await asyncio.to_thread(self.model.tokenizer.encode, "你好")
-        self._task = asyncio.create_task(self._schedule(), name="xiaox-engine")
+        self._accepting = True
+        self._scheduler.start(asyncio.get_running_loop(), self._deliver_step,
+                              self._fail_step)
 
     async def stop(self) -> None:
         """Stop the scheduler; waiting and active requests end with ``EngineStopped``."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        pending = {id(r): r for r in [*self._waiting, *self._active, *self._in_flight]}
+        with self._lock:
+            self._accepting = False
+        rows = await asyncio.to_thread(self._scheduler.stop)  # the step under way ends
+        with self._lock:
+            pending = {id(r): r for r in [*self._waiting, *rows]}
+            self._waiting.clear()
         for request in pending.values():
             if not request.closed:
+                request.closed = True  # a step posted before the stop delivers nothing
                 request.events.put_nowait(("error", EngineStopped("the engine stopped")))
-        self._waiting.clear()
         for pool in self._preparers.values():
             pool.shutdown(wait=False)  # what it still holds ends in EngineStopped
         self._preparers = _preparers(self.lanes)
-        self._active, self._in_flight = [], []
         self._batch.reset()
-        self._update_sizes()
+        self._update_sizes(0)
 
     # -- public API -----------------------------------------------------------------------
     def stream(self, text: str, options: DecodingOptions | None = None, *,
@@ -294,11 +301,17 @@ class Engine:
         """The decoder's own reply, no selection."""
         if options.beam_size > 1:
             return await self._generate_beam(text, options, lane)
-        stream = Stream(self, text, options, lane)
-        async for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        request = await self._submit(text, options, lane, False)  # no events per token
+        done = False
+        try:
+            kind, value = await request.events.get()
+            done = kind == "done"
+        finally:
+            if not done:
+                self._cancel(request)
+        if not done:
+            raise value  # type: ignore[misc]
+        return value  # type: ignore[return-value]
 
     # -- requests -------------------------------------------------------------------------
     def _check_capacity(self, lane: str | None) -> str:
@@ -306,57 +319,94 @@ class Engine:
         if not self.running:
             raise EngineStopped("the engine is not running: await engine.start() first")
         name = self._waiting.name(lane)
-        if self._waiting.full(name):
+        with self._lock:
+            full = self._waiting.full(name)
+        if full:
             self.stats.overloaded_total += 1
             raise Overloaded(f"the request queue is full ({self.lanes[name].queue} "
                              f"waiting in lane {name!r})")
         return name
 
-    async def _submit(self, text: str, options: DecodingOptions,
-                      lane: str | None = None) -> _Request:
-        lane = self._check_capacity(lane)
-        self._waiting.hold(lane)
-        try:  # tokenizing and a vocabulary scan take milliseconds: not on the event loop,
-            # and in the lane's own thread: a lane's costly word lists delay only itself
-            # (nor do they take the default pool's threads, which the decoder steps use)
-            request = await asyncio.get_running_loop().run_in_executor(
-                self._preparers[lane], self._prepare, text, options, lane)
-        finally:
-            self._waiting.release(lane)
+    async def _submit(self, text: str, options: DecodingOptions, lane: str | None,
+                      streaming: bool) -> _Request:
+        request = _Request(self._check_capacity(lane), streaming)
+        self._hold(request.lane)
+        try:  # tokenizing, a vocabulary scan and the encoder take milliseconds: not on the
+            # event loop, and in the lane's own thread: a lane's costly word lists delay
+            # only itself (nor do they take the default pool's threads)
+            await asyncio.get_running_loop().run_in_executor(
+                self._preparers[request.lane], self._prepare, request, text, options)
+        except BaseException:
+            self._abandon(request)
+            raise
         if not self.running:
+            self._abandon(request)
             raise EngineStopped("the engine stopped")
-        self._waiting.append(request)
         self.stats.requests_total += 1
-        self._update_sizes()
-        assert self._wakeup is not None
-        self._wakeup.set()
         return request
 
-    def _prepare(self, text: str, options: DecodingOptions, lane: str) -> _Request:
-        """Worker thread: the request's source tokens, rules and decoder."""
-        src = source_ids(self.model, text, self.max_source_length)
-        rules = TokenRules.for_model(self.model, options)
-        request = _Request(src, SequenceDecoder(rules, make_rng(options.seed)), lane)
-        self._batch.encode(request)  # here, beside the running step, not inside it
-        return request
+    def _prepare(self, request: _Request, text: str, options: DecodingOptions) -> None:
+        """Worker thread: the request's source tokens, rules, decoder and encoder; then
+        it is queued (the scheduler admits it at its next step)."""
+        try:
+            src = source_ids(self.model, text, self.max_source_length)
+            rules = TokenRules.for_model(self.model, options)
+            request.attach(src, SequenceDecoder(rules, make_rng(options.seed)))
+            self._batch.encode(request)  # here, beside the running step, not inside it
+        except BaseException:
+            with self._lock:
+                self._unhold(request)
+            raise
+        with self._lock:
+            if self._unhold(request) and not request.cancelled and self._accepting:
+                self._waiting.append(request)
+                self._lock.notify()
+
+    def _hold(self, lane: str) -> None:
+        with self._lock:
+            self._waiting.hold(lane)
+            self._update_sizes()
+
+    def _release(self, lane: str) -> None:
+        with self._lock:
+            self._waiting.release(lane)
+            self._update_sizes()
+
+    def _unhold(self, request: _Request) -> bool:
+        """Under the lock: the request leaves its lane's count of those being prepared
+        (once); False when it already had."""
+        if not request.held:
+            return False
+        request.held = False
+        self._waiting.release(request.lane)
+        return True
+
+    def _abandon(self, request: _Request) -> None:
+        """A request whose submission failed or was cancelled: never decoded."""
+        with self._lock:
+            request.cancelled = True
+            self._unhold(request)
+            self._waiting.remove(request)
+            self._update_sizes()
 
     def _cancel(self, request: _Request) -> None:
         """Called from the consumer's side: the row leaves before the next step."""
-        if request.cancelled or request.decoder.done:
+        if request.cancelled or request.closed or request.decoder.done:
             return
         request.cancelled = True
         self.stats.requests_cancelled += 1
-        self._waiting.remove(request)
-        self._update_sizes()
+        with self._lock:
+            self._waiting.remove(request)
+            self._update_sizes()
 
     async def _generate_beam(self, text: str, options: DecodingOptions,
                              lane: str | None = None) -> GenerationResult:
         lane = self._check_capacity(lane)
-        self._waiting.hold(lane)  # a place in its lane's queue until the beam runs
+        self._hold(lane)  # a place in its lane's queue until the beam runs
         try:  # tokenizing takes milliseconds: not on the event loop
             src = await asyncio.to_thread(source_ids, self.model, text, self.max_source_length)
         except BaseException:
-            self._waiting.release(lane)
+            self._release(lane)
             raise
         self.stats.requests_total += 1
         stop_flag = threading.Event()
@@ -368,7 +418,7 @@ class Engine:
             assert self._beam_lock is not None
             async with self._beam_lock:  # one beam at a time: it already is a batch
                 self._beams_waiting -= 1
-                self._waiting.release(lane)
+                self._release(lane)
                 waiting = False
                 self.stats.beams_running += 1
                 self._update_sizes()
@@ -393,7 +443,7 @@ class Engine:
         finally:
             if waiting:
                 self._beams_waiting -= 1
-                self._waiting.release(lane)
+                self._release(lane)
             self._update_sizes()
         self.stats.requests_finished += 1
         self.stats.tokens_total += len(result.token_ids) + (result.finish_reason == "stop")
@@ -435,62 +485,50 @@ class Engine:
         src = source_ids(self.model, text, self.max_source_length)
         return src, self.sources.retrieved(self.model, text, options) if hybrid else []
 
-    # -- the scheduler --------------------------------------------------------------------
-    async def _schedule(self) -> None:
-        assert self._wakeup is not None
-        while True:
-            self._active = [r for r in self._active if not r.cancelled]
-            newcomers: list[_Request] = self._waiting.admit(
-                self._active, self.max_batch_size - len(self._active))
-            self._update_sizes(active=len(self._active) + len(newcomers))
-            if not self._active and not newcomers:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+    # -- the scheduler's steps, delivered on the event loop ----------------------------------
+    def _deliver_step(self, step: StepTokens) -> None:
+        """One step's tokens to their consumers (one callback per step)."""
+        self.stats.steps_total += 1
+        self.stats.tokens_total += len(step.rows)
+        eos, now = self.model.eos_id, step.at
+        for request, token, finished, log_prob in zip(
+                step.rows, step.tokens, step.finished, step.log_probs, strict=True):
+            if request.cancelled or request.closed:
                 continue
-            rows = self._in_flight = self._active + newcomers
-            try:
-                tokens = await asyncio.to_thread(self._batch.step, newcomers, rows)
-            except Exception as e:  # a failing step fails its rows, never the scheduler
-                for request in rows:
-                    request.events.put_nowait(("error", e))
-                self.stats.requests_failed += len(rows)
-                self._active = []
-                self._batch.reset()
-                continue
-            self.stats.steps_total += 1
-            self._active = []
-            now = time.perf_counter()
-            for request, token in zip(rows, tokens, strict=True):
-                self._deliver(request, token, now)
-                if not request.decoder.done and not request.cancelled:
-                    self._active.append(request)
-            self._update_sizes()
+            if token != eos:
+                if request.last_token_at is None:
+                    self._metric("time_to_first_token", now - request.submitted)
+                else:
+                    self._metric("inter_token_latency", now - request.last_token_at)
+                request.last_token_at = now
+                if request.streaming:
+                    self._send_piece(request, token, log_prob)
+            if finished:
+                self.stats.requests_finished += 1
+                self._metric("request_latency", now - request.submitted)
+                request.closed = True
+                request.events.put_nowait(("done", request.decoder.result(self.model)))
 
-    def _deliver(self, request: _Request, token: int, now: float) -> None:
-        self.stats.tokens_total += 1
-        if request.cancelled:
-            return
-        decoder = request.decoder
-        if token != self.model.eos_id:
-            piece = self.model.tokenizer.id_to_piece(token)
-            delta = text_delta(request.last_piece, piece)
-            request.last_piece = piece
-            if request.last_token_at is None:
-                self._metric("time_to_first_token", now - request.submitted)
-            else:
-                self._metric("inter_token_latency", now - request.last_token_at)
-            request.last_token_at = now
-            log_prob = decoder.log_probs[-1] if decoder.options.return_log_probs else None
-            request.events.put_nowait(("piece", Piece(delta, token, log_prob)))
-        if decoder.done:
-            self.stats.requests_finished += 1
-            self._metric("request_latency", now - request.submitted)
-            request.events.put_nowait(("done", decoder.result(self.model)))
-            request.closed = True
+    def _send_piece(self, request: _Request, token: int, log_prob: TokenLogProb | None
+                    ) -> None:
+        piece = self.model.tokenizer.id_to_piece(token)
+        delta = text_delta(request.last_piece, piece)
+        request.last_piece = piece
+        request.events.put_nowait(("piece", Piece(delta, token, log_prob)))
+
+    def _fail_step(self, rows: list[_Request], error: Exception) -> None:
+        for request in rows:
+            if not request.closed:
+                request.closed = True
+                request.events.put_nowait(("error", error))
+        self.stats.requests_failed += len(rows)
 
     def _update_sizes(self, active: int | None = None) -> None:
-        self.stats.queue_size = len(self._waiting) + self._beams_waiting
-        self.stats.active = len(self._active) if active is None else active
+        """The gauges (any thread): ``active`` rows now in the batch (None: as is)."""
+        with self._lock:
+            self.stats.queue_size = len(self._waiting) + self._beams_waiting
+            if active is not None:
+                self.stats.active = active
 
     def _metric(self, name: str, seconds: float) -> None:
         if self.on_metric is not None:
