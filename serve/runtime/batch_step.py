@@ -1,17 +1,23 @@
-"""One step of the engine's shared batch, run in a worker thread.
+"""One step of the engine's shared batch, run in the scheduler's thread.
 
 The newcomers' encoders run alone (batch 1, their own source length), ahead when the
 engine prepared the request (``encode``), else here; then one decoder
 step for every row, ``memory``/``memory_keys`` padded with zeros and ``src_mask`` with 0
-to the batch's longest source (re-padded only when the batch's rows change); then every
-row chooses its token with its own rules and its own seeded RNG.
+to the longest source the batch has held; then every row chooses its token with its own
+rules and its own seeded RNG.
+
+The batch's inputs live in arrays kept from step to step, one slot a row: a row that
+leaves gives its slot to the last row (one row copied), a newcomer writes its own row at
+the end; nothing else is copied or padded again. (The attention over a few more padded
+positions costs next to nothing beside the output projection; a batch that empties
+starts over at its newcomers' width.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from serve.runtime.model import OnnxSeq2Seq, pad_memory
+from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.rules import process_rows
 from serve.runtime.sampling import choose_tokens
 from serve.runtime.search import SequenceDecoder
@@ -30,38 +36,80 @@ class BatchRow:
         self.h: np.ndarray | None = None
         self.c: np.ndarray | None = None
         self.prev_id = 0
+        self.slot = -1  # its index in the last step's batch
+
+
+class _Slots:
+    """The decoder inputs of the batch's rows, row ``i`` in slot ``i``: prev ids, h, c,
+    memory, memory keys and mask (``width`` source positions)."""
+
+    def __init__(self, capacity: int, width: int, hidden: int, memory_dim: int):
+        self.width = width
+        self.prev = np.zeros(capacity, np.int64)
+        self.h = np.zeros((capacity, hidden), np.float32)
+        self.c = np.zeros((capacity, hidden), np.float32)
+        self.memory = np.zeros((capacity, width, memory_dim), np.float32)
+        self.keys = np.zeros((capacity, width, memory_dim), np.float32)
+        self.mask = np.zeros((capacity, width), np.float32)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.prev, self.h, self.c, self.memory, self.keys, self.mask
+
+    def move(self, source: int, target: int) -> None:
+        for a in self.arrays():
+            a[target] = a[source]
+
+    def write(self, slot: int, row: BatchRow) -> None:
+        length = row.src_mask.shape[0]  # type: ignore[union-attr]
+        self.prev[slot], self.h[slot], self.c[slot] = row.prev_id, row.h, row.c
+        self.memory[slot, :length], self.keys[slot, :length] = row.memory, row.memory_keys
+        self.mask[slot, :length] = row.src_mask
+        self.memory[slot, length:], self.keys[slot, length:] = 0.0, 0.0  # a former row's
+        self.mask[slot, length:] = 0.0
+
+    def widened(self, n: int, width: int) -> _Slots:
+        """The same first ``n`` rows in slots of ``width`` positions."""
+        grown = _Slots(len(self.prev), width, self.h.shape[1], self.memory.shape[2])
+        for old, new in zip(self.arrays(), grown.arrays(), strict=True):
+            if old.ndim == 3:
+                new[:n, : self.width] = old[:n]
+            elif old is self.mask:
+                new[:n, : self.width] = old[:n]
+            else:
+                new[:n] = old[:n]
+        return grown
 
 
 class BatchStep:
-    """``step(newcomers, rows)``: the next token of every row (each row's decoder has
-    accepted it). Not thread-safe: the engine runs one step at a time."""
+    """``step(newcomers, rows)``: the next token of every row, in the order of ``rows``
+    (each row's decoder has accepted it). Not thread-safe: the engine runs one step at a
+    time."""
 
     def __init__(self, model: OnnxSeq2Seq):
         self.model = model
-        self._rows: list[BatchRow] = []  # the rows the padded memory below is for
-        self._memory: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._order: list[BatchRow] = []  # the row in each slot
+        self._slots: _Slots | None = None
 
     def reset(self) -> None:
-        """Forget the padded memory (the batch failed or the engine stopped)."""
-        self._rows, self._memory = [], None
+        """Forget the batch's rows (the batch failed or the engine stopped)."""
+        self._order, self._slots = [], None
 
     def step(self, newcomers: list[BatchRow], rows: list[BatchRow]) -> list[int]:
         self._encode(newcomers)
-        memory, keys, mask = self._padded(rows)
-        h = np.stack([r.h for r in rows])
-        c = np.stack([r.c for r in rows])
-        prev = np.array([r.prev_id for r in rows], np.int64)
-        out = self.model.step(prev, h, c, memory, keys, mask)
-        decoders = [r.decoder for r in rows]
-        processed = process_rows(
-            out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders]
+        slots, order = self._place(rows), self._order
+        n = len(order)
+        out = self.model.step(*(a[:n] for a in slots.arrays()))
+        decoders = [r.decoder for r in order]
+        processed = process_rows(  # the step's own output: no copy of it needed
+            out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders],
+            in_place=out.log_probs.dtype == np.float32,
         )
         tokens = choose_tokens(processed, [d.options for d in decoders],
                                [d.rng for d in decoders])
-        for i, (row, decoder, token) in enumerate(zip(rows, decoders, tokens, strict=True)):
+        for i, (decoder, token) in enumerate(zip(decoders, tokens, strict=True)):
             decoder.accept(token, processed[i])
-            row.h, row.c, row.prev_id = out.h[i], out.c[i], token
-        return tokens
+        slots.prev[:n], slots.h[:n], slots.c[:n] = tokens, out.h, out.c
+        return [tokens[r.slot] for r in rows]
 
     def encode(self, row: BatchRow) -> None:
         """Run ``row``'s encoder (batch 1, its own source length). Thread-safe: the
@@ -77,10 +125,40 @@ class BatchStep:
             if row.memory is None:  # not encoded ahead
                 self.encode(row)
 
-    def _padded(self, rows: list[BatchRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._rows != rows or self._memory is None:  # membership changed: re-pad
-            self._memory = pad_memory(
-                [(r.memory, r.memory_keys, r.src_mask) for r in rows]  # type: ignore[misc]
-            )
-            self._rows = list(rows)
-        return self._memory
+    def _place(self, rows: list[BatchRow]) -> _Slots:
+        """The slots with exactly ``rows`` in them (in any order: ``row.slot``)."""
+        wanted = {id(r) for r in rows}
+        order, slots = self._order, self._slots
+        i = 0
+        while i < len(order):  # a leaving row's slot goes to the last row
+            if id(order[i]) in wanted:
+                i += 1
+                continue
+            last = order.pop()
+            if i < len(order):
+                order[i], last.slot = last, i
+                assert slots is not None
+                slots.move(len(order), i)
+        placed = {id(r) for r in order}
+        fresh = [r for r in rows if id(r) not in placed]
+        width = max((r.src_mask.shape[0] for r in fresh), default=0)  # type: ignore
+        if slots is None or not order:
+            slots = _Slots(max(len(rows), 1), max(width, 1), fresh[0].h.shape[0],  # type: ignore
+                           fresh[0].memory.shape[1])  # type: ignore[union-attr]
+        elif width > slots.width or len(rows) > len(slots.prev):
+            slots = self._grown(slots, len(order), max(width, slots.width), len(rows))
+        for row in fresh:
+            row.slot = len(order)
+            order.append(row)
+            slots.write(row.slot, row)
+        self._slots = slots
+        return slots
+
+    @staticmethod
+    def _grown(slots: _Slots, n: int, width: int, rows: int) -> _Slots:
+        if rows > len(slots.prev):  # more rows than ever: room for twice as many
+            bigger = _Slots(2 * rows, slots.width, slots.h.shape[1], slots.memory.shape[2])
+            for old, new in zip(slots.arrays(), bigger.arrays(), strict=True):
+                new[:n] = old[:n]
+            slots = bigger
+        return slots.widened(n, width) if width > slots.width else slots

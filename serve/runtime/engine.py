@@ -351,7 +351,9 @@ class Engine:
         try:
             src = source_ids(self.model, text, self.max_source_length)
             rules = TokenRules.for_model(self.model, options)
-            request.attach(src, SequenceDecoder(rules, make_rng(options.seed)))
+            # greedy draws nothing: no generator (an unseeded one costs an entropy read)
+            rng = make_rng(options.seed) if options.sampling else None
+            request.attach(src, SequenceDecoder(rules, rng))  # type: ignore[arg-type]
             self._batch.encode(request)  # here, beside the running step, not inside it
         except BaseException:
             with self._lock:

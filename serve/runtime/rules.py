@@ -249,7 +249,8 @@ FULL_RENORMALISATION_BELOW = 1e-3
 
 
 def process_rows(
-    log_probs: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]]
+    log_probs: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
+    *, in_place: bool = False,
 ) -> np.ndarray:
     """Model log-probs [B,V] (each row a log-softmax) -> what decoding chooses from: each
     row's rules applied, then renormalised.
@@ -263,10 +264,11 @@ def process_rows(
     Greedy, sampling and beam, alone or batched, all go through here: a row's result does
     not depend on the other rows (each row's sums run over its own entries, in id order),
     which the engine's promise that a batched request equals the same request alone
-    relies on.
+    relies on. ``in_place``: ``log_probs`` (float32, the caller's to spend) is overwritten
+    and returned, the same values without a copy of the batch.
     """
     source = np.asarray(log_probs, dtype=np.float32)
-    out = source.copy()
+    out = source if in_place else source.copy()
     rows, vocab = out.shape
     parts: list = []
     lengths: list[int] = []
@@ -277,14 +279,15 @@ def process_rows(
     banned = np.concatenate(parts).astype(np.int64, copy=False) if parts else \
         np.zeros(0, np.int64)
     banned += np.repeat(np.arange(rows, dtype=np.int64) * vocab, lengths)
-    penalised = _apply_penalties(source, out, rules, histories)
-    out.reshape(-1)[banned] = -np.inf
+    penalised, penalties = _penalties(source, rules, histories)
     changed = np.unique(np.concatenate([banned, penalised]))
-    flat_in, flat_out = source.reshape(-1), out.reshape(-1)
+    flat = out.reshape(-1)
+    before = flat[changed].astype(np.float64)  # read before anything is written
+    flat[penalised] = penalties
+    flat[banned] = -np.inf
     removed = np.bincount(
         changed // vocab,
-        weights=np.exp(flat_in[changed].astype(np.float64))
-        - np.exp(flat_out[changed].astype(np.float64)),
+        weights=np.exp(before) - np.exp(flat[changed].astype(np.float64)),
         minlength=rows,
     )
     kept = 1.0 - removed
@@ -295,14 +298,13 @@ def process_rows(
     return out
 
 
-def _apply_penalties(
-    source: np.ndarray, out: np.ndarray, rules: Sequence[TokenRules],
-    histories: Sequence[Sequence[int]],
-) -> np.ndarray:
-    """The repetition and count penalties of every row on its own tokens, written into
-    ``out``: the flat indices they changed."""
-    vocab = out.shape[1]
-    tokens, lengths, params = [], [], np.zeros((out.shape[0], 3))
+def _penalties(
+    source: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The repetition and count penalties of every row on its own tokens: the flat
+    indices they change and their new values."""
+    vocab = source.shape[1]
+    tokens, lengths, params = [], [], np.zeros((source.shape[0], 3))
     for i, (row_rules, previous) in enumerate(zip(rules, histories, strict=True)):
         o = row_rules.options
         if previous and (o.repetition_penalty != 1.0 or o.presence_penalty
@@ -313,16 +315,15 @@ def _apply_penalties(
         else:
             lengths.append(0)
     if not tokens:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
     keys = np.concatenate(tokens).astype(np.int64, copy=False)
-    keys += np.repeat(np.arange(out.shape[0], dtype=np.int64) * vocab, lengths)
+    keys += np.repeat(np.arange(source.shape[0], dtype=np.int64) * vocab, lengths)
     flat, counts = np.unique(keys, return_counts=True)
     repetition, frequency, presence = params[flat // vocab].T
     values = source.reshape(-1)[flat].astype(np.float64)
     values = np.where(values < 0, values * repetition, values / repetition)
     values -= frequency * counts + presence
-    out.reshape(-1)[flat] = values
-    return flat
+    return flat, values.astype(np.float32)
 
 
 def _log_softmax_row(row: np.ndarray, eos_id: int) -> None:
