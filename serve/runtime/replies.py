@@ -62,9 +62,10 @@ class ReplySources:
         """Whether the reply is chosen among candidates rather than decoded as it streams."""
         if self.mode(options) == "hybrid":
             return True
-        several = options.num_hypotheses > 1 if options.beam_size > 1 else len(
+        if self.scorer is None:  # first: proposals() copies the options (every request)
+            return False
+        return options.num_hypotheses > 1 if options.beam_size > 1 else len(
             self.proposals(options)) > 1
-        return several and self.scorer is not None
 
     def proposals(self, options: DecodingOptions) -> list[DecodingOptions]:
         """The decodes whose replies are the model's candidates: one, or one per sample
