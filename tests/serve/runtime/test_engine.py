@@ -339,3 +339,28 @@ async def test_cancelling_a_beam_frees_the_beam_slot(model):
 def test_engine_limits_must_be_positive(model):
     with pytest.raises(ValueError, match="max_queue must be >= 1"):
         Engine(model, max_queue=0)
+
+
+async def test_steps_run_back_to_back_while_the_event_loop_is_busy(model):
+    # The scheduler's thread steps on its own: a blocked event loop delays the pieces,
+    # not the decoding (before, each step waited for the loop to start the next).
+    import time
+
+    async with running(model, max_batch_size=2) as engine:
+        started = asyncio.Event()
+        hog = asyncio.create_task(_hog(engine, started))
+        await asyncio.wait_for(started.wait(), 10)
+        row = engine._scheduler.active[0]
+        before = len(row.decoder.token_ids)
+        time.sleep(0.2)  # the event loop blocked: no callback runs meanwhile
+        assert len(row.decoder.token_ids) - before >= 10
+        hog.cancel()
+        await _until(lambda: engine.stats.active == 0)
+
+
+async def test_generate_gets_its_reply_in_one_event(model):
+    async with running(model) as engine:
+        request = await engine._submit("你好", DecodingOptions(min_length=6, max_length=6),
+                                       None, False)
+        kind, result = await asyncio.wait_for(request.events.get(), 10)
+        assert kind == "done" and len(result.token_ids) == 6 and request.events.empty()
