@@ -95,13 +95,14 @@ class Scheduler:
         while (chosen := self._next_rows()) is not None:
             newcomers, rows = chosen
             try:
-                tokens = self.batch.step(newcomers, rows)
+                outcome = self._outcome(rows, self.batch.step(newcomers, rows))
             except Exception as e:  # a failing step fails its rows, never the scheduler
-                self.active = []
+                with self.lock:
+                    self.active = []
+                    self._gauges(0)
                 self.batch.reset()
                 self._post(loop, fail, rows, e)
                 continue
-            outcome = self._outcome(rows, tokens)
             with self.lock:  # the gauge says so before the consumers hear of it
                 self.active = [r for r, done in zip(rows, outcome.finished, strict=True)
                                if not done]

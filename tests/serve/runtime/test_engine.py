@@ -364,3 +364,18 @@ async def test_generate_gets_its_reply_in_one_event(model):
                                        None, False)
         kind, result = await asyncio.wait_for(request.events.get(), 10)
         assert kind == "done" and len(result.token_ids) == 6 and request.events.empty()
+
+
+async def test_a_failing_step_fails_its_rows_not_the_scheduler(model):
+    async with running(model) as engine:
+        step = engine._batch.step
+
+        def broken(newcomers, rows):  # one step fails (an onnxruntime error, say)
+            engine._batch.step = step
+            raise RuntimeError("the step broke")
+
+        engine._batch.step = broken
+        with pytest.raises(RuntimeError, match="the step broke"):
+            await asyncio.wait_for(engine.generate("你好", max_length=3), 10)
+        assert engine.stats.requests_failed == 1 and engine.stats.active == 0
+        assert (await asyncio.wait_for(engine.generate("你好", max_length=3), 10)).token_ids
