@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -140,7 +141,7 @@ class DecodingOptions:
     def from_kwargs(cls, **kwargs) -> DecodingOptions:
         """Options from keyword arguments; an unknown name is a ValueError that lists the
         known ones (a misspelt option must not be silently ignored)."""
-        known = {f.name for f in fields(cls)}
+        known = _names(cls)
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(
@@ -155,6 +156,12 @@ class DecodingOptions:
 
     def validate(self) -> None:
         validate(self)
+
+
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    """The option names (``fields()`` walks the class each time: once is enough)."""
+    return frozenset(f.name for f in fields(cls))
 
 
 def option_docs() -> dict[str, str]:
