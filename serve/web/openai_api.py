@@ -56,15 +56,12 @@ from serve.web.openai_fields import (
     wanted,
 )
 from serve.web.openai_stream import DONE, ChunkFormat, ClientWatch, EventStream, Last, data
+from serve.web.reply import count_prompt_tokens
 
 __all__ = ["ApiError", "decoding_options", "routes"]
 
 log = logging.getLogger("xiaox.api")
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-# A prompt this short is tokenized on the event loop (about 40 us for ten characters,
-# 0.2-0.4 ms for 32): a hop to a worker thread and back costs more. A longer one (jieba
-# on 2,000 characters takes milliseconds) goes to a thread.
-INLINE_PROMPT_CHARS = 32
 # Completion ids: unique, not secret; one os.urandom seed, not a system call per request.
 _ids = random.Random()
 
@@ -107,8 +104,6 @@ class _Request:
 async def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
     """The body checked against this server and its model (within its ``api_max_*``
     settings): ApiError if wrong."""
-    from serve.runtime.search import source_ids
-
     chat = request.app.state.chat
     limits = ApiLimits.of(chat.settings)
     text = last_user_text(body, limits.prompt_chars) if chat_api \
@@ -124,10 +119,7 @@ async def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Req
     want = wanted(body, chat_api, limits.n)
     chat = _model_ready(request)
     try:
-        if len(text) <= INLINE_PROMPT_CHARS:
-            prompt_tokens = len(source_ids(chat.engine.model, text))
-        else:
-            prompt_tokens = len(await asyncio.to_thread(source_ids, chat.engine.model, text))
+        prompt_tokens = await count_prompt_tokens(chat.engine, text)
     except ValueError as e:
         raise ApiError(400, str(e), "invalid_content",
                        param="messages" if chat_api else "prompt") from None
