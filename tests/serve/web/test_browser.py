@@ -498,6 +498,48 @@ def test_a_reset_reloads_the_history(model_dir, redis_server, open_page):
         app.stop()
 
 
+
+def set_sizes(page) -> list[int]:
+    """The size of every ``Set`` alive in the page's heap (DevTools' queryObjects: the
+    page's own state, closure-private, is counted without exposing it)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("HeapProfiler.collectGarbage")
+    prototype = cdp.send("Runtime.evaluate", {"expression": "Set.prototype"})["result"]
+    sets = cdp.send("Runtime.queryObjects", {"prototypeObjectId": prototype["objectId"]})
+    sizes = cdp.send("Runtime.callFunctionOn", {
+        "objectId": sets["objects"]["objectId"], "returnByValue": True,
+        "functionDeclaration": "function () { return this.map(s => s.size); }"})
+    return sizes["result"]["value"]
+
+
+def test_the_page_remembers_a_bounded_number_of_ids(model_dir, redis_server, open_page):
+    """A long-lived page (thousands of events) keeps its de-duplication memory bounded:
+    the seen event ids and the settled reply ids are capped, oldest forgotten first."""
+    import json
+
+    import redis
+
+    app = app_server(model_dir, redis_url=redis_server.url).start()
+    try:
+        page = open_page()
+        room = new_room()
+        enter_room(page, app.url, "nora", room)
+        with redis.Redis.from_url(redis_server.url) as r:
+            pipe = r.pipeline(transaction=False)
+            for i in range(1_300):  # a person's message and 小X's answer, 2,600 events
+                for data in ({"role": "user", "user": "olga", "text": f"第{i}条"},
+                             {"role": "bot", "user": "小X", "text": f"答{i}",
+                              "reply_id": f"r{i}", "reply_to": "0-1"}):
+                    pipe.xadd(f"xiaox:{{{room}}}:log", {"type": "message", "data": json.dumps(
+                        {**data, "room": room, "ts": time.time()}, ensure_ascii=False)})
+            pipe.execute()
+        expect(user_bubble(page, "第1299条")).to_have_count(1)
+        sizes = set_sizes(page)
+        assert sizes and max(sizes) <= 2_000, sorted(sizes)[-5:]
+        assert len(page.locator("#messages [data-id]").all()) <= 500
+    finally:
+        app.stop()
+
 def populate(app: ServerProcess, page, room: str) -> None:
     friend = ChatClient(app.url, "小红")
     try:
