@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -134,13 +135,13 @@ class DecodingOptions:
         ):
             raise ValueError(f"suppress_words must be a list of strings, got {words!r}")
         object.__setattr__(self, "suppress_words", tuple(sorted(set(words))))
-        validate(self)
+        _validate_once(self)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> DecodingOptions:
         """Options from keyword arguments; an unknown name is a ValueError that lists the
         known ones (a misspelt option must not be silently ignored)."""
-        known = {f.name for f in fields(cls)}
+        known = _names(cls)
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(
@@ -155,6 +156,12 @@ class DecodingOptions:
 
     def validate(self) -> None:
         validate(self)
+
+
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    """The option names (``fields()`` walks the class each time: once is enough)."""
+    return frozenset(f.name for f in fields(cls))
 
 
 def option_docs() -> dict[str, str]:
@@ -215,6 +222,28 @@ def check_caps(o: DecodingOptions, caps: dict[str, int]) -> None:
                                  f"characters, got one of {longest}")
         elif getattr(o, name) > cap:  # each is work for one request: bounded
             raise ValueError(f"{name} must be at most {cap}, got {getattr(o, name)!r}")
+
+
+# Option values already found valid (with their types: True == 1 and 1.0 == 1, but
+# neither is a valid beam_size): a request's options are remade several times on their
+# way to the engine (``dataclasses.replace``), each a full validation otherwise.
+_VALID: set[tuple] = set()
+_VALID_MAX = 1024
+
+
+def _validate_once(o: DecodingOptions) -> None:
+    values = tuple(o.__dict__.values())
+    key = (values, tuple(map(type, values)))
+    try:
+        if key in _VALID:
+            return
+    except TypeError:  # an unhashable value: never valid, validate says why
+        validate(o)
+        return
+    validate(o)
+    if len(_VALID) >= _VALID_MAX:  # bounded: many distinct requests start it afresh
+        _VALID.clear()
+    _VALID.add(key)
 
 
 def validate(o: DecodingOptions) -> None:

@@ -92,6 +92,10 @@ class Metrics:
             "xiaox_asyncio_tasks", "asyncio tasks alive in this process (a leak shows here)", r)
         self._define_request_metrics(r)
         self._engine = _EngineMirror(r)
+        # on_engine_metric runs for every token: the names' histograms looked up, not built
+        self._latencies = {"time_to_first_token": self.time_to_first_token,
+                           "inter_token_latency": self.inter_token_latency,
+                           "request_latency": self.end_to_end_latency}
 
     def _define_request_metrics(self, r: CollectorRegistry) -> None:
         """vLLM's request metrics, under xiaox_ names (the README maps them)."""
@@ -121,9 +125,7 @@ class Metrics:
 
     def on_engine_metric(self, name: str, seconds: float) -> None:
         """The engine's ``on_metric`` hook: latencies as they happen."""
-        histogram = {"time_to_first_token": self.time_to_first_token,
-                     "inter_token_latency": self.inter_token_latency,
-                     "request_latency": self.end_to_end_latency}.get(name)
+        histogram = self._latencies.get(name)
         if histogram is not None:
             histogram.observe(seconds)
         if name == "time_to_first_token":  # a row's first step has run: it left the queue

@@ -31,35 +31,39 @@ are freed at once. Requests go to the engine's ``api`` lane (``serve.web.lanes``
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve.web.openai_choices import Event, start_choices
+from serve.web.openai_choices import start_choices
 from serve.web.openai_fields import (
     ApiError,
     ApiLimits,
     Wanted,
     check_key,
+    checked_options,
     decoding_options,
     last_user_text,
     prompt_text,
     read_body,
     wanted,
 )
+from serve.web.openai_stream import DONE, ChunkFormat, ClientWatch, EventStream, Last, data
+from serve.web.reply import count_prompt_tokens
 
 __all__ = ["ApiError", "decoding_options", "routes"]
 
 log = logging.getLogger("xiaox.api")
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Completion ids: unique, not secret; one os.urandom seed, not a system call per request.
+_ids = random.Random()
 
 
 def _engine_error(error: Exception) -> ApiError:
@@ -78,11 +82,6 @@ def _model_ready(request: Request):
     return chat
 
 
-def _data(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
-        + b"\n\n"
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -94,7 +93,8 @@ class _Request:
 
     chat_api: bool  # /v1/chat/completions (else /v1/completions)
     text: str
-    options: dict[str, Any]
+    options: dict[str, Any]  # as the request spelt them (DecodingOptions' names)
+    decoding: Any  # the DecodingOptions made of them, validated once
     want: Wanted
     prompt_tokens: int
     completion_id: str
@@ -104,8 +104,6 @@ class _Request:
 async def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Request:
     """The body checked against this server and its model (within its ``api_max_*``
     settings): ApiError if wrong."""
-    from serve.runtime.search import source_ids
-
     chat = request.app.state.chat
     limits = ApiLimits.of(chat.settings)
     text = last_user_text(body, limits.prompt_chars) if chat_api \
@@ -117,17 +115,17 @@ async def _parse(request: Request, body: dict[str, Any], chat_api: bool) -> _Req
                        param="model")
     settings = chat.settings
     generation = chat.engine.model.manifest.generation if chat.engine is not None else {}
-    options = decoding_options(body, settings.reply_max_tokens, limits, generation)
+    options, decoding = checked_options(body, settings.reply_max_tokens, limits, generation)
     want = wanted(body, chat_api, limits.n)
     chat = _model_ready(request)
-    try:  # jieba on 2,000 characters takes milliseconds: not on the event loop
-        prompt_tokens = len(await asyncio.to_thread(source_ids, chat.engine.model, text))
+    try:
+        prompt_tokens = await count_prompt_tokens(chat.engine, text)
     except ValueError as e:
         raise ApiError(400, str(e), "invalid_content",
                        param="messages" if chat_api else "prompt") from None
     prefix = "chatcmpl-" if chat_api else "cmpl-"
-    return _Request(chat_api, text, options, want, prompt_tokens,
-                    prefix + secrets.token_hex(12), int(time.time()))
+    return _Request(chat_api, text, options, decoding, want, prompt_tokens,
+                    f"{prefix}{_ids.getrandbits(96):024x}", int(time.time()))
 
 
 async def _begin(chat, req: _Request, record):
@@ -136,7 +134,8 @@ async def _begin(chat, req: _Request, record):
 
     with record.guard():  # refused, failed or cancelled: counted as such
         try:
-            return await start_choices(chat.engine, req.text, req.options, req.want)
+            return await start_choices(chat.engine, req.text, req.decoding, req.want,
+                                       req.options.keys())
         except (Overloaded, EngineStopped) as e:
             raise _engine_error(e) from None
         except ValueError as e:
@@ -201,9 +200,8 @@ def _choice(req: _Request, index: int, text: str, entries: list | None,
             "finish_reason": finish}
 
 
-def _envelope(req: _Request, name: str, chunk: bool) -> dict[str, Any]:
-    kind = ("chat.completion.chunk" if chunk else "chat.completion") if req.chat_api \
-        else "text_completion"
+def _envelope(req: _Request, name: str) -> dict[str, Any]:
+    kind = "chat.completion" if req.chat_api else "text_completion"
     return {"id": req.completion_id, "object": kind, "created": req.created, "model": name,
             "system_fingerprint": None}
 
@@ -225,7 +223,7 @@ async def _complete(chat, req: _Request) -> Response:
             await choices.aclose()
     tokens = _finish_record(record, choices)
     scored = getattr(choices, "log_probs", []) is not None  # a whole reply's, or none
-    body = _envelope(req, chat.model_name, chunk=False)
+    body = _envelope(req, chat.model_name)
     body["choices"] = [_choice(req, i, "".join(texts[i]), entries[i] if scored else None,
                                finishes[i]) for i in sorted(texts)]
     if req.chat_api and req.want.candidates and body["choices"]:
@@ -234,83 +232,72 @@ async def _complete(chat, req: _Request) -> Response:
     return JSONResponse(body)
 
 
-async def _stream(chat, req: _Request) -> Response:
+async def _stream(chat, req: _Request, watch: ClientWatch) -> Response:
     """The answer as server-sent events, once the engine has begun it."""
     record = chat.metrics.request(req.prompt_tokens)
     choices = await _begin(chat, req, record)
-    return StreamingResponse(_chunks(chat.model_name, req, choices, record),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    chunks = ChunkFormat(req.completion_id, req.created, chat.model_name, req.chat_api)
+    return EventStream(_chunks(chunks, req, choices, record), watch,
+                       headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-def _chunk(req: _Request, name: str, event: Event, scored: bool, *, first: bool = False,
-           end: bool = False) -> bytes:
-    body = _envelope(req, name, chunk=True)
-    entries = event.entries if scored else None
-    logprobs = None if first or end else _log_probs(req, entries)
-    finish = event.finish if end else None
-    if req.chat_api:
-        delta: dict[str, Any] = {} if end else {"content": "" if first else event.text}
-        if first:
-            delta["role"] = "assistant"
-        choice = {"index": event.index, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": finish}
-    else:
-        choice = {"index": event.index, "text": "" if end else event.text,
-                  "logprobs": logprobs, "finish_reason": finish}
-    return _data({**body, "choices": [choice]})
-
-
-async def _chunks(name: str, req: _Request, choices, record) -> AsyncIterator[bytes]:
+async def _chunks(fmt: ChunkFormat, req: _Request, choices, record) -> AsyncIterator[bytes]:
+    """The chunks, those of one event in one piece (a chat choice's role with its first
+    text); the last choice's end goes with the tail (usage, ``[DONE]``), which follows it
+    at once."""
     scored = getattr(choices, "log_probs", []) is not None
     begun: set[int] = set()
+    held = b""
     try:
         with record.guard():  # the client leaving: cancelled
             async for event in choices.events():
+                out, held = held, b""
                 if req.chat_api and event.index not in begun:
                     begun.add(event.index)
-                    yield _chunk(req, name, event, scored, first=True)
+                    out += fmt.first(event.index)
                 if event.text or event.entries:
-                    yield _chunk(req, name, event, scored)
+                    out += fmt.text(event.index, event.text,
+                                    _log_probs(req, event.entries if scored else None))
                 if event.finish is not None:
-                    yield _chunk(req, name, event, scored, end=True)
+                    end = fmt.end(event.index, event.finish)
+                    held, out = (end, out) if event.index == req.want.n - 1 else (b"",
+                                                                                  out + end)
+                if out:
+                    yield out
         tokens = _finish_record(record, choices)
-        if req.want.include_usage:
-            yield _data({**_envelope(req, name, chunk=True), "choices": [],
-                         "usage": _usage(req.prompt_tokens, tokens)})
+        tail = held + (fmt.usage(_usage(req.prompt_tokens, tokens))
+                       if req.want.include_usage else b"")
     except Exception as e:  # after the 200: the error as an event, as vLLM sends it
         log.exception("a streamed completion failed")
-        yield _data({"error": {"message": f"the reply failed: {type(e).__name__}",
-                               "type": "server_error", "param": None, "code": "internal"}})
+        tail = held + data({"error": {"message": f"the reply failed: {type(e).__name__}",
+                                      "type": "server_error", "param": None,
+                                      "code": "internal"}})
     finally:
         # A client that left: closing the engine's iterators cancels their requests.
         await choices.aclose()
-    yield b"data: [DONE]\n\n"
+    yield Last(tail + DONE)
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client hangs up (the body is read: ``receive`` has nothing else
-    to say but ``http.disconnect``)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, answer) -> Response:
-    """Awaits ``answer`` (a coroutine: the request's work) unless the client hangs up
-    first: then the work is cancelled, which frees its rows of the batch at once. (A
-    streamed answer, once begun, is watched by Starlette's StreamingResponse.)"""
-    work = asyncio.ensure_future(answer)
-    watcher = asyncio.ensure_future(_disconnected(request))
+async def _answer(request: Request, req: _Request) -> Response:
+    """The request's work, unless the client hangs up first: then it is cancelled, which
+    frees its rows of the batch at once (a streamed answer stays watched until its
+    end, by the same ``ClientWatch``)."""
+    chat = request.app.state.chat
+    watch = ClientWatch(request.receive)
+    handed = False
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if req.want.stream:
+            response = await _stream(chat, req, watch)
+            handed = True  # the response stops the watch
+            return response
+        return await _complete(chat, req)
+    except asyncio.CancelledError as e:
+        if watch.absorb(e):  # the client left: nobody reads this
+            return Response(status_code=499)
+        raise
     finally:
-        watcher.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})  # its cleanup (freeing its rows) has run
-    if work.cancelled():  # the client left: nobody reads this
-        return Response(status_code=499)
-    return work.result()
+        if not handed:
+            watch.stop()
 
 
 async def _guarded(request: Request, answer) -> Response:
@@ -339,9 +326,7 @@ def _completion_endpoint(chat_api: bool):
         async def answer() -> Response:
             _allow(request, "POST")
             req = await _parse(request, await read_body(request), chat_api)
-            chat = request.app.state.chat
-            return await _unless_disconnected(
-                request, (_stream if req.want.stream else _complete)(chat, req))
+            return await _answer(request, req)
 
         return await _guarded(request, answer)
 

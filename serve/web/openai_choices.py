@@ -20,7 +20,7 @@ is known not to be one.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -69,6 +69,11 @@ class ChoiceText:
 
     def feed(self, text: str, entries: list[dict] | None = None, tokens: int = 1) -> Event:
         """Add a piece (with the entries of its tokens): what may be released now."""
+        if not self.stop:  # nothing is ever held back: all of it, at once
+            self.text += text
+            self.tokens += tokens
+            self.sent = len(self.text)
+            return Event(self.index, text, entries or [])
         start = len(self.text)
         self.text += text
         self.tokens += tokens
@@ -136,10 +141,12 @@ class Decoded:
         text, last = ChoiceText(index, self.want.stop), ""
         piece = first
         while piece is not None:
-            entries = _piece_entries(self.model, piece, last, self.want.top_logprobs)
-            if piece.token_id is not None:
-                last = self.model.tokenizer.id_to_piece(piece.token_id)
-            event = text.feed(piece.text, entries if self.want.logprobs else None)
+            entries = None
+            if self.want.logprobs:
+                entries = _piece_entries(self.model, piece, last, self.want.top_logprobs)
+                if piece.token_id is not None:  # the top alternatives' deltas follow it
+                    last = self.model.tokenizer.id_to_piece(piece.token_id)
+            event = text.feed(piece.text, entries)
             if text.stopped:
                 await pieces.aclose()  # the rest of this reply is not needed
                 self.results.append((text.tokens, "stop"))
@@ -176,16 +183,18 @@ def _pieces(stream):
     return texts()
 
 
-async def start_decoded(engine, text: str, options: dict[str, Any], want: Wanted) -> Decoded:
-    """The ``n`` engine requests, each begun: a refusal (429, 503) comes before any 200."""
+async def start_decoded(engine, text: str, options: Any, want: Wanted) -> Decoded:
+    """The ``n`` engine requests, each begun: a refusal (429, 503) comes before any 200.
+    ``options`` (``DecodingOptions``, validated) go to the engine as they are; only what
+    a choice changes (log-probs, its seed) makes new ones."""
     if want.logprobs:
-        options = {**options, "return_log_probs": True, "top_log_probs": want.top_logprobs}
-    seed = options.get("seed")
+        options = replace(options, return_log_probs=True, top_log_probs=want.top_logprobs)
+    seed = options.seed
     streams, iterators, firsts = [], [], []
     try:
         for i in range(want.n):
-            seeded = {**options, "seed": None if seed is None else seed + i}
-            stream = engine.stream(text, **lane(engine, API_LANE), **seeded)
+            seeded = options if i == 0 or seed is None else replace(options, seed=seed + i)
+            stream = engine.stream(text, seeded, **lane(engine, API_LANE))
             pieces = _pieces(stream)
             streams.append(stream)
             iterators.append(pieces)
@@ -257,10 +266,8 @@ def is_whole(engine, options) -> bool:
     return sources is not None and sources.needs_selection(options)
 
 
-async def start_whole(engine, text: str, options: dict[str, Any], want: Wanted) -> Whole:
-    from serve.runtime.options import DecodingOptions
-
-    decoding = DecodingOptions.from_kwargs(**options)
+async def start_whole(engine, text: str, options: Any, want: Wanted) -> Whole:
+    decoding = options
     if want.n > 1 or want.candidates:
         if decoding.beam_size > 1:
             if want.n > decoding.beam_size:
@@ -279,20 +286,19 @@ async def start_whole(engine, text: str, options: dict[str, Any], want: Wanted) 
     return Whole(replies, log_probs, engine.model, want, result)
 
 
-async def start_choices(engine, text: str, options: dict[str, Any], want: Wanted):
-    """The request's choices, begun (``Decoded``) or known (``Whole``)."""
-    from serve.runtime.options import DecodingOptions
-
-    decoding = DecodingOptions.from_kwargs(**options)
+async def start_choices(engine, text: str, options: Any, want: Wanted,
+                        asked: Collection[str] = ()):
+    """The request's choices (``options``: its ``DecodingOptions``; ``asked``: the fields
+    the request set, to name in an error), begun (``Decoded``) or known (``Whole``)."""
     try:
-        whole = is_whole(engine, decoding)
+        whole = is_whole(engine, options)
     except ValueError as e:  # e.g. reply_mode hybrid on a folder without a reply index
         name = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), "invalid_decoding_option",
-                       param=name if name in options else None) from None
+                       param=name if name in asked else None) from None
     if whole:
         return await start_whole(engine, text, options, want)
-    if want.n > 1 and not decoding.sampling:
+    if want.n > 1 and not options.sampling:
         raise ApiError(400, "n > 1 needs sampling (temperature or top_p), beam search "
                        "(beam_size >= n) or the hybrid reply mode: greedy decoding has one "
                        "reply", "invalid_n", param="n")

@@ -25,6 +25,7 @@ says so (``temperature: 0``, or a ``seed``).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 from collections.abc import Mapping
@@ -149,7 +150,7 @@ async def read_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _refuse_unimplemented(body: dict[str, Any], known: set[str]) -> None:
+def _refuse_unimplemented(body: dict[str, Any], known: frozenset[str]) -> None:
     for key, value in body.items():
         if value is None or key in known or key in HARMLESS or key in ALIASES \
                 or key in API_FIELDS:
@@ -163,7 +164,7 @@ def _refuse_unimplemented(body: dict[str, Any], known: set[str]) -> None:
         raise ApiError(400, f"unknown field '{key}'", "unknown_field", param=key)
 
 
-def _asked(body: dict[str, Any], known: set[str], folder_topk: int) -> dict[str, Any]:
+def _asked(body: dict[str, Any], known: frozenset[str], folder_topk: int) -> dict[str, Any]:
     """The request's own fields as ``DecodingOptions`` names. OpenAI's temperature 0 means
     greedy (top_k 1); temperature or top_p without top_k (and no beam) mean sampling: with
     the folder's top_k when the folder samples, else from the whole vocabulary."""
@@ -192,11 +193,21 @@ def decoding_options(body: dict[str, Any], default_max_tokens: int,
     (``generation``, but its max_length), then ``default_max_tokens`` (at most
     ``limits.max_tokens``) as max_length, then the request's own fields (the module
     docstring gives the rule)."""
+    return checked_options(body, default_max_tokens, limits, generation)[0]
+
+
+def checked_options(body: dict[str, Any], default_max_tokens: int,
+                    limits: ApiLimits | None = None,
+                    generation: Mapping[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], Any]:
+    """``decoding_options``' keyword arguments, and the ``DecodingOptions`` made of them:
+    built and validated once per request, and handed on as they are (to the choices and
+    the engine)."""
     from serve.runtime.flags import folder_defaults
     from serve.runtime.options import DecodingOptions, check_caps
 
     limits = limits or ApiLimits()
-    known = {f.name for f in fields(DecodingOptions)}
+    known = _option_names()
     _refuse_unimplemented(body, known)
     generation = {k: v for k, v in (generation or {}).items() if k != "max_length"}
     asked = _asked(body, known, generation.get("sampling_topk", 1))
@@ -214,11 +225,19 @@ def decoding_options(body: dict[str, Any], default_max_tokens: int,
             and minimum > length:
         options["min_length"] = length  # the folder's minimum, within the request's max
     try:  # the runtime's ceilings, then this server's (lower) caps
-        check_caps(DecodingOptions.from_kwargs(**options), limits.caps())
+        decoding = DecodingOptions.from_kwargs(**options)
+        check_caps(decoding, limits.caps())
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e), "invalid_decoding_option",
                        param=_param_of(str(e), body)) from None
-    return options
+    return options, decoding
+
+
+@functools.cache
+def _option_names() -> frozenset[str]:
+    from serve.runtime.options import DecodingOptions
+
+    return frozenset(f.name for f in fields(DecodingOptions))
 
 
 def _param_of(message: str, body: dict[str, Any]) -> str | None:

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve.web.security.asgi import send_json_error
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_SEND = "xiaox.host_send"  # the scope key that carries the server's send past the check
 
 
 
@@ -78,8 +79,9 @@ class HostCheckMiddleware:
                                            www_redirect=False)
 
     async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The app gets the server's own send, not ``sending``: no layer per message.
         scope["xiaox.host_ok"] = True
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, scope.pop(_SEND, send))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -94,6 +96,7 @@ class HostCheckMiddleware:
             elif message["type"] == "http.response.start":
                 refused = True  # TrustedHostMiddleware's own answer: ours instead, below
 
+        scope[_SEND] = send
         await self.check(scope, receive, sending)
         if refused:
             if self.on_reject is not None:
