@@ -185,7 +185,7 @@ def ratios(data: dict) -> dict:
 
 
 def run(args, workdir: Path) -> tuple[str, dict]:
-    data: dict = {"model": str(args.model), "connections": args.wrk_connections,
+    data: dict = {"model": Path(args.model).name, "connections": args.wrk_connections,
                   "seconds": args.wrk_seconds, "reply_tokens": args.http_reply_tokens,
                   "threads": args.threads, "stacks": {}}
     for stack in STACKS:
