@@ -387,6 +387,12 @@ class RedisBroker(Broker):
         return key[len(self._prefix) + 2: key.rindex("}")]
 
     @property
+    def redis(self) -> Any:
+        """The commands client (a primary, a Sentinel-followed primary or a cluster), for
+        the web server's other shared state (leases, revocations)."""
+        return self._redis
+
+    @property
     def healthy(self) -> bool:
         return self._healthy and not self.closed
 
@@ -638,11 +644,3 @@ def _readable(events) -> list[Event]:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:200]
-
-
-def _redact(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

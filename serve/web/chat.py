@@ -16,12 +16,12 @@ import anyio
 from starlette.requests import Request
 
 from serve.web import reply
-from serve.web.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
+from serve.web.broker import Broker, InProcessBroker, RedisBroker
 from serve.web.lanes import engine_lanes
 from serve.web.leases import LocalLeases, RedisLeases
 from serve.web.metrics import Metrics, multiprocess_dir
 from serve.web.presence import StreamGate
-from serve.web.security.rate_limit import RateLimiter
+from serve.web.security.rate_limit import SharedRateLimiter
 from serve.web.settings import Settings
 
 log = logging.getLogger("xiaox.app")
@@ -45,9 +45,11 @@ class Chat:
         self.model_name = "xiaox"
         self.model_error: str | None = "the model is loading"
         self.broker: Broker | None = None
-        self.send_limiter = RateLimiter(settings.rate_limit_messages, settings.rate_limit_window)
-        self.ip_send_limiter = RateLimiter(settings.rate_limit_ip_messages,
-                                           settings.rate_limit_window)
+        # Both must allow a message: the session's budget and its address's.
+        self.send_limiters = tuple(
+            SharedRateLimiter(name, rate, settings.rate_limit_window, lambda: self.broker)
+            for name, rate in (("send:session", settings.rate_limit_messages),
+                               ("send:ip", settings.rate_limit_ip_messages)))
         self.gate: StreamGate | None = None
         self.replies: set[asyncio.Task] = set()
         self.closing = False
@@ -151,18 +153,8 @@ class Chat:
     async def allow_send(self, sid: str, ip: str) -> tuple[bool, float]:
         """The rate limits of the session and of the client's address (both must allow):
         shared through Redis when there is one. (allowed, seconds to wait)."""
-        s = self.settings
-        limits = ((f"send:session:{sid}", s.rate_limit_messages, self.send_limiter, sid),
-                  (f"send:ip:{ip}", s.rate_limit_ip_messages, self.ip_send_limiter, ip))
-        for key, limit, local, local_key in limits:
-            allowed, wait = None, 0.0
-            if isinstance(self.broker, RedisBroker) and self.broker.healthy:
-                try:
-                    allowed, wait = await self.broker.rate_hit(key, limit, s.rate_limit_window)
-                except BrokerUnavailable:
-                    pass  # this process's own bucket below
-            if allowed is None:
-                allowed, wait = local.allow(local_key)
+        for limiter, key in zip(self.send_limiters, (sid, ip), strict=True):
+            allowed, wait = await limiter.allow(key)
             if not allowed:
                 return False, wait
         return True, 0.0

@@ -142,7 +142,7 @@ class RedisLeases:
 
     def __init__(self, broker: Any):
         self._broker = broker
-        self._script = broker._redis.register_script(_LEASE_SCRIPT)
+        self._script = broker.redis.register_script(_LEASE_SCRIPT)
 
     async def _run(self, key: str, *args: object) -> list:
         return await self._broker._refused("lease", lambda: self._broker._call(

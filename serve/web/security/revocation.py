@@ -59,7 +59,7 @@ class Revocations:
         broker = self._broker_of()
         if broker is None or not hasattr(broker, "rate_hit") or not broker.healthy:
             return None
-        return getattr(broker, "redis", None) or getattr(broker, "_redis", None)
+        return broker.redis
 
     def _remember(self, sid: str) -> None:
         self._local.pop(sid, None)
