@@ -7,6 +7,7 @@ suppressed words are cached per model, a bounded number of word lists each.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections import OrderedDict
@@ -69,6 +70,8 @@ def ngram_blocked_ids(previous: Sequence[int], n: int) -> list[int]:
     if n == 1:
         return list(set(previous))
     p = previous
+    if p.count(p[-1]) < 2:  # an n-gram can only repeat where its last token did (most rows)
+        return []
     if n == 2:  # the common sizes without a tuple per position (every row, every step)
         last = p[-1]
         return [b for a, b in zip(p, p[1:], strict=False) if a == last]
@@ -201,6 +204,13 @@ class TokenRules:
     banned: np.ndarray  # never produced: <pad>, <s>, <unk> if disabled, suppressed words
     guard: WordGuard | None = None  # suppressed words spelled across tokens
 
+    def __post_init__(self) -> None:
+        # Sorted, without repeats, and with </s> once more for replies shorter than
+        # min_length: most rows at most steps are banned exactly one of these two, which
+        # process_rows then needs neither to merge nor to deduplicate.
+        self.banned = np.unique(np.asarray(self.banned, np.int64))
+        self._banned_and_eos = np.union1d(self.banned, np.array([self.eos_id], np.int64))
+
     @classmethod
     def for_model(cls, model: Vocabulary, options: DecodingOptions) -> TokenRules:
         """The request's rules; the model folder's blocklist is always among them."""
@@ -210,12 +220,14 @@ class TokenRules:
         if words:
             banned.extend(ids_containing(model, words).tolist())
             guard = word_guard(model, words)
-        return cls(options, model.eos_id, np.unique(np.array(banned, np.int64)), guard)
+        return cls(options, model.eos_id, np.array(banned, np.int64), guard)
 
     def row_bans(self, previous: Sequence[int]) -> list:
         """The ids this request may not say after ``previous`` (arrays or lists; may
-        repeat): the fixed bans, the guard's, the n-gram's and an early ``</s>``."""
-        bans: list = [self.banned]
+        repeat): the fixed bans, the guard's, the n-gram's and an early ``</s>``. Only
+        the first when there are no others: one sorted array without repeats."""
+        early = len(previous) < self.options.min_length
+        bans: list = [self._banned_and_eos if early else self.banned]
         if self.guard is not None and previous:
             bans.extend(self.guard.banned(previous))
         n = self.options.no_repeat_ngram_size
@@ -223,8 +235,6 @@ class TokenRules:
             blocked = ngram_blocked_ids(previous, n)
             if blocked:
                 bans.append(blocked)
-        if len(previous) < self.options.min_length:
-            bans.append((self.eos_id,))
         return bans
 
     def mask_row(self, row: np.ndarray, previous: Sequence[int]) -> None:
@@ -237,9 +247,10 @@ class TokenRules:
         for ids in self.row_bans(previous):
             row[np.asarray(ids, np.int64)] = -np.inf
 
-    def process(self, log_probs: np.ndarray, previous: Sequence[int]) -> np.ndarray:
+    def process(self, log_probs: np.ndarray, previous: Sequence[int], *,
+                in_place: bool = False) -> np.ndarray:
         """One row of model log-probs -> the log-probs decoding chooses from."""
-        return process_rows(log_probs[None, :], [self], [previous])[0]
+        return process_rows(log_probs[None, :], [self], [previous], in_place=in_place)[0]
 
 
 # A row whose rules removed more than this share of its mass is renormalised by a full
@@ -262,64 +273,105 @@ def process_rows(
     applied with one indexed write per kind.
 
     Greedy, sampling and beam, alone or batched, all go through here: a row's result does
-    not depend on the other rows (each row's sums run over its own entries, in id order),
-    which the engine's promise that a batched request equals the same request alone
-    relies on. ``in_place``: ``log_probs`` (float32, the caller's to spend) is overwritten
-    and returned, the same values without a copy of the batch.
+    not depend on the other rows (each row's sums run over its own entries, in the same
+    order alone or batched), which the engine's promise that a batched request equals the
+    same request alone relies on. ``in_place``: ``log_probs`` (float32, the caller's to
+    spend) is overwritten and returned, the same values without a copy of the batch.
     """
     source = np.asarray(log_probs, dtype=np.float32)
     out = source if in_place else source.copy()
     rows, vocab = out.shape
-    parts: list = []
-    lengths: list[int] = []
-    for row_rules, previous in zip(rules, histories, strict=True):
-        bans = row_rules.row_bans(previous)
-        parts.extend(bans)
-        lengths.append(sum(map(len, bans)))
-    banned = np.concatenate(parts).astype(np.int64, copy=False) if parts else \
-        np.zeros(0, np.int64)
-    banned += np.repeat(np.arange(rows, dtype=np.int64) * vocab, lengths)
-    penalised, penalties = _penalties(source, rules, histories)
-    changed = np.unique(np.concatenate([banned, penalised]))
+    if rows == 0:
+        return out
     flat = out.reshape(-1)
-    before = flat[changed].astype(np.float64)  # read before anything is written
+    penalised, penalties = _penalties(source, rules, histories)
+    banned = _flat_bans(rules, histories, vocab)
+    # Each entry's mass removed, as the penalties then the bans change it: an entry both
+    # penalised and banned loses p_old - p_pen, then p_pen; no merged index set needed.
+    before = flat[penalised].astype(np.float64)
     flat[penalised] = penalties
+    weights = np.exp(flat[banned].astype(np.float64))
     flat[banned] = -np.inf
-    removed = np.bincount(
-        changed // vocab,
-        weights=np.exp(before) - np.exp(flat[changed].astype(np.float64)),
-        minlength=rows,
-    )
-    kept = 1.0 - removed
-    full = kept < FULL_RENORMALISATION_BELOW
-    out -= np.log(np.where(full, 1.0, kept)).astype(np.float32)[:, None]
-    for i in np.flatnonzero(full):
+    changed = banned
+    if penalised.size:
+        weights = np.concatenate([np.exp(before) - np.exp(penalties.astype(np.float64)),
+                                  weights])
+        changed = np.concatenate([penalised, banned])
+    kept = 1.0 - np.bincount(changed // vocab, weights=weights, minlength=rows)
+    full = (kept < FULL_RENORMALISATION_BELOW).nonzero()[0]
+    if full.size:
+        kept[full] = 1.0  # these rows: a log-softmax of their own, below
+    out -= np.log(kept).astype(np.float32)[:, None]
+    for i in full:
         _log_softmax_row(out[i], rules[i].eos_id)
     return out
+
+
+def _flat_bans(rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
+               vocab: int) -> np.ndarray:
+    """Every row's banned ids as flat indices into the batch, without repeats (each
+    row's sorted, the rows in order)."""
+    parts, lengths = [], []
+    distinct = True  # while every row has one sorted array without repeats
+    for row_rules, previous in zip(rules, histories, strict=True):
+        bans = row_rules.row_bans(previous)
+        if len(bans) == 1:
+            parts.append(bans[0])
+            lengths.append(len(bans[0]))
+        else:
+            distinct = False
+            parts.extend(bans)
+            lengths.append(sum(map(len, bans)))
+    if len(lengths) == 1:  # row 0: its ids are its flat indices
+        return parts[0] if distinct else _sorted_distinct(np.concatenate(parts))[0]
+    flat = np.concatenate(parts).astype(np.int64, copy=False)
+    flat += np.repeat(np.arange(len(lengths), dtype=np.int64) * vocab, lengths)
+    return flat if distinct else _sorted_distinct(flat)[0]
+
+
+def _sorted_distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` sorted without repeats, and where each run starts in ``sorted(values)``:
+    ``np.unique`` by a sort (numpy 2's, hash-based then sorted, costs several times more
+    on the few to few hundred ids of a step)."""
+    ordered = np.sort(values)
+    first = np.empty(len(ordered), bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    starts = first.nonzero()[0]
+    return ordered[starts], starts
 
 
 def _penalties(
     source: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """The repetition and count penalties of every row on its own tokens: the flat
-    indices they change and their new values."""
+    indices they change (sorted, without repeats) and their new values."""
     vocab = source.shape[1]
-    tokens, lengths, params = [], [], np.zeros((source.shape[0], 3))
+    rows, tokens, params = [], [], []
     for i, (row_rules, previous) in enumerate(zip(rules, histories, strict=True)):
         o = row_rules.options
         if previous and (o.repetition_penalty != 1.0 or o.presence_penalty
                          or o.frequency_penalty):
+            rows.append(i)
             tokens.append(previous)
-            lengths.append(len(previous))
-            params[i] = (o.repetition_penalty, o.frequency_penalty, o.presence_penalty)
-        else:
-            lengths.append(0)
-    if not tokens:
+            params.append((o.repetition_penalty, o.frequency_penalty, o.presence_penalty))
+    if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    keys = np.concatenate(tokens).astype(np.int64, copy=False)
-    keys += np.repeat(np.arange(source.shape[0], dtype=np.int64) * vocab, lengths)
-    flat, counts = np.unique(keys, return_counts=True)
-    repetition, frequency, presence = params[flat // vocab].T
+    lengths = list(map(len, tokens))
+    # One array from all the histories (np.concatenate would convert each list apart)
+    keys = np.fromiter(itertools.chain.from_iterable(tokens), np.int64, sum(lengths))
+    if rows != [0]:
+        keys += np.repeat(np.array(rows, np.int64) * vocab, lengths)
+    flat, starts = _sorted_distinct(keys)
+    counts = np.empty_like(starts)  # each run's length (np.diff's wrapper costs more)
+    counts[:-1] = starts[1:] - starts[:-1]
+    counts[-1] = len(keys) - starts[-1]
+    if len(set(params)) == 1:  # the common case: every row's the same, as scalars
+        repetition, frequency, presence = params[0]
+    else:
+        by_row = np.zeros((source.shape[0], 3))
+        by_row[rows] = params
+        repetition, frequency, presence = by_row[flat // vocab].T
     values = source.reshape(-1)[flat].astype(np.float64)
     values = np.where(values < 0, values * repetition, values / repetition)
     values -= frequency * counts + presence

@@ -12,6 +12,7 @@ from serve.runtime.options import DecodingOptions
 from serve.runtime.rules import (
     SCAN_CACHE_SIZE,
     TokenRules,
+    WordGuard,
     apply_count_penalties,
     apply_repetition_penalty,
     ids_containing,
@@ -186,3 +187,102 @@ def test_renormalising_by_the_removed_mass_equals_a_full_log_softmax():
         finite = np.isfinite(expected)
         np.testing.assert_allclose(out[i][finite], expected[finite], atol=2e-5)
     assert ngram_blocked_ids([1, 2, 3, 9, 1, 2, 3], 4) == [9]
+
+
+# -- process_rows against a straightforward reference ---------------------------------------
+
+ALPHABET = "傻逼笨蛋你好我是谁呀"
+
+
+def _reference_row(row: np.ndarray, rules: TokenRules, previous: list[int]) -> np.ndarray:
+    """One row the plain way: penalties one by one, every ban written, a float64
+    log-softmax over what is left (or only ``</s>`` when nothing is)."""
+    o = rules.options
+    row = apply_count_penalties(
+        apply_repetition_penalty(row, previous, o.repetition_penalty),
+        previous, o.frequency_penalty, o.presence_penalty).copy()
+    banned = set(rules.banned.tolist()) | set(ngram_blocked_ids(previous, o.no_repeat_ngram_size))
+    if rules.guard is not None and previous:
+        banned |= {int(i) for ids in rules.guard.banned(previous) for i in ids}
+    if len(previous) < o.min_length:
+        banned.add(rules.eos_id)
+    row[sorted(banned)] = -np.inf
+    if not np.isfinite(row).any():
+        row[:] = -np.inf
+        row[rules.eos_id] = 0.0
+        return row
+    return row - np.logaddexp.reduce(row[np.isfinite(row)].astype(np.float64))
+
+
+def _random_rules(rng: np.random.Generator, guard: WordGuard, vocab: int) -> TokenRules:
+    options = DecodingOptions(
+        repetition_penalty=float(rng.choice([1.0, 1.0, 1.2, 2.5])),
+        no_repeat_ngram_size=int(rng.choice([0, 1, 2, 3, 4])),
+        min_length=int(rng.integers(0, 6)),
+        frequency_penalty=float(rng.choice([0.0, 0.0, 0.4, 2.0])),
+        presence_penalty=float(rng.choice([0.0, 0.0, 0.3, -1.0])),
+    )
+    banned = rng.integers(0, vocab, size=int(rng.integers(0, 6)))  # repeats, maybe </s>
+    return TokenRules(options, eos_id=3, banned=np.concatenate([[0, 1, 2], banned]),
+                      guard=guard if rng.random() < 0.7 else None)
+
+
+def _random_batch(seed: int, size: int, vocab: int = 400):
+    rng = np.random.default_rng(seed)
+    pieces = ["<pad>", "<unk>", "<s>", "</s>"] + [
+        "".join(rng.choice(list(ALPHABET), size=int(rng.integers(1, 3)))) for _ in range(vocab - 4)]
+    guard = WordGuard.build(pieces, ("傻逼", "笨蛋", "谁呀"))
+    rules = [_random_rules(rng, guard, vocab) for _ in range(size)]
+    # few distinct tokens: repeats, n-grams seen before, guard endings
+    histories = [rng.integers(4, 40, size=int(rng.integers(0, 12))).tolist() for _ in range(size)]
+    alpha = rng.choice([0.05, 0.3, 1.0], size=size)[:, None]
+    batch = np.log(rng.dirichlet(np.ones(vocab), size=size) ** (1 / alpha))
+    batch = (batch - np.logaddexp.reduce(batch, axis=1, keepdims=True)).astype(np.float32)
+    for i in range(size):  # some rows that the rules (nearly) empty
+        if rng.random() < 0.1:
+            batch[i] = np.log(np.full(vocab, 1e-9 / vocab, np.float32))
+            batch[i, rules[i].banned[0]] = np.log1p(-1e-9)
+    return batch, rules, histories
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_process_rows_equals_the_reference_alone_and_in_any_batch(seed):
+    batch, rules, histories = _random_batch(seed, size=32)
+    together = process_rows(batch, rules, histories)
+    in_place = process_rows(batch.copy(), rules, histories, in_place=True)
+    np.testing.assert_array_equal(in_place, together)
+    for i in range(len(batch)):
+        expected = _reference_row(batch[i], rules[i], histories[i])
+        np.testing.assert_array_equal(np.isneginf(together[i]), np.isneginf(expected))
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(together[i][finite], expected[finite], rtol=1e-6, atol=1e-5)
+        alone = process_rows(batch[i : i + 1], rules[i : i + 1], histories[i : i + 1])
+        np.testing.assert_array_equal(alone[0], together[i])  # bit for bit
+        assert np.array_equal(rules[i].process(batch[i], histories[i]), alone[0])
+    half = process_rows(batch[::2], rules[::2], histories[::2])  # other neighbours
+    np.testing.assert_array_equal(half, together[::2])
+
+
+def test_the_reference_batches_hit_every_rule():
+    """The random batches above exercise what they claim to (else the test proves less)."""
+    hits = dict.fromkeys(("guard", "ngram", "penalty", "early_end", "emptied"), 0)
+    for seed in range(12):
+        batch, rules, histories = _random_batch(seed, size=32)
+        for row, r, previous in zip(batch, rules, histories, strict=True):
+            hits["guard"] += bool(r.guard and r.guard.banned(previous))
+            hits["ngram"] += bool(ngram_blocked_ids(previous, r.options.no_repeat_ngram_size))
+            hits["penalty"] += bool(previous) and r.options.repetition_penalty != 1.0
+            hits["early_end"] += len(previous) < r.options.min_length
+            hits["emptied"] += bool(row.max() > -1e-6)
+    assert min(hits.values()) >= 5, hits
+
+
+def test_ngram_blocking_equals_a_brute_force_search():
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        previous = rng.integers(0, 4, size=int(rng.integers(0, 12))).tolist()
+        n = int(rng.integers(1, 5))
+        prefix = previous[len(previous) - n + 1 :] if n > 1 else []
+        expected = {previous[i + n - 1] for i in range(len(previous) - n + 1)
+                    if previous[i : i + n - 1] == prefix}
+        assert set(ngram_blocked_ids(previous, n)) == expected, (previous, n)
