@@ -208,8 +208,11 @@ class TokenRules:
         # Sorted, without repeats, and with </s> once more for replies shorter than
         # min_length: most rows at most steps are banned exactly one of these two, which
         # process_rows then needs neither to merge nor to deduplicate.
-        self.banned = np.unique(np.asarray(self.banned, np.int64))
-        self._banned_and_eos = np.union1d(self.banned, np.array([self.eos_id], np.int64))
+        self.banned = _sorted_distinct(np.asarray(self.banned, np.int64))[0]
+        self._banned_and_eos = _sorted_distinct(np.append(self.banned, self.eos_id))[0]
+        o = self.options
+        self.penalises = (o.repetition_penalty != 1.0 or o.presence_penalty != 0
+                          or o.frequency_penalty != 0)  # process_rows' _penalties
 
     @classmethod
     def for_model(cls, model: Vocabulary, options: DecodingOptions) -> TokenRules:
@@ -283,21 +286,9 @@ def process_rows(
     rows, vocab = out.shape
     if rows == 0:
         return out
-    flat = out.reshape(-1)
-    penalised, penalties = _penalties(source, rules, histories)
-    banned = _flat_bans(rules, histories, vocab)
-    # Each entry's mass removed, as the penalties then the bans change it: an entry both
-    # penalised and banned loses p_old - p_pen, then p_pen; no merged index set needed.
-    before = flat[penalised].astype(np.float64)
-    flat[penalised] = penalties
-    weights = np.exp(flat[banned].astype(np.float64))
-    flat[banned] = -np.inf
-    changed = banned
-    if penalised.size:
-        weights = np.concatenate([np.exp(before) - np.exp(penalties.astype(np.float64)),
-                                  weights])
-        changed = np.concatenate([penalised, banned])
-    kept = 1.0 - np.bincount(changed // vocab, weights=weights, minlength=rows)
+    penalties = _penalties(source, rules, histories)
+    changed, removed = _apply(out.reshape(-1), _flat_bans(rules, histories, vocab), penalties)
+    kept = 1.0 - np.bincount(changed // vocab, weights=removed, minlength=rows)
     full = (kept < FULL_RENORMALISATION_BELOW).nonzero()[0]
     if full.size:
         kept[full] = 1.0  # these rows: a log-softmax of their own, below
@@ -305,6 +296,24 @@ def process_rows(
     for i in full:
         _log_softmax_row(out[i], rules[i].eos_id)
     return out
+
+
+def _apply(flat: np.ndarray, banned: np.ndarray,
+           penalties: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Write the penalties, then the bans, into the flat batch: the flat indices changed
+    and the probability mass each change removed (in that order: an entry both penalised
+    and banned loses p_old - p_pen, then p_pen, so no merged index set is needed)."""
+    if penalties is None:
+        removed = np.exp(flat[banned].astype(np.float64))
+        flat[banned] = -np.inf
+        return banned, removed
+    penalised, values = penalties
+    before = np.exp(flat[penalised].astype(np.float64))
+    flat[penalised] = values
+    removed = np.exp(flat[banned].astype(np.float64))
+    flat[banned] = -np.inf
+    return (np.concatenate([penalised, banned]),
+            np.concatenate([before - np.exp(values.astype(np.float64)), removed]))
 
 
 def _flat_bans(rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
@@ -343,20 +352,19 @@ def _sorted_distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _penalties(
     source: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The repetition and count penalties of every row on its own tokens: the flat
-    indices they change (sorted, without repeats) and their new values."""
+    indices they change (sorted, without repeats) and their new values; None if none."""
     vocab = source.shape[1]
     rows, tokens, params = [], [], []
     for i, (row_rules, previous) in enumerate(zip(rules, histories, strict=True)):
-        o = row_rules.options
-        if previous and (o.repetition_penalty != 1.0 or o.presence_penalty
-                         or o.frequency_penalty):
+        if previous and row_rules.penalises:
+            o = row_rules.options
             rows.append(i)
             tokens.append(previous)
             params.append((o.repetition_penalty, o.frequency_penalty, o.presence_penalty))
     if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return None
     lengths = list(map(len, tokens))
     # One array from all the histories (np.concatenate would convert each list apart)
     keys = np.fromiter(itertools.chain.from_iterable(tokens), np.int64, sum(lengths))

@@ -82,7 +82,7 @@ class SequenceDecoder:
     request decoded in a batch and alone goes through exactly the same code.
     """
 
-    def __init__(self, rules: TokenRules, rng: np.random.Generator):
+    def __init__(self, rules: TokenRules, rng: np.random.Generator | None):
         self.rules = rules
         self.options = rules.options
         self.rng = rng
@@ -95,11 +95,13 @@ class SequenceDecoder:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def advance(self, log_probs: np.ndarray) -> int:
-        """Choose the next token from the model's log-probs; returns it (``</s>`` ends)."""
-        processed = self.rules.process(log_probs, self.token_ids)
-        token = choose_tokens(processed[None, :], [self.options], [self.rng])[0]
-        return self.accept(token, processed)
+    def advance(self, log_probs: np.ndarray, *, in_place: bool = False) -> int:
+        """Choose the next token from the model's log-probs [V]; returns it (``</s>``
+        ends). ``in_place``: ``log_probs`` is the caller's to spend (see process_rows)."""
+        processed = process_rows(log_probs[None, :], [self.rules], [self.token_ids],
+                                 in_place=in_place)
+        token = choose_tokens(processed, [self.options], [self.rng])[0]
+        return self.accept(token, processed[0])
 
     def accept(self, token: int, processed: np.ndarray) -> int:
         """Take ``token``, chosen from ``processed`` (this request's row of process_rows)."""
@@ -173,11 +175,14 @@ def decode_alone(
     """Greedy or sampling decode of one request with batch size 1 (the reference the
     engine's batched result must equal)."""
     state = model.encode([src_ids])
-    decoder = SequenceDecoder(TokenRules.for_model(model, options), make_rng(options.seed))
+    rng = make_rng(options.seed) if options.sampling else None  # greedy draws nothing
+    decoder = SequenceDecoder(TokenRules.for_model(model, options), rng)
     prev, h, c = np.array([model.bos_id], np.int64), state.h, state.c
     while not decoder.done:
         out = model.step(prev, h, c, state.memory, state.memory_keys, state.src_mask)
-        prev = np.array([decoder.advance(out.log_probs[0])], np.int64)
+        # The step's outputs are this loop's own: the rules may overwrite the log-probs,
+        # and the input the step read may take the next token.
+        prev[0] = decoder.advance(out.log_probs[0], in_place=True)
         h, c = out.h, out.c
     return decoder.result(model)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.runtime.manifest import ModelError
-from serve.runtime.model import OnnxSeq2Seq, pad_memory
+from serve.runtime.manifest import DECODER_OUTPUTS, ModelError
+from serve.runtime.model import OnnxSeq2Seq, pad_memory, run_unchecked
 
 
 @pytest.fixture
@@ -26,14 +26,31 @@ def test_encode_and_step_follow_the_contract(model):
     assert state.h.shape == state.c.shape == (batch, hidden)
     assert state.lengths.tolist() == [len(r) for r in ids]
     assert not state.memory[0, len(ids[0]) :].any()  # padding carries zeros
-    out = model.step(
-        np.full(batch, model.bos_id), state.h, state.c,
-        state.memory, state.memory_keys, state.src_mask,
-    )  # fmt: skip
+    inputs = (np.full(batch, model.bos_id), state.h, state.c,
+              state.memory, state.memory_keys, state.src_mask)
+    out = model.step(*inputs, attention=True)
     assert out.log_probs.shape == (batch, model.vocab_size)
     np.testing.assert_allclose(np.exp(out.log_probs).sum(axis=1), 1.0, rtol=1e-4)
     assert out.attention.shape == (batch, longest)
     assert not out.attention[0, len(ids[0]) :].any()  # masked positions get no weight
+    plain = model.step(*inputs)  # what decoding runs: no attention fetched
+    assert plain.attention is None
+    for name in ("log_probs", "h", "c"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(out, name))
+
+
+def test_the_unchecked_run_is_the_sessions_run(model):
+    """The step skips onnxruntime's checks of the feed, not the run: the same outputs
+    as the public ``run``, through ORT's own method (else a speed-up silently gone)."""
+    state = model.encode([model.tokenizer.encode("你好")])
+    feeds = {"prev_ids": np.array([model.bos_id]), "h": state.h, "c": state.c,
+             "memory": state.memory, "memory_keys": state.memory_keys,
+             "src_mask": state.src_mask}
+    names = list(DECODER_OUTPUTS)
+    assert hasattr(model.decoder, "_sess")
+    for fast, checked in zip(run_unchecked(model.decoder, names, feeds),
+                             model.decoder.run(names, feeds), strict=True):
+        np.testing.assert_array_equal(fast, checked)
 
 
 def test_an_empty_source_row_still_encodes(model):
@@ -52,9 +69,10 @@ def test_padding_to_a_longer_source_changes_nothing(tiny_model_dir):
     prev = np.array([5, 6, 7, 8])
     h = np.concatenate([r.h for r in rows])
     c = np.concatenate([r.c for r in rows])
-    batched = model.step(prev, h, c, memory, keys, mask)
+    batched = model.step(prev, h, c, memory, keys, mask, attention=True)
     for i, r in enumerate(rows):
-        alone = model.step(prev[i : i + 1], r.h, r.c, r.memory, r.memory_keys, r.src_mask)
+        alone = model.step(prev[i : i + 1], r.h, r.c, r.memory, r.memory_keys, r.src_mask,
+                           attention=True)
         length = r.memory.shape[1]
         np.testing.assert_array_equal(batched.log_probs[i], alone.log_probs[0])
         np.testing.assert_array_equal(batched.h[i], alone.h[0])
