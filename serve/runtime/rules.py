@@ -208,8 +208,9 @@ class TokenRules:
         # Sorted, without repeats, and with </s> once more for replies shorter than
         # min_length: most rows at most steps are banned exactly one of these two, which
         # process_rows then needs neither to merge nor to deduplicate.
-        self.banned = _sorted_distinct(np.asarray(self.banned, np.int64))[0]
-        self._banned_and_eos = _sorted_distinct(np.append(self.banned, self.eos_id))[0]
+        ids = set(np.asarray(self.banned, np.int64).ravel().tolist())
+        self.banned = np.array(sorted(ids), np.int64)
+        self._banned_and_eos = np.array(sorted(ids | {self.eos_id}), np.int64)
         o = self.options
         self.penalises = (o.repetition_penalty != 1.0 or o.presence_penalty != 0
                           or o.frequency_penalty != 0)  # process_rows' _penalties
@@ -279,10 +280,11 @@ def process_rows(
     not depend on the other rows (each row's sums run over its own entries, in the same
     order alone or batched), which the engine's promise that a batched request equals the
     same request alone relies on. ``in_place``: ``log_probs`` (float32, the caller's to
-    spend) is overwritten and returned, the same values without a copy of the batch.
+    spend) is overwritten and returned, the same values without a copy of the batch (a
+    read-only array, as another framework's output may be, is copied all the same).
     """
     source = np.asarray(log_probs, dtype=np.float32)
-    out = source if in_place else source.copy()
+    out = source if in_place and source.flags.writeable else source.copy()
     rows, vocab = out.shape
     if rows == 0:
         return out

@@ -286,3 +286,19 @@ def test_ngram_blocking_equals_a_brute_force_search():
         expected = {previous[i + n - 1] for i in range(len(previous) - n + 1)
                     if previous[i : i + n - 1] == prefix}
         assert set(ngram_blocked_ids(previous, n)) == expected, (previous, n)
+
+
+def test_in_place_spends_only_what_it_may():
+    batch, rules, histories = _random_batch(3, size=4)
+    expected = process_rows(batch, rules, histories)
+    mine = batch.copy()
+    assert process_rows(mine, rules, histories, in_place=True) is mine  # no copy
+    frozen = batch.copy()
+    frozen.flags.writeable = False  # e.g. another framework's output
+    np.testing.assert_array_equal(process_rows(frozen, rules, histories, in_place=True),
+                                  expected)
+    np.testing.assert_array_equal(frozen, batch)
+    wide = batch.astype(np.float64)  # not float32: converted, the caller's left alone
+    np.testing.assert_array_equal(process_rows(wide, rules, histories, in_place=True),
+                                  expected)
+    np.testing.assert_array_equal(wide, batch.astype(np.float64))
