@@ -53,6 +53,9 @@ def test_quick_harness_writes_every_row(tiny_checkpoint, tmp_path, capsys):
         assert sum(p["replies"] for p in setup["points"]) == 6
     decoding_data = json.loads((out / "decoding.json").read_text(encoding="utf-8"))
     assert {"replies", "steps", "engine_replies_per_s", "reply_tokens"} <= set(decoding_data)
+    around = decoding_data["engine_step_around"]  # the ratio's baseline, beside the engine
+    assert around["step_before_ms"] > 0 and around["step_after_ms"] > 0
+    assert "int8 step around the 32-concurrent batched point" in decoding
     steps = decoding_data["steps"]
     assert steps["onnxruntime int8"]["32"]["flops"] > steps["onnxruntime int8"]["1"]["flops"] > 0
     _check_new_parts(out, capsys)
