@@ -71,34 +71,32 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     own widest: one flat row (thousands of tokens in its head) then widens only its own
     group's arrays, not every row's. A row's draw is the same in any group."""
     vocab = weights.shape[1]
-    # by row, ids ascending (np.nonzero of a 2-D mask is many times slower)
-    row, ids = np.divmod(np.flatnonzero(weights >= np.exp(-HEAD_MARGIN)), vocab)
-    size = np.bincount(row, minlength=len(options))
-    at = np.arange(len(row)) - np.concatenate(([0], np.cumsum(size)[:-1]))[row]
+    in_head = weights >= np.exp(-HEAD_MARGIN)
+    size = np.count_nonzero(in_head, axis=1)
     group = np.frexp(size)[1] // 2
     drawn = [-1] * len(options)
     for g in np.unique(group):
         members = np.flatnonzero(group == g)
-        local = np.full(len(options), -1)
-        local[members] = np.arange(len(members))
-        entries = np.flatnonzero(local[row] >= 0)
+        # by row, ids ascending (np.nonzero of a 2-D mask is many times slower)
+        row, ids = np.divmod(np.flatnonzero(in_head[members]), vocab)
         width = int(size[members].max())
+        at = np.arange(len(row)) - np.concatenate(([0], np.cumsum(size[members])[:-1]))[row]
         head = np.full((len(members), width), vocab, np.int64)  # id order; vocab: none
         mass = np.zeros((len(members), width), np.float32)
-        r, a, i = local[row[entries]], at[entries], ids[entries]
-        head[r, a], mass[r, a] = i, weights[row[entries], i]
-        picked = _draw_group(weights[members], head, mass, size[members], totals[members],
+        head[row, at], mass[row, at] = ids, weights[members[row], ids]
+        picked = _draw_group(weights, members, head, mass, size[members], totals[members],
                              [options[j] for j in members], [rngs[j] for j in members])
         for j, token in zip(members.tolist(), picked, strict=True):
             drawn[j] = token
     return drawn
 
 
-def _draw_group(weights: np.ndarray, head: np.ndarray, mass: np.ndarray, size: np.ndarray,
-                totals: np.ndarray, options: Sequence[DecodingOptions],
+def _draw_group(weights: np.ndarray, members: np.ndarray, head: np.ndarray,
+                mass: np.ndarray, size: np.ndarray, totals: np.ndarray,
+                options: Sequence[DecodingOptions],
                 rngs: Sequence[np.random.Generator]) -> list[int]:
-    """``_draw_rows`` for rows of one group: ``head``/``mass`` [rows, width], each row's
-    head in id order and padded after its ``size`` tokens."""
+    """``_draw_rows`` for the rows ``members`` of ``weights``: ``head``/``mass`` [rows,
+    width], each row's head in id order and padded after its ``size`` tokens."""
     vocab, width = weights.shape[1], head.shape[1]
     k = np.array([o.sampling_topk if 0 < o.sampling_topk < vocab else 0 for o in options])
     top_p = np.array([o.sampling_topp for o in options])
@@ -113,7 +111,7 @@ def _draw_group(weights: np.ndarray, head: np.ndarray, mass: np.ndarray, size: n
     beyond = np.arange(width)[None, :] >= kept[:, None]
     if 4 * width > vocab:  # wide heads (flat rows): id order from a mask, not a sort
         ranked_ids = np.take_along_axis(head, position, axis=1)
-        return _pick_dense(weights, ranked_ids, beyond, enough, rngs)
+        return _pick_dense(weights[members], ranked_ids, beyond, enough, rngs)
     # The kept tokens in id order: the head's own order, the others' masses zeroed (a
     # zero adds nothing to a cumulative sum, so each kept token's is as without them).
     keep = np.zeros(mass.shape, bool)
