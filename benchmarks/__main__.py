@@ -35,7 +35,7 @@ from benchmarks.common import (
 
 PROFILES = {
     # Short enough for a busy shared machine (a few minutes in all).
-    "quick": dict(questions=12, reply_tokens=20, steps=50, replies=96, seconds=12.0,
+    "quick": dict(questions=12, reply_tokens=20, steps=50, replies=320, seconds=12.0,
                   concurrency="1,8,32,128", poisson_rate=20.0, requests_per_client=4,
                   min_requests=32, wrk_seconds=6.0, profile_seconds=5.0,
                   hybrid_requests=128),

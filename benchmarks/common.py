@@ -204,6 +204,27 @@ def write_results(out_dir: Path, name: str, markdown: str, data: dict) -> tuple[
     return md, js
 
 
+def event_loop_name() -> str:
+    """The event loop the server runs (uvicorn takes uvloop when it is installed), which
+    the in-process benchmarks run too."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_loop(main):
+    """``asyncio.run(main)`` on the server's event loop (``event_loop_name``)."""
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    import asyncio
+
+    return asyncio.run(main)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None

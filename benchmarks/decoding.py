@@ -28,7 +28,13 @@ from training.environment import configure_tensorflow_environment  # noqa: E402
 
 configure_tensorflow_environment()
 
-from benchmarks.common import fmt, log, questions_of  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    event_loop_name,
+    fmt,
+    log,
+    questions_of,
+    run_loop,
+)
 from serve.runtime.engine import Engine  # noqa: E402
 from serve.runtime.model import EncoderState, OnnxSeq2Seq, StepOutput  # noqa: E402
 from serve.runtime.options import DecodingOptions  # noqa: E402
@@ -326,17 +332,26 @@ def time_backends(backends: dict, typical: list[int], sources: list[list[int]], 
 
 
 def engine_throughput(model: OnnxSeq2Seq, questions: list[str], options: DecodingOptions,
-                      replies: int) -> dict:
-    """Replies/s at 1, 8 and 32 concurrent requests, one at a time and batched."""
-    throughput = {}
+                      replies: int, step_p50: Callable[[], float]) -> tuple[dict, dict]:
+    """Replies/s at 1, 8 and 32 concurrent requests, one at a time and batched; and the
+    batch-32 step's p50 (``step_p50``) timed just before and just after the 32-concurrent
+    batched point, the baseline of the engine's share of the step rate: this machine's
+    speed drifts by a third within seconds, so the two are measured together."""
+    throughput: dict = {}
+    around: dict = {"event_loop": event_loop_name()}
     for concurrent in (1, 8, 32):
-        log(f"engine replies/s at {concurrent} concurrent ...")
-        throughput[concurrent] = {
-            batch: asyncio.run(replies_per_second(model, questions, options,
-                                                  concurrent=concurrent, batch=batch,
-                                                  replies=replies))
-            for batch in (1, 32)}
-    return throughput
+        log(f"engine replies/s at {concurrent} concurrent ({around['event_loop']}) ...")
+        throughput[concurrent] = {}
+        for batch in (1, 32):
+            alongside = concurrent == 32 and batch == 32
+            if alongside:
+                around["step_before_ms"] = 1e3 * step_p50()
+            throughput[concurrent][batch] = run_loop(replies_per_second(
+                model, questions, options, concurrent=concurrent, batch=batch,
+                replies=replies))
+            if alongside:
+                around["step_after_ms"] = 1e3 * step_p50()
+    return throughput, around
 
 
 def step_figures(steps: dict, flops: dict, weight_bytes: dict, bandwidth: dict,
@@ -393,8 +408,11 @@ def run(args, weights, command: str) -> tuple[str, dict]:
              BACKENDS[1]: gemm["ort_fp32_gflops"], BACKENDS[2]: gemm["ort_fp32_gflops"]}
 
     steps, replies = time_backends(backends, typical, sources, args.steps, greedy, beam)
-    throughput = engine_throughput(int8, questions, greedy, args.replies)
-    identical = {name: asyncio.run(identical_to_alone(model, questions[:32], greedy))
+    state = int8.encode([typical])
+    throughput, around = engine_throughput(
+        int8, questions, greedy, args.replies,
+        lambda: statistics.median(step_seconds(int8, state, 32, args.steps)))
+    identical = {name: run_loop(identical_to_alone(model, questions[:32], greedy))
                  for name, model in (("int8", int8), ("fp32", fp32))}
 
     data = {"command": command, "weights": weights.origin, "dims": weights.dims,
@@ -405,6 +423,7 @@ def run(args, weights, command: str) -> tuple[str, dict]:
             "replies": reply_figures(replies),
             "engine_replies_per_s": {str(c): {f"batch_{b}": v for b, v in t.items()}
                                      for c, t in throughput.items()},
+            "engine_step_around": around,
             "identical_to_alone": {k: list(v) for k, v in identical.items()}}
     return report(data), data
 
@@ -510,7 +529,14 @@ def _engine_lines(data: dict, cmd: str) -> list[str]:
         lines.append(f"| {c} | {t['batch_1']:.1f} | {t['batch_32']:.1f} | "
                      f"{t['batch_32'] / t['batch_1']:.1f}x | {cmd} |")
     same = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in data["identical_to_alone"].items())
-    return lines + ["", f"Concurrent greedy replies identical to the same request alone: {same}."]
+    lines += ["", f"Concurrent greedy replies identical to the same request alone: {same}."]
+    around = data.get("engine_step_around")
+    if around:
+        lines += ["", f"Event loop: {around['event_loop']} (the server's). The batch-32 "
+                  f"int8 step around the 32-concurrent batched point (the baseline of its "
+                  f"share of the step rate): p50 {around['step_before_ms']:.3f} ms just "
+                  f"before, {around['step_after_ms']:.3f} ms just after."]
+    return lines
 
 
 def report(data: dict) -> str:

@@ -29,6 +29,7 @@ from benchmarks.common import (
     machine,
     machine_lines,
     percentile,
+    run_loop,
     shown,
     write_results,
 )
@@ -116,7 +117,7 @@ def run(args) -> tuple[str, dict]:
     """``python -m benchmarks all``'s hybrid figures (markdown, data)."""
     command = (f"python -m benchmarks.hybrid --model {shown(args.model)} --concurrency 32 "
                f"--requests {args.hybrid_requests} --threads {args.threads}")
-    figures = asyncio.run(measure(args.model, 32, args.hybrid_requests, args.threads))
+    figures = run_loop(measure(args.model, 32, args.hybrid_requests, args.threads))
     data = {"model": Path(args.model).name, "concurrency": 32,
             "requests": args.hybrid_requests, "figures": figures, "command": command}
     return report(data, command), data
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.hybrid " + " ".join(argv if argv is not None
                                                        else sys.argv[1:])
     info = machine()
-    figures = asyncio.run(measure(args.model, args.concurrency, args.requests, args.threads))
+    figures = run_loop(measure(args.model, args.concurrency, args.requests, args.threads))
     data = {"machine": info, "model": args.model.name, "concurrency": args.concurrency,
             "requests": args.requests, "figures": figures, "command": command.strip()}
     text = "\n".join(["# xiaoX benchmarks", "", *machine_lines(info), "",

@@ -114,6 +114,54 @@ def run_wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
     return parse_wrk(done.stdout)
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds so far of each thread of a process (/proc/PID/task)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's decoder steps and generated tokens so far, from ``/metrics``."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    found = {}
+    for name in ("xiaox_engine_steps", "xiaox_generated_tokens"):
+        match = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", text, re.M)
+        found[name] = float(match.group(1)) if match else float("nan")
+    return found
+
+
+def measured_point(server: ServerProcess, body: dict, connections: int,
+                   seconds: float) -> dict:
+    """A wrk point against xiaoX, with where the server's CPU went per reply (its event
+    loop's thread, the others: the engine's step and preparer threads) and how full its
+    decoder steps were: the process is bound by one GIL, so the split says who to cut."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    cpu, counters = thread_cpu_seconds(pid), engine_counters(server.url)
+    point = run_wrk(server.url, body, connections, seconds)
+    cpu_after, counters_after = thread_cpu_seconds(pid), engine_counters(server.url)
+    used = {t: cpu_after[t] - cpu.get(t, 0.0) for t in cpu_after}
+    replies = max(1, point["requests"])
+    steps = counters_after["xiaox_engine_steps"] - counters["xiaox_engine_steps"]
+    tokens = counters_after["xiaox_generated_tokens"] - counters["xiaox_generated_tokens"]
+    return {**point,
+            "cpu_us_per_reply": {"event_loop": 1e6 * used.get(pid, 0.0) / replies,
+                                 "other_threads": 1e6 * (sum(used.values())
+                                                         - used.get(pid, 0.0)) / replies},
+            "rows_per_step": tokens / steps if steps > 0 else None}
+
+
 def wrk_command(args, stack: str, contender: str) -> str:
     return (f"python -m benchmarks http --model {shown(args.model)} --wrk-connections "
             f"{args.wrk_connections} --wrk-seconds {args.wrk_seconds:g} --reply-tokens "
@@ -144,7 +192,7 @@ def _stack(args, stack: str, workdir: Path) -> dict:
         for name, body in bodies(args.http_reply_tokens).items():
             log(f"  wrk {stack}: xiaoX {name}, {c} connections, {seconds:g} s ...")
             run_wrk(server.url, body, c, 1)  # warm-up
-            entry["points"][name] = {**run_wrk(server.url, body, c, seconds),
+            entry["points"][name] = {**measured_point(server, body, c, seconds),
                                      "command": wrk_command(args, stack, name)}
         five = f"generate, {args.http_reply_tokens} tokens"
         entry["python_client"] = {five: _python_client(server.url,
@@ -235,6 +283,17 @@ def report(data: dict) -> str:
         lines.append(f"| {stack} | {entry['cold_start_s']:.2f} | {fmt(entry['peak_rss_mb'], 0)}"
                      f" | {r['generate_vs_floor']:.2f} | {r['hybrid_vs_generate']:.2f} | "
                      f"{fmt(r['hybrid_p99_ms'])} |")
+    lines += ["", "Where one xiaoX process's CPU went (its threads read from /proc before "
+              "and after each point, over the replies made), and the rows of its decoder "
+              "steps:", "", "| stack | contender | event loop us/reply | other threads "
+              "(engine) us/reply | rows per decoder step |", "| --- | --- | ---: | ---: | "
+              "---: |"]
+    for stack, entry in data["stacks"].items():
+        for name, p in entry["points"].items():
+            if "cpu_us_per_reply" in p:
+                cpu = p["cpu_us_per_reply"]
+                lines.append(f"| {stack} | {name} | {cpu['event_loop']:.0f} | "
+                             f"{cpu['other_threads']:.0f} | {fmt(p['rows_per_step'])} |")
     if "standard_vs_fallback" in data["ratios"]:
         pairs = ", ".join(f"{k} {v:.2f}x" for k, v in
                           data["ratios"]["standard_vs_fallback"].items())

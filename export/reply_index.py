@@ -16,8 +16,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from serve.runtime.blocklist import Blocklist
-from serve.runtime.retrieval import PAIRS_FILE, index_tokens
+from serve.runtime.retrieval import (
+    PAIRS_FILE,
+    REPLY_ENDS_FILE,
+    REPLY_IDS_FILE,
+    index_tokens,
+    reply_id_arrays,
+)
 from serve.runtime.tokenizer import Tokenizer, normalize
 
 TRAIN_FILE = "train.tsv"  # question<TAB>answer: the pairs training learned from
@@ -164,9 +172,11 @@ def filter_pairs(
 
 
 def write_index(
-    index_dir: Path, pairs: Sequence[tuple[str, str]], terms: Sequence[Sequence[str]]
+    index_dir: Path, pairs: Sequence[tuple[str, str]], terms: Sequence[Sequence[str]],
+    tokenizer: Tokenizer,
 ) -> None:
-    """bm25s's files and pairs.json (document i = pair i) into ``index_dir``."""
+    """bm25s's files, pairs.json (document i = pair i) and every reply's token ids
+    (reply_ids.npy, reply_ends.npy) into ``index_dir``."""
     import bm25s
 
     if not pairs:
@@ -178,6 +188,9 @@ def write_index(
     retriever.save(index_dir, show_progress=False)
     text = json.dumps([list(p) for p in pairs], ensure_ascii=False, separators=(",", ":"))
     (index_dir / PAIRS_FILE).write_text(text, encoding="utf-8")
+    ids, ends = reply_id_arrays(tokenizer, pairs)
+    np.save(index_dir / REPLY_IDS_FILE, ids)
+    np.save(index_dir / REPLY_ENDS_FILE, ends)
 
 
 def build_reply_index(
@@ -203,7 +216,7 @@ def build_reply_index(
     if not kept:
         log.warning("no reply index: every pair of %s was filtered out", source.name)
         return {"source": source.name, **report, "skipped": "every pair was filtered out"}
-    write_index(index_dir, kept, terms)
+    write_index(index_dir, kept, terms, tokenizer)
     log.info(
         "reply index: %d of %d pairs (dropped %s)", len(kept), report["read"], report["dropped"]
     )

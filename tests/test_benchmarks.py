@@ -53,6 +53,9 @@ def test_quick_harness_writes_every_row(tiny_checkpoint, tmp_path, capsys):
         assert sum(p["replies"] for p in setup["points"]) == 6
     decoding_data = json.loads((out / "decoding.json").read_text(encoding="utf-8"))
     assert {"replies", "steps", "engine_replies_per_s", "reply_tokens"} <= set(decoding_data)
+    around = decoding_data["engine_step_around"]  # the ratio's baseline, beside the engine
+    assert around["step_before_ms"] > 0 and around["step_after_ms"] > 0
+    assert "int8 step around the 32-concurrent batched point" in decoding
     steps = decoding_data["steps"]
     assert steps["onnxruntime int8"]["32"]["flops"] > steps["onnxruntime int8"]["1"]["flops"] > 0
     _check_new_parts(out, capsys)
@@ -69,6 +72,8 @@ def _check_new_parts(out, capsys):
             assert point["p99_ms"] >= point["p50_ms"] > 0
         assert stack["python_client"]["floor"]["replies"] > 0
         assert stack["cold_start_s"] > 0 and stack["peak_rss_mb"] > 50
+        five = stack["points"]["generate, 5 tokens"]  # the server's CPU split, its batch
+        assert five["cpu_us_per_reply"]["event_loop"] > 0 and five["rows_per_step"] >= 1
     assert "| uvloop+httptools | floor | " in (out / "http.md").read_text(encoding="utf-8")
     hybrid = json.loads((out / "hybrid.json").read_text(encoding="utf-8"))["figures"]
     assert hybrid["hybrid"]["replies_per_s"] > 0 and hybrid["ratio"] > 0

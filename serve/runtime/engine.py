@@ -117,6 +117,7 @@ class _Request(BatchRow):
         self.last_token_at: float | None = None
         self.last_piece = ""
         self.closed = False  # its "done" or "error" event was sent
+        self.decoder = None  # type: ignore[assignment]  # set once prepared (attach)
 
     def attach(self, src_ids: list[int], decoder: SequenceDecoder) -> None:
         BatchRow.__init__(self, src_ids, decoder)
@@ -174,7 +175,7 @@ class Stream:
             if self.result.text:
                 yield Piece(self.result.text)
             return
-        request = await self._engine._submit(self._text, self._options, self._lane, True)
+        request = self._engine._submit(self._text, self._options, self._lane, True)
         try:
             while True:
                 kind, value = await request.events.get()
@@ -227,6 +228,7 @@ class Engine:
         self._selecting: Counter[str] = Counter()  # chosen replies under way, per lane
         self._preparers = _preparers(self.lanes)
         self._beam_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._batch = BatchStep(model)
         self._scheduler = Scheduler(self._batch, self._waiting, max_batch_size, self._lock,
                                     self._update_sizes)
@@ -245,7 +247,8 @@ class Engine:
         # jieba loads its dictionary on first use (about a second): not on the event loop.
         await asyncio.to_thread(self.model.tokenizer.encode, "你好")
         self._accepting = True
-        self._scheduler.start(asyncio.get_running_loop(), self._deliver_step,
+        self._loop = asyncio.get_running_loop()  # where the preparers post failures
+        self._scheduler.start(self._loop, self._deliver_step,
                               self._fail_step)
 
     async def stop(self) -> None:
@@ -301,7 +304,7 @@ class Engine:
         """The decoder's own reply, no selection."""
         if options.beam_size > 1:
             return await self._generate_beam(text, options, lane)
-        request = await self._submit(text, options, lane, False)  # no events per token
+        request = self._submit(text, options, lane, False)  # no events per token
         done = False
         try:
             kind, value = await request.events.get()
@@ -327,27 +330,24 @@ class Engine:
                              f"waiting in lane {name!r})")
         return name
 
-    async def _submit(self, text: str, options: DecodingOptions, lane: str | None,
-                      streaming: bool) -> _Request:
+    def _submit(self, text: str, options: DecodingOptions, lane: str | None,
+                streaming: bool) -> _Request:
+        """The request, handed to its lane's preparer: it joins the batch once prepared,
+        and a failure to prepare it (a bad text, the engine stopping) is its one event."""
         request = _Request(self._check_capacity(lane), streaming)
         self._hold(request.lane)
-        try:  # tokenizing, a vocabulary scan and the encoder take milliseconds: not on the
-            # event loop, and in the lane's own thread: a lane's costly word lists delay
-            # only itself (nor do they take the default pool's threads)
-            await asyncio.get_running_loop().run_in_executor(
-                self._preparers[request.lane], self._prepare, request, text, options)
-        except BaseException:
-            self._abandon(request)
-            raise
-        if not self.running:
-            self._abandon(request)
-            raise EngineStopped("the engine stopped")
-        self.stats.requests_total += 1
+        # Tokenizing, a vocabulary scan and the encoder take milliseconds: not on the
+        # event loop, and in the lane's own thread, so that a lane's costly word lists
+        # delay only itself. Nothing comes back from that thread but the request's
+        # events: no future and no wake-up of the event loop per request.
+        self._preparers[request.lane].submit(self._prepare, request, text, options)
         return request
 
     def _prepare(self, request: _Request, text: str, options: DecodingOptions) -> None:
         """Worker thread: the request's source tokens, rules, decoder and encoder; then
         it is queued (the scheduler admits it at its next step)."""
+        if request.cancelled:  # while it waited for this thread: nothing to make
+            return
         try:
             src = source_ids(self.model, text, self.max_source_length)
             rules = TokenRules.for_model(self.model, options)
@@ -355,14 +355,30 @@ class Engine:
             rng = make_rng(options.seed) if options.sampling else None
             request.attach(src, SequenceDecoder(rules, rng))  # type: ignore[arg-type]
             self._batch.encode(request)  # here, beside the running step, not inside it
-        except BaseException:
+        except Exception as e:
             with self._lock:
                 self._unhold(request)
-            raise
+                self._update_sizes()
+            self._post_error(request, e)
+            return
         with self._lock:
-            if self._unhold(request) and not request.cancelled and self._accepting:
+            queued = self._unhold(request) and not request.cancelled and self._accepting
+            if queued:
                 self._waiting.append(request)
+                self.stats.requests_total += 1
                 self._lock.notify()
+        if not queued and not request.cancelled:  # the engine stopped meanwhile
+            self._post_error(request, EngineStopped("the engine stopped"))
+
+    def _post_error(self, request: _Request, error: Exception) -> None:
+        """From a worker thread: the request's end with ``error`` (unless it has one)."""
+        def fail() -> None:
+            if not request.closed:
+                request.closed = True
+                request.events.put_nowait(("error", error))
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+            self._loop.call_soon_threadsafe(fail)  # type: ignore[union-attr]
 
     def _hold(self, lane: str) -> None:
         with self._lock:
@@ -383,21 +399,15 @@ class Engine:
         self._waiting.release(request.lane)
         return True
 
-    def _abandon(self, request: _Request) -> None:
-        """A request whose submission failed or was cancelled: never decoded."""
-        with self._lock:
-            request.cancelled = True
-            self._unhold(request)
-            self._waiting.remove(request)
-            self._update_sizes()
-
     def _cancel(self, request: _Request) -> None:
         """Called from the consumer's side: the row leaves before the next step."""
-        if request.cancelled or request.closed or request.decoder.done:
+        if request.cancelled or request.closed or (request.decoder is not None
+                                                    and request.decoder.done):
             return
         request.cancelled = True
         self.stats.requests_cancelled += 1
         with self._lock:
+            self._unhold(request)  # still being prepared: its place is free at once
             self._waiting.remove(request)
             self._update_sizes()
 

@@ -85,11 +85,13 @@ class ReplySources:
         if self.index is None:
             return []
         hits = [
-            Candidate(text=hit.reply, token_ids=tuple(model.tokenizer.encode(hit.reply)),
+            Candidate(text=hit.reply, token_ids=hit.reply_ids if hit.reply_ids is not None
+                      else tuple(model.tokenizer.encode(hit.reply)),
                       source="retrieved", retrieval_score=hit.score)
             for hit in self.index.search(text, options.retrieval_candidates)
         ]
-        return [c for c in hits if obeys(c, options, model)]
+        words = _lowered((*options.suppress_words, *model.blocklist_words))
+        return [c for c in hits if obeys(c, options, model, words)]
 
     def choose(self, model: OnnxSeq2Seq, message: str, candidates: Sequence[Candidate],
                scores: Sequence[PairScore], generated: Sequence[GenerationResult],
@@ -114,14 +116,21 @@ class ReplySources:
         )
 
 
-def obeys(candidate: Candidate, options: DecodingOptions, model: OnnxSeq2Seq) -> bool:
+def _lowered(words: Sequence[str]) -> tuple[str, ...]:
+    return tuple(w.lower() for w in words if w)
+
+
+def obeys(candidate: Candidate, options: DecodingOptions, model: OnnxSeq2Seq,
+          words: tuple[str, ...] | None = None) -> bool:
     """A retrieved reply keeps the rules a decoded one keeps: its length, no suppressed
-    word, no <unk> if disabled, no repeated n-gram."""
+    word, no <unk> if disabled, no repeated n-gram. ``words``: the suppressed and
+    blocklisted words lowered, when the caller checks several candidates."""
     ids, text = candidate.token_ids, candidate.text.lower()
     if not options.min_length <= len(ids) <= options.max_length:
         return False
-    words = (*options.suppress_words, *model.blocklist_words)
-    if any(w and w.lower() in text for w in words):
+    if words is None:
+        words = _lowered((*options.suppress_words, *model.blocklist_words))
+    if any(w in text for w in words):
         return False
     if options.disable_unk and model.unk_id in ids:
         return False

@@ -6,6 +6,8 @@ filtered (no names, URLs, blocklisted words, long jokes...), into the model fold
 ```
 index/           bm25s's own files (data/indices/indptr .npy, vocab and params .json)
 index/pairs.json [[question, reply], ...]: document i of the BM25 index is pair i
+index/reply_ids.npy, reply_ends.npy  every reply's token ids (int32, one array) and
+                 where each ends: a retrieved reply is not tokenized again per request
 ```
 
 Questions are tokenized with the model's own tokenizer (jieba words, character fallback),
@@ -29,6 +31,7 @@ from serve.runtime.manifest import INDEX_DIR, Manifest, ModelError
 from serve.runtime.tokenizer import UNK_ID, Tokenizer
 
 PAIRS_FILE = "pairs.json"
+REPLY_IDS_FILE, REPLY_ENDS_FILE = "reply_ids.npy", "reply_ends.npy"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Retrieved:
     question: str  # the indexed question that matched
     reply: str  # its reply, as indexed (normalised, the old bots' names made 小X)
     score: float  # BM25 score of the question for the message (higher is closer)
+    reply_ids: tuple[int, ...] | None = None  # its token ids, when the index stores them
 
 
 def index_tokens(tokenizer: Tokenizer, text: str) -> list[str]:
@@ -84,6 +88,16 @@ class PairStore:
         return self._text[a:b].decode("utf-8"), self._text[b:c].decode("utf-8")
 
 
+def reply_id_arrays(tokenizer: Tokenizer, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Every reply's token ids in one int32 array, and where reply i's end (``ends[i +
+    1]``): what export stores beside pairs.json."""
+    ids = [tokenizer.encode(reply) for _, reply in pairs]
+    ends = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum([len(x) for x in ids], out=ends[1:])
+    flat = np.fromiter((t for x in ids for t in x), np.int32, count=int(ends[-1]))
+    return flat, ends
+
+
 def _skip(text: str, at: int) -> int:
     while at < len(text) and text[at] in " \t\r\n":
         at += 1
@@ -95,11 +109,13 @@ class ReplyIndex:
     and the tokenizer serialises jieba."""
 
     def __init__(self, retriever, pairs: PairStore | list[tuple[str, str]],
-                 tokenizer: Tokenizer):
+                 tokenizer: Tokenizer,
+                 reply_ids: tuple[np.ndarray, np.ndarray] | None = None):
         self._retriever = retriever
         self._pairs = pairs
         self._tokenizer = tokenizer
         self._terms = retriever.vocab_dict
+        self._reply_ids = reply_ids  # (ids, ends), memory-mapped; None: an older folder
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -123,13 +139,17 @@ class ReplyIndex:
             # backend numpy: numba, when installed, would compile on load (slow cold start)
             retriever = bm25s.BM25.load(index_dir, show_progress=False, backend="numpy")
             pairs = PairStore((index_dir / PAIRS_FILE).read_text("utf-8"))
+            reply_ids = _load_reply_ids(index_dir)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"{index_dir}: unreadable reply index ({e})") from e
         if len(pairs) != int(retriever.scores["num_docs"]):
             raise ModelError(
                 f"{index_dir}: {len(pairs)} pairs for {retriever.scores['num_docs']} documents"
             )
-        return cls(retriever, pairs, tokenizer)
+        if reply_ids is not None and len(reply_ids[1]) != len(pairs) + 1:
+            raise ModelError(f"{index_dir}: {len(reply_ids[1]) - 1} stored replies' token "
+                             f"ids for {len(pairs)} pairs")
+        return cls(retriever, pairs, tokenizer, reply_ids)
 
     def search(self, text: str, k: int = 5) -> list[Retrieved]:
         """The replies of the (at most ``k``) questions closest to ``text``, best first;
@@ -143,5 +163,23 @@ class ReplyIndex:
         scores = self._retriever.get_scores([self._terms[t] for t in terms])
         head = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         head = head[np.lexsort((head, -scores[head]))]  # best first, ties by index
-        return [Retrieved(*self._pairs[int(doc)], float(scores[doc]))
+        return [Retrieved(*self._pairs[int(doc)], float(scores[doc]), self._ids_of(int(doc)))
                 for doc in head if scores[doc] > 0]
+
+    def _ids_of(self, doc: int) -> tuple[int, ...] | None:
+        if self._reply_ids is None:
+            return None
+        ids, ends = self._reply_ids
+        return tuple(ids[ends[doc] : ends[doc + 1]].tolist())
+
+
+def _load_reply_ids(index_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored replies' token ids (memory-mapped), or None for a folder without them."""
+    if not (index_dir / REPLY_IDS_FILE).is_file():
+        return None
+    ids = np.load(index_dir / REPLY_IDS_FILE, mmap_mode="r")
+    ends = np.load(index_dir / REPLY_ENDS_FILE, mmap_mode="r")
+    if ids.dtype != np.int32 or ends.dtype != np.int64 or ends.ndim != 1 or \
+            int(ends[-1]) != len(ids):
+        raise ValueError("reply_ids.npy and reply_ends.npy do not fit together")
+    return ids, ends

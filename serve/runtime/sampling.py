@@ -29,12 +29,17 @@ def choose_tokens(
 ) -> list[int]:
     """Each row's token: argmax when ``sampling_topk == 1``, else one draw (see
     ``choose_token``)."""
-    tokens = log_probs.argmax(axis=1).tolist()
     rows = [i for i, o in enumerate(options) if o.sampling]
+    if len(rows) < len(options):  # the greedy rows' (a pass over the vocabulary)
+        tokens = log_probs.argmax(axis=1).tolist()
+    else:
+        tokens = [0] * len(options)
     if not rows:
         return tokens
     temperature = np.array([options[i].sampling_temperature for i in rows])
-    weights = _scaled(log_probs[rows], temperature)
+    # every row sampling: no gathered copy of the batch (_scaled makes a new array)
+    weights = _scaled(log_probs if len(rows) == len(options) else log_probs[rows],
+                      temperature)
     np.exp(weights, out=weights)
     totals = weights.sum(axis=1, dtype=np.float64)
     drawn = _draw_rows(weights, totals, [options[i] for i in rows], [rngs[i] for i in rows])
@@ -60,23 +65,43 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     """Every row's draw at once from its first head (``HEAD_MARGIN``), or -1 for a row
     whose first head is not enough (``_draw`` then widens it) or that samples the whole
     vocabulary. The same rule as ``_draw``, on [rows, head] arrays padded with zeros
-    after each row's own head (which changes none of its sums)."""
+    after each row's own head (which changes none of its sums).
+
+    Rows go in groups of heads within 4x of each other's size, each group padded to its
+    own widest: one flat row (thousands of tokens in its head) then widens only its own
+    group's arrays, not every row's. A row's draw is the same in any group."""
     vocab = weights.shape[1]
+    in_head = weights >= np.exp(-HEAD_MARGIN)
+    size = np.count_nonzero(in_head, axis=1)
+    group = np.frexp(size)[1] // 2
+    drawn = [-1] * len(options)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        # by row, ids ascending (np.nonzero of a 2-D mask is many times slower)
+        row, ids = np.divmod(np.flatnonzero(in_head[members]), vocab)
+        width = int(size[members].max())
+        at = np.arange(len(row)) - np.concatenate(([0], np.cumsum(size[members])[:-1]))[row]
+        head = np.full((len(members), width), vocab, np.int64)  # id order; vocab: none
+        mass = np.zeros((len(members), width), np.float32)
+        head[row, at], mass[row, at] = ids, weights[members[row], ids]
+        picked = _draw_group(weights, members, head, mass, size[members], totals[members],
+                             [options[j] for j in members], [rngs[j] for j in members])
+        for j, token in zip(members.tolist(), picked, strict=True):
+            drawn[j] = token
+    return drawn
+
+
+def _draw_group(weights: np.ndarray, members: np.ndarray, head: np.ndarray,
+                mass: np.ndarray, size: np.ndarray, totals: np.ndarray,
+                options: Sequence[DecodingOptions],
+                rngs: Sequence[np.random.Generator]) -> list[int]:
+    """``_draw_rows`` for the rows ``members`` of ``weights``: ``head``/``mass`` [rows,
+    width], each row's head in id order and padded after its ``size`` tokens."""
+    vocab, width = weights.shape[1], head.shape[1]
     k = np.array([o.sampling_topk if 0 < o.sampling_topk < vocab else 0 for o in options])
     top_p = np.array([o.sampling_topp for o in options])
-    # by row, ids ascending (np.nonzero of a 2-D mask is many times slower)
-    row, ids = np.divmod(np.flatnonzero(weights >= np.exp(-HEAD_MARGIN)), vocab)
-    size = np.bincount(row, minlength=len(options))
-    start = np.concatenate(([0], np.cumsum(size)[:-1]))
-    at = np.arange(len(row)) - start[row]
-    width = int(size.max())
-    head = np.full((len(options), width), vocab, np.int64)  # vocab: no token
-    mass = np.zeros((len(options), width))
-    head[row, at], mass[row, at] = ids, weights[row, ids]
-    order = np.argsort(-mass, axis=1, kind="stable")  # most likely first, ties by id
-    head = np.take_along_axis(head, order, axis=1)
-    mass = np.take_along_axis(mass, order, axis=1)
-    cumulative = np.cumsum(mass, axis=1)
+    ranked, position = _by_mass(mass)
+    cumulative = np.cumsum(ranked, axis=1, dtype=np.float64)
     limit = np.where(k > 0, np.minimum(k, size), size)
     norm = np.where(k > 0, cumulative[np.arange(len(options)), np.maximum(limit - 1, 0)],
                     totals)
@@ -85,22 +110,37 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     enough = np.where(k > 0, size >= k, (top_p < 1.0) & (nucleus <= size))
     beyond = np.arange(width)[None, :] >= kept[:, None]
     if 4 * width > vocab:  # wide heads (flat rows): id order from a mask, not a sort
-        return _pick_dense(weights, head, beyond, enough, rngs)
-    head[beyond] = vocab  # beyond the kept: none
-    by_id = np.argsort(head, axis=1, kind="stable")  # id order, as _draw
-    head = np.take_along_axis(head, by_id, axis=1)
-    mass = np.where(head < vocab, weights[np.arange(len(options))[:, None],
-                                          np.minimum(head, vocab - 1)], 0.0)
-    cdf = np.cumsum(mass, axis=1)
+        ranked_ids = np.take_along_axis(head, position, axis=1)
+        return _pick_dense(weights[members], ranked_ids, beyond, enough, rngs)
+    # The kept tokens in id order: the head's own order, the others' masses zeroed (a
+    # zero adds nothing to a cumulative sum, so each kept token's is as without them).
+    keep = np.zeros(mass.shape, bool)
+    chosen_rows, ranks = np.nonzero(~beyond)
+    keep[chosen_rows, position[chosen_rows, ranks]] = True
+    cdf = np.cumsum(np.where(keep, mass, 0.0), axis=1, dtype=np.float64)
     drawn = []
     for j, rng in enumerate(rngs):
         if not enough[j]:
             drawn.append(-1)
             continue
-        n = int(kept[j])
-        pick = int(np.searchsorted(cdf[j, :n], rng.random() * cdf[j, n - 1], side="right"))
-        drawn.append(int(head[j, min(pick, n - 1)]))
+        pick = int(np.searchsorted(cdf[j], rng.random() * cdf[j, -1], side="right"))
+        if pick == width:  # u * total rounded up to the total: the last kept token
+            pick = int(np.flatnonzero(keep[j])[-1])
+        drawn.append(int(head[j, pick]))  # a kept one: only those raise the sum
     return drawn
+
+
+def _by_mass(mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's masses, most likely first (ties: lower position first), and the head
+    position each came from: one sort of integer keys (a mass's float32 bits, which
+    order as the non-negative floats do, above its position), no argsort and gathers."""
+    bits = max(1, (mass.shape[1] - 1).bit_length())
+    inverted = np.uint64(0xFFFFFFFF) - mass.view(np.uint32).astype(np.uint64)
+    keys = np.sort((inverted << np.uint64(bits)) | np.arange(mass.shape[1], dtype=np.uint64),
+                   axis=1)
+    position = (keys & np.uint64((1 << bits) - 1)).astype(np.int64)
+    ranked = (np.uint64(0xFFFFFFFF) - (keys >> np.uint64(bits))).astype(np.uint32)
+    return ranked.view(np.float32), position
 
 
 def _pick_dense(weights: np.ndarray, head: np.ndarray, beyond: np.ndarray,

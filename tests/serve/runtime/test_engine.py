@@ -360,8 +360,8 @@ async def test_steps_run_back_to_back_while_the_event_loop_is_busy(model):
 
 async def test_generate_gets_its_reply_in_one_event(model):
     async with running(model) as engine:
-        request = await engine._submit("你好", DecodingOptions(min_length=6, max_length=6),
-                                       None, False)
+        request = engine._submit("你好", DecodingOptions(min_length=6, max_length=6),
+                                 None, False)
         kind, result = await asyncio.wait_for(request.events.get(), 10)
         assert kind == "done" and len(result.token_ids) == 6 and request.events.empty()
 
@@ -379,3 +379,44 @@ async def test_a_failing_step_fails_its_rows_not_the_scheduler(model):
             await asyncio.wait_for(engine.generate("你好", max_length=3), 10)
         assert engine.stats.requests_failed == 1 and engine.stats.active == 0
         assert (await asyncio.wait_for(engine.generate("你好", max_length=3), 10)).token_ids
+
+
+async def test_requests_still_being_prepared_end_cleanly(model):
+    # The preparer hands nothing back but the request's events: a request cancelled
+    # while its lane's thread is busy frees its place in the queue at once, and one
+    # still waiting for that thread when the engine stops ends with EngineStopped.
+    import threading
+
+    lanes = {"api": Lane(rows=2, queue=2)}
+    engine = Engine(model, max_batch_size=2, lanes=lanes)
+    await engine.start()
+    gate = threading.Event()
+    engine._preparers["api"].submit(gate.wait)  # the lane's one thread held
+    try:
+        cancelled = asyncio.create_task(engine.generate("你好", max_length=3))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert engine.stats.queue_size == 0 and engine.stats.requests_cancelled == 1
+        waiting = [asyncio.create_task(engine.generate(t, max_length=3)) for t in "嗯哈"]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):  # the two places: the cancelled one's is free
+            await engine.generate("晚安", max_length=3)
+        gate.set()
+        for task in waiting:
+            assert (await asyncio.wait_for(task, 10)).token_ids
+        assert engine.stats.requests_total == 2 and engine.stats.queue_size == 0
+        gate.clear()
+        engine._preparers["api"].submit(gate.wait)
+        stopped = asyncio.create_task(engine.generate("你好", max_length=3))
+        await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0.01)
+        gate.set()
+        await stopping
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(stopped, 10)
+    finally:
+        gate.set()
+        await engine.stop()

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from export.reply_index import build_reply_index
@@ -126,3 +127,30 @@ def test_the_pair_store_reads_pairs_json_as_json_does():
     for bad in ("{}", "[[1, 2]]", "[[\"a\"]]", "[[\"a\", \"b\"] [\"c\", \"d\"]]"):
         with pytest.raises(ValueError):
             PairStore(bad)
+
+
+def test_retrieved_replies_carry_their_stored_token_ids(indexed_model, index, tmp_path):
+    # Export stores every reply's tokens: a retrieved reply is not tokenized per request,
+    # and its ids are those the tokenizer gives; an older folder without them still
+    # loads (the ids are then made per request), and mismatched arrays are refused.
+    tokenizer = Tokenizer.from_dir(indexed_model, Manifest.read(indexed_model).tokenizer)
+    hits = index.search("今天好冷", k=3)
+    assert hits and all(h.reply_ids == tuple(tokenizer.encode(h.reply)) for h in hits)
+    older = shutil.copytree(indexed_model, tmp_path / "older")
+    for name in ("reply_ids.npy", "reply_ends.npy"):
+        (older / "index" / name).unlink()
+    assert all(h.reply_ids is None for h in ReplyIndex.load(older).search("今天好冷", k=3))
+    broken = shutil.copytree(indexed_model, tmp_path / "broken")
+    np.save(broken / "index" / "reply_ends.npy", np.array([0, 1], np.int64))
+    with pytest.raises(ModelError, match="reply"):
+        ReplyIndex.load(broken)
+
+
+def test_the_shipped_index_stores_every_replys_token_ids(shipped_model_dir):
+    loaded = ReplyIndex.load(shipped_model_dir)
+    if loaded is None:
+        pytest.skip("the shipped folder has no index")
+    tokenizer = Tokenizer.from_dir(shipped_model_dir, Manifest.read(shipped_model_dir).tokenizer)
+    messages = ("你好", "今天天气怎么样", "晚安", "你喜欢吃什么")
+    hits = [h for q in messages for h in loaded.search(q, 8)]
+    assert hits and all(h.reply_ids == tuple(tokenizer.encode(h.reply)) for h in hits)

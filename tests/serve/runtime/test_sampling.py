@@ -49,3 +49,26 @@ def test_draws_follow_the_rules_and_the_seed():
     assert {choose_tokens(rows, [top2], [rng])[0] for _ in range(200)} == best
     first = [choose_tokens(rows, [OPTIONS[0]], [np.random.default_rng(5)])[0] for _ in range(3)]
     assert len(set(first)) == 1
+
+
+def test_ties_in_the_head_keep_the_lower_ids():
+    # Ten tokens share the best log-prob; top-k 3 keeps the three lowest ids of them.
+    row = np.full((1, 64), -12.0, np.float32)
+    tied = [40, 7, 33, 12, 58, 21, 9, 50, 3, 27]
+    row[0, tied] = -2.0
+    rng = np.random.default_rng(1)
+    top3 = DecodingOptions(sampling_topk=3, sampling_temperature=1.0)
+    drawn = {choose_tokens(row, [top3], [rng])[0] for _ in range(300)}
+    assert drawn == set(sorted(tied)[:3])
+
+
+def test_a_flat_row_beside_peaked_ones_changes_none_of_their_draws():
+    # Heads of very different sizes are padded in groups: the peaked rows' draws are the
+    # same with and without a flat row (thousands of tokens in its head) in the batch.
+    peaked = _rows(6)[[1, 3]]  # heads of about 300 tokens
+    flat = np.full((1, peaked.shape[1]), -np.log(peaked.shape[1]), np.float32)
+    nucleus = DecodingOptions(sampling_topp=0.9, sampling_temperature=0.7)
+    alone = choose_tokens(peaked, [nucleus] * 2, [np.random.default_rng(i) for i in (4, 5)])
+    mixed = choose_tokens(np.concatenate([peaked[:1], flat, peaked[1:]]), [nucleus] * 3,
+                          [np.random.default_rng(i) for i in (4, 9, 5)])
+    assert [mixed[0], mixed[2]] == alone
