@@ -373,19 +373,29 @@ def _penalties(
     if rows != [0]:
         keys += np.repeat(np.array(rows, np.int64) * vocab, lengths)
     flat, starts = _sorted_distinct(keys)
-    counts = np.empty_like(starts)  # each run's length (np.diff's wrapper costs more)
-    counts[:-1] = starts[1:] - starts[:-1]
-    counts[-1] = len(keys) - starts[-1]
-    if len(set(params)) == 1:  # the common case: every row's the same, as scalars
+    uniform = len(set(params)) == 1  # the common case: every row's the same, as scalars
+    if uniform:
         repetition, frequency, presence = params[0]
     else:
         by_row = np.zeros((source.shape[0], 3))
         by_row[rows] = params
         repetition, frequency, presence = by_row[flat // vocab].T
     values = source.reshape(-1)[flat].astype(np.float64)
-    values = np.where(values < 0, values * repetition, values / repetition)
-    values -= frequency * counts + presence
+    # (a penalty of 1.0 or 0 changes no value: not computed, where the rows share it)
+    if not uniform or repetition != 1.0:
+        values = np.where(values < 0, values * repetition, values / repetition)
+    if not uniform or frequency != 0 or presence != 0:
+        values -= frequency * _run_lengths(starts, len(keys)) + presence
     return flat, values.astype(np.float32)
+
+
+def _run_lengths(starts: np.ndarray, total: int) -> np.ndarray:
+    """How often each distinct value occurs, from where its run starts in the sorted
+    values (np.diff's wrapper costs more than these three lines)."""
+    counts = np.empty_like(starts)
+    counts[:-1] = starts[1:] - starts[:-1]
+    counts[-1] = total - starts[-1]
+    return counts
 
 
 def _log_softmax_row(row: np.ndarray, eos_id: int) -> None:
