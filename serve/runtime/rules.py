@@ -205,9 +205,9 @@ class TokenRules:
     guard: WordGuard | None = None  # suppressed words spelled across tokens
 
     def __post_init__(self) -> None:
-        # Sorted, without repeats, and with </s> once more for replies shorter than
-        # min_length: most rows at most steps are banned exactly one of these two, which
-        # process_rows then needs neither to merge nor to deduplicate.
+        # The fixed bans sorted without repeats, alone and with </s> (for replies shorter
+        # than min_length): most rows at most steps are banned exactly one of the two,
+        # which process_rows then needs neither to merge nor to deduplicate.
         ids = set(np.asarray(self.banned, np.int64).ravel().tolist())
         self.banned = np.array(sorted(ids), np.int64)
         self._banned_and_eos = np.array(sorted(ids | {self.eos_id}), np.int64)
@@ -251,10 +251,9 @@ class TokenRules:
         for ids in self.row_bans(previous):
             row[np.asarray(ids, np.int64)] = -np.inf
 
-    def process(self, log_probs: np.ndarray, previous: Sequence[int], *,
-                in_place: bool = False) -> np.ndarray:
+    def process(self, log_probs: np.ndarray, previous: Sequence[int]) -> np.ndarray:
         """One row of model log-probs -> the log-probs decoding chooses from."""
-        return process_rows(log_probs[None, :], [self], [previous], in_place=in_place)[0]
+        return process_rows(log_probs[None, :], [self], [previous])[0]
 
 
 # A row whose rules removed more than this share of its mass is renormalised by a full
