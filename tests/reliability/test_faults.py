@@ -139,6 +139,47 @@ async def test_redis_sigkilled_mid_reply_every_client_gets_every_stored_event_on
         await on_b.aclose()
 
 
+_QUIET = {"xiaox_sse_clients": 1, "xiaox_active_replies": 0, "xiaox_engine_batch_size": 0,
+          "xiaox_engine_queue_size": 0}
+
+
+async def _gauges(client) -> dict[str, float]:
+    page = (await client.get("/metrics")).text
+    return {name: metric_value(page, name) for name in _QUIET}
+
+
+async def _task_count(client) -> float:
+    return metric_value((await client.get("/metrics")).text, "xiaox_asyncio_tasks")
+
+
+async def _tasks_at_most(client, most: float, seconds: float) -> bool:
+    for _ in range(int(seconds * 10)):
+        if await _task_count(client) <= most:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def _quiet(client) -> dict[str, float]:
+    """The gauges once the server has noticed the disconnects (and the leave notices
+    went out)."""
+    for _ in range(100):
+        values = await _gauges(client)
+        if values == _QUIET:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    return values
+
+
+async def _assert_replied_once(client, room: str, sent: list[dict]) -> None:
+    """Every reply completed and is in history, once."""
+    history = (await client.get("/history", params={"room": room, "limit": 1000})).json()
+    for message in sent:
+        replies = [m for m in history["messages"] if m.get("reply_to") == message["id"]]
+        assert len(replies) == 1 and "error" not in replies[0], replies
+
+
 async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         model_dir, redis_server, tmp_path):
     server = ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV).start()
@@ -161,34 +202,6 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
             await stayer.wait_for(bot_reply_to(message["id"]), 30)
         return sent
 
-    async def gauges() -> dict[str, float]:
-        page = (await stayer_client.get("/metrics")).text
-        return {name: metric_value(page, name) for name in (
-            "xiaox_sse_clients", "xiaox_active_replies", "xiaox_engine_batch_size",
-            "xiaox_engine_queue_size")}
-
-    async def task_count() -> float:
-        page = (await stayer_client.get("/metrics")).text
-        return metric_value(page, "xiaox_asyncio_tasks")
-
-    async def wait_until_async(ok, measure, seconds: float) -> bool:
-        for _ in range(int(seconds * 10)):
-            if ok(await measure()):
-                return True
-            await asyncio.sleep(0.1)
-        return False
-
-    async def quiet() -> dict[str, float]:
-        # The server notices the disconnects (and the leave notices go out).
-        for _ in range(100):
-            values = await gauges()
-            if values == {"xiaox_sse_clients": 1, "xiaox_active_replies": 0,
-                          "xiaox_engine_batch_size": 0, "xiaox_engine_queue_size": 0}:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
-        return values
-
     try:
         # Warm-up: redis-py's pool keeps idle connections up to the peak concurrency it
         # has met (it plateaus after a few rounds; the per-stream presence leases raised
@@ -196,17 +209,16 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         warm_up = 4
         for n in range(warm_up):
             await one_round(n)
-        baseline = await quiet()
-        tasks_before = await task_count()
+        baseline = await _quiet(stayer_client)
+        tasks_before = await _task_count(stayer_client)
         redis_before, fds_before = redis_client_count(redis_server.url), fd_count(pid)
         threads_before = thread_count(pid)
         sent = []
         rounds = 4
         for n in range(warm_up, warm_up + rounds):
             sent += await one_round(n)
-        after = await quiet()
-        assert after == baseline == {"xiaox_sse_clients": 1, "xiaox_active_replies": 0,
-                                     "xiaox_engine_batch_size": 0, "xiaox_engine_queue_size": 0}
+        after = await _quiet(stayer_client)
+        assert after == baseline == _QUIET
         # 40 clients came and went: a leak of one per client would be +40.
         slack = 5  # the pool may still meet a new concurrency peak
         assert await wait_until(
@@ -219,14 +231,9 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         assert await wait_until(lambda: thread_count(pid) <= threads_before + slack, 10), (
             threads_before, thread_count(pid))
         # The /metrics scrape itself is one task; a leak of one per client would be +40.
-        assert await wait_until_async(lambda n: n <= tasks_before + 2, task_count, 10), (
-            tasks_before, await task_count())
-        # Every reply completed and is in history, once.
-        history = (await stayer_client.get("/history",
-                                           params={"room": room, "limit": 1000})).json()
-        for message in sent:
-            replies = [m for m in history["messages"] if m.get("reply_to") == message["id"]]
-            assert len(replies) == 1 and "error" not in replies[0], replies
+        assert await _tasks_at_most(stayer_client, tasks_before + 2, 10), (
+            tasks_before, await _task_count(stayer_client))
+        await _assert_replied_once(stayer_client, room, sent)
         assert stayer.connections == 1 and stayer.protocol_error is None
     finally:
         await stayer.close()

@@ -96,6 +96,63 @@ def two_servers(model_dir, redis_server, tmp_path):
         yield servers
 
 
+async def _connect_all(http, servers) -> list:
+    """CLIENTS streams over both processes, each with its 200."""
+    clients = [RawClient(http, servers[i % 2].url) for i in range(CLIENTS)]
+    for batch in range(0, CLIENTS, 50):  # a steady arrival, not one SYN flood
+        for c in clients[batch:batch + 50]:
+            c.task = asyncio.create_task(c.run())
+        await asyncio.sleep(0.05)
+    # Every client is subscribed once it has its 200 (the subscription and the replay
+    # come first; one session's streams announce a single join, so count the 200s).
+    assert await wait_until(lambda: sum(c.status == 200 for c in clients) >= CLIENTS,
+                            120, 0.5), (
+        sum(c.status == 200 for c in clients), [c.error for c in clients if c.error][:3])
+    assert all(c.status == 200 for c in clients), {c.status for c in clients}
+    return clients
+
+
+def _assert_every_client_in_order(clients, stored: list[str], sent: list[dict]) -> None:
+    """Each client got the log from the first message on: no gap, duplicate, reordering."""
+    for c in clients:
+        ids = [e["id"] for e in parse_sse(c.raw.decode("utf-8"))]
+        assert sent[0]["id"] in ids
+        got = ids[ids.index(sent[0]["id"]):]
+        assert got == stored[:len(got)], "a gap, a duplicate or a reordering"
+        assert all(m["id"] in got for m in sent)
+
+
+async def _assert_all_released(clients, servers, pids, redis_port: int,
+                               base_fds: list[int]) -> list[float]:
+    """The clients leave: every socket is closed; what remains above the baseline is
+    redis-py's pool of idle connections, which grew with the join/leave bursts and is
+    capped. The processes' RSS afterwards."""
+    for c in clients:
+        c.task.cancel()
+    await asyncio.gather(*(c.task for c in clients), return_exceptions=True)
+    for server in servers:
+        deadline = time.monotonic() + 60
+        while await gauge(server.url, "xiaox_sse_clients") > 0:
+            assert time.monotonic() < deadline, "the server still counts SSE clients"
+            await asyncio.sleep(0.5)
+
+    def sockets(i: int) -> tuple[int, int]:
+        ports = tcp_ports_of_fds(pids[i])
+        clients_left = sum(1 for local, remote in ports
+                           if local == servers[i].port and remote != 0)
+        to_redis = sum(1 for _, remote in ports if remote == redis_port)
+        return clients_left, to_redis
+
+    assert await wait_until(lambda: all(sockets(i)[0] <= 1 for i in range(2)), 30), (
+        [sockets(i) for i in range(2)])
+    for i in range(2):
+        to_redis = sockets(i)[1]
+        assert to_redis <= REDIS_POOL_CAP + 2, to_redis  # the pool and the reader
+        assert fd_count(pids[i]) <= base_fds[i] + to_redis + FINAL_FD_GROWTH, (
+            base_fds, fd_count(pids[i]), to_redis)
+    return [rss_mb(p) for p in pids]
+
+
 async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, redis_server):
     servers = two_servers
     pids = [s.proc.pid for s in servers]
@@ -111,20 +168,9 @@ async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, red
         base_rss = [rss_mb(p) for p in pids]
         base_fds = [fd_count(p) for p in pids]
 
-        clients = [RawClient(http, servers[i % 2].url) for i in range(CLIENTS)]
         started = time.monotonic()
-        for batch in range(0, CLIENTS, 50):  # a steady arrival, not one SYN flood
-            for c in clients[batch:batch + 50]:
-                c.task = asyncio.create_task(c.run())
-            await asyncio.sleep(0.05)
-
-        # Every client is subscribed once it has its 200 (the subscription and the replay
-        # come first; one session's streams announce a single join, so count the 200s).
-        assert await wait_until(lambda: sum(c.status == 200 for c in clients) >= CLIENTS,
-                                120, 0.5), (
-            sum(c.status == 200 for c in clients), [c.error for c in clients if c.error][:3])
+        clients = await _connect_all(http, servers)
         connect_seconds = time.monotonic() - started
-        assert all(c.status == 200 for c in clients), {c.status for c in clients}
 
         sent = []
         for i in range(MESSAGES):
@@ -149,42 +195,13 @@ async def test_500_sse_clients_on_two_processes_get_every_event(two_servers, red
         first = stored.index(sent[0]["id"])
         errors = [c.error for c in clients if c.error]
         assert not errors, errors[:5]
-        for c in clients:
-            events = parse_sse(c.raw.decode("utf-8"))
-            ids = [e["id"] for e in events]
-            assert sent[0]["id"] in ids
-            got = ids[ids.index(sent[0]["id"]):]
-            assert got == stored[first:first + len(got)], "a gap, a duplicate or a reordering"
-            assert all(m["id"] in got for m in sent)
+        _assert_every_client_in_order(clients, stored[first:], sent)
         for i in range(2):
             assert peak_rss[i] - base_rss[i] < PEAK_RSS_GROWTH_MB, (base_rss, peak_rss)
             assert peak_fds[i] >= base_fds[i] + CLIENTS // 2  # the clients were really there
 
-        for c in clients:
-            c.task.cancel()
-        await asyncio.gather(*(c.task for c in clients), return_exceptions=True)
-        for server in servers:
-            deadline = time.monotonic() + 60
-            while await gauge(server.url, "xiaox_sse_clients") > 0:
-                assert time.monotonic() < deadline, "the server still counts SSE clients"
-                await asyncio.sleep(0.5)
-        # Every client's socket is closed; what remains above the baseline is redis-py's
-        # pool of idle connections, which grew with the join/leave bursts and is capped.
-        def sockets(i: int) -> tuple[int, int]:
-            ports = tcp_ports_of_fds(pids[i])
-            clients_left = sum(1 for local, remote in ports
-                               if local == servers[i].port and remote != 0)
-            to_redis = sum(1 for _, remote in ports if remote == redis_server.port)
-            return clients_left, to_redis
-
-        assert await wait_until(lambda: all(sockets(i)[0] <= 1 for i in range(2)), 30), (
-            [sockets(i) for i in range(2)])
-        for i in range(2):
-            to_redis = sockets(i)[1]
-            assert to_redis <= REDIS_POOL_CAP + 2, to_redis  # the pool and the reader
-            assert fd_count(pids[i]) <= base_fds[i] + to_redis + FINAL_FD_GROWTH, (
-                base_fds, fd_count(pids[i]), to_redis)
-        final_rss = [rss_mb(p) for p in pids]
+        final_rss = await _assert_all_released(clients, servers, pids, redis_server.port,
+                                               base_fds)
         for i in range(2):
             assert final_rss[i] - base_rss[i] < FINAL_RSS_GROWTH_MB, (base_rss, final_rss)
         # Both processes are still healthy and answer.
