@@ -102,3 +102,17 @@ def test_bad_arguments_are_clear_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["server", "--setups", "on,bogus"])
     assert "setups are on, off, two, baseline" in capsys.readouterr().err
+
+
+def test_hot_paths_measure_every_path_and_compare_with_an_older_run(tmp_path, capsys):
+    from benchmarks import hot_paths
+
+    assert hot_paths.main(["--out", str(tmp_path / "old"), "--tree", "older"]) == 0
+    old = json.loads((tmp_path / "old" / "hot_paths.json").read_text(encoding="utf-8"))
+    assert len(old["figures"]) == 7 and all(us > 0 for us in old["figures"].values())
+    assert hot_paths.main(["--out", str(tmp_path / "new"), "--before",
+                           str(tmp_path / "old" / "hot_paths.json")]) == 0
+    text = (tmp_path / "new" / "hot_paths.md").read_text(encoding="utf-8")
+    assert "| what | before us | now us | now / before |" in text
+    assert "--before older/hot_paths.json" in text and str(tmp_path) not in text
+    assert "| choose_tokens, batch 32, room sampling" in text
