@@ -420,7 +420,8 @@ class Engine:
         except BaseException:
             self._release(lane)
             raise
-        self.stats.requests_total += 1
+        with self._lock:  # the preparers count theirs from their threads
+            self.stats.requests_total += 1
         stop_flag = threading.Event()
         started = time.perf_counter()
         self._beams_waiting += 1
