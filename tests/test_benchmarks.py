@@ -72,6 +72,7 @@ def _check_new_parts(out, capsys):
             assert point["p99_ms"] >= point["p50_ms"] > 0
         assert stack["python_client"]["floor"]["replies"] > 0
         assert stack["cold_start_s"] > 0 and stack["peak_rss_mb"] > 50
+        assert len(stack["cold_starts_s"]) == 3  # the median of three launches
         five = stack["points"]["generate, 5 tokens"]  # the server's CPU split, its batch
         assert five["cpu_us_per_reply"]["event_loop"] > 0 and five["rows_per_step"] >= 1
     assert "| uvloop+httptools | floor | " in (out / "http.md").read_text(encoding="utf-8")
