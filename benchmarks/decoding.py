@@ -227,17 +227,24 @@ def step_seconds(model, state: EncoderState, batch: int, steps: int) -> list[flo
     return seconds
 
 
-def time_replies(decode: Callable[[list[int]], GenerationResult],
-                 sources: list[list[int]]) -> tuple[list[float], list[int]]:
-    for src in sources[:2]:  # warm-up
-        decode(src)
-    seconds, tokens = [], []
-    for src in sources:
-        started = time.perf_counter()
-        result = decode(src)
-        seconds.append(time.perf_counter() - started)
-        tokens.append(len(result.token_ids))
-    return seconds, tokens
+def time_replies(decoders: dict[str, Callable[[list[int]], GenerationResult]],
+                 sources: list[list[int]], rounds: int = 3) -> dict[str, tuple[list, list]]:
+    """(seconds, tokens) per reply of each decoder, the decoders taking turns reply by
+    reply (``rounds`` times over ``sources``), so that all of them see the machine as it
+    is at the same moments: its speed drifts by a third within seconds, and a ratio of
+    two figures measured a minute apart would carry that drift."""
+    for decode in decoders.values():
+        for src in sources[:2]:  # warm-up
+            decode(src)
+    timed: dict[str, tuple[list, list]] = {name: ([], []) for name in decoders}
+    for _ in range(rounds):
+        for src in sources:
+            for name, decode in decoders.items():
+                started = time.perf_counter()
+                result = decode(src)
+                timed[name][0].append(time.perf_counter() - started)
+                timed[name][1].append(len(result.token_ids))
+    return timed
 
 
 async def replies_per_second(model: OnnxSeq2Seq, questions: list[str],
@@ -318,16 +325,21 @@ def measure_bandwidth(weight_bytes: dict[str, int], quick: bool, repeats: int) -
 
 def time_backends(backends: dict, typical: list[int], sources: list[list[int]], steps: int,
                   greedy: DecodingOptions, beam: DecodingOptions) -> tuple[dict, dict]:
-    """Per backend: step latencies by batch size, and (seconds, tokens) per reply kind."""
-    step_times, replies = {}, {}
+    """Per backend: step latencies by batch size, and (seconds, tokens) per reply kind
+    (the backends' replies timed in turns: ``time_replies``)."""
+    step_times: dict = {}
     for name, model in backends.items():
-        log(f"timing {name} ...")
+        log(f"timing {name}'s steps ...")
         state = model.encode([typical])
         step_times[name] = {b: step_seconds(model, state, b, steps) for b in STEP_BATCHES}
-        replies[name] = {
-            "greedy": time_replies(lambda s, m=model: decode_alone(m, s, greedy), sources),
-            "beam 5": time_replies(lambda s, m=model: beam_search(m, s, beam), sources),
-        }
+    replies: dict = {name: {} for name in backends}
+    for kind, decode in (("greedy", lambda m, s: decode_alone(m, s, greedy)),
+                         ("beam 5", lambda m, s: beam_search(m, s, beam))):
+        log(f"timing {kind} replies, the backends in turns ...")
+        timed = time_replies({name: (lambda s, m=model, d=decode: d(m, s))
+                              for name, model in backends.items()}, sources)
+        for name, figures in timed.items():
+            replies[name][kind] = figures
     return step_times, replies
 
 
@@ -498,8 +510,10 @@ def _reply_lines(data: dict, cmd: str) -> list[str]:
         "",
         "### Per reply (batch 1, one request alone)",
         "",
-        "Decoder steps' share = batch-1 step p50 x tokens / greedy reply p50; the rest "
-        "is the encoder and the numpy search code (token rules, choice, detokenizing).",
+        "p50 over three rounds of the questions, the backends taking turns reply by reply "
+        "(each sees the machine at the same moments). Decoder steps' share = batch-1 step "
+        "p50 x tokens / greedy reply p50; the rest is the encoder and the numpy search "
+        "code (token rules, choice, detokenizing).",
         "",
         "| backend | greedy p50 ms | beam 5 p50 ms | ms/token greedy | tokens/reply | "
         "decoder steps' share | greedy vs TF | beam 5 vs TF | command |",
