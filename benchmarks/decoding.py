@@ -229,17 +229,19 @@ def step_seconds(model, state: EncoderState, batch: int, steps: int) -> list[flo
 
 def time_replies(decoders: dict[str, Callable[[list[int]], GenerationResult]],
                  sources: list[list[int]], rounds: int = 3) -> dict[str, tuple[list, list]]:
-    """(seconds, tokens) per reply of each decoder, the decoders taking turns reply by
-    reply (``rounds`` times over ``sources``), so that all of them see the machine as it
-    is at the same moments: its speed drifts by a third within seconds, and a ratio of
-    two figures measured a minute apart would carry that drift."""
+    """(seconds, tokens) per reply of each decoder: in ``rounds`` rounds, each decoder
+    in turn replies to every source, so that all of them see the machine over the same
+    stretch of time (its speed drifts by a third within seconds; a ratio of two figures
+    measured a minute apart carries that drift). Turns of a whole pass, not of one reply:
+    TensorFlow's pool threads spin for a while after each reply and would slow whatever
+    came next."""
     for decode in decoders.values():
         for src in sources[:2]:  # warm-up
             decode(src)
     timed: dict[str, tuple[list, list]] = {name: ([], []) for name in decoders}
     for _ in range(rounds):
-        for src in sources:
-            for name, decode in decoders.items():
+        for name, decode in decoders.items():
+            for src in sources:
                 started = time.perf_counter()
                 result = decode(src)
                 timed[name][0].append(time.perf_counter() - started)
@@ -510,8 +512,8 @@ def _reply_lines(data: dict, cmd: str) -> list[str]:
         "",
         "### Per reply (batch 1, one request alone)",
         "",
-        "p50 over three rounds of the questions, the backends taking turns reply by reply "
-        "(each sees the machine at the same moments). Decoder steps' share = batch-1 step "
+        "p50 over three rounds, in each of which every backend in turn replies to every "
+        "question (all see the machine over the same stretch). Decoder steps' share = batch-1 step "
         "p50 x tokens / greedy reply p50; the rest is the encoder and the numpy search "
         "code (token rules, choice, detokenizing).",
         "",
