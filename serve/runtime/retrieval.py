@@ -89,8 +89,8 @@ class PairStore:
 
 
 def reply_id_arrays(tokenizer: Tokenizer, pairs) -> tuple[np.ndarray, np.ndarray]:
-    """Every reply's token ids in one int32 array, and where reply i's end (``ends[i +
-    1]``): what export stores beside pairs.json."""
+    """Every reply's token ids in one int32 array, and where each ends (reply i is
+    ``ids[ends[i]:ends[i + 1]]``): what export stores beside pairs.json."""
     ids = [tokenizer.encode(reply) for _, reply in pairs]
     ends = np.zeros(len(ids) + 1, np.int64)
     np.cumsum([len(x) for x in ids], out=ends[1:])
@@ -180,6 +180,6 @@ def _load_reply_ids(index_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     ids = np.load(index_dir / REPLY_IDS_FILE, mmap_mode="r")
     ends = np.load(index_dir / REPLY_ENDS_FILE, mmap_mode="r")
     if ids.dtype != np.int32 or ends.dtype != np.int64 or ends.ndim != 1 or \
-            int(ends[-1]) != len(ids):
+            len(ends) == 0 or int(ends[-1]) != len(ids):
         raise ValueError("reply_ids.npy and reply_ends.npy do not fit together")
     return ids, ends
