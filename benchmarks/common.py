@@ -204,6 +204,16 @@ def write_results(out_dir: Path, name: str, markdown: str, data: dict) -> tuple[
     return md, js
 
 
+def stat_cpu_seconds(stat_file: str | Path) -> float | None:
+    """User + system CPU seconds in a /proc ``stat`` file (a process's or a thread's);
+    None when it is gone."""
+    try:
+        fields = Path(stat_file).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def event_loop_name() -> str:
     """The event loop the server runs (uvicorn takes uvloop when it is installed), which
     the in-process benchmarks run too."""

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import fmt, log, percentile, questions_of
+from benchmarks.common import fmt, log, percentile, questions_of, stat_cpu_seconds
 from benchmarks.processes import ServerProcess, free_port
 
 SETUPS = ("on", "off", "two", "baseline")
@@ -216,17 +216,7 @@ def peak_rss_mb(pid: int) -> float | None:
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds used so far by these processes (/proc/PID/stat)."""
-    import os
-
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(stat_cpu_seconds(f"/proc/{pid}/stat") or 0.0 for pid in pids)
 
 
 def start_setup(setup: str, weights, threads: int, workdir: Path,

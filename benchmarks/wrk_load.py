@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, fmt, log, shown
+from benchmarks.common import ROOT, fmt, log, shown, stat_cpu_seconds
 from benchmarks.processes import ServerProcess
 
 FLOOR_APP = ROOT / "benchmarks" / "floor" / "sse_floor.py"
@@ -119,14 +119,11 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """User + system CPU seconds so far of each thread of a process (/proc/PID/task)."""
     import os
 
-    tick = os.sysconf("SC_CLK_TCK")
     seconds = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        used = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+        if used is not None:  # else the thread ended meanwhile
+            seconds[int(tid)] = used
     return seconds
 
 
@@ -134,11 +131,13 @@ def engine_counters(url: str) -> dict[str, float]:
     """The engine's decoder steps and generated tokens so far, from ``/metrics``."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    found = {}
-    for name in ("xiaox_engine_steps", "xiaox_generated_tokens"):
-        match = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", text, re.M)
-        found[name] = float(match.group(1)) if match else float("nan")
+    found = dict.fromkeys(("xiaox_engine_steps", "xiaox_generated_tokens"), float("nan"))
+    for family in text_string_to_metric_families(text):
+        if family.name in found and family.samples:
+            found[family.name] = family.samples[0].value
     return found
 
 

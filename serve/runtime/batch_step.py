@@ -71,9 +71,7 @@ class _Slots:
         """The same first ``n`` rows in slots of ``width`` positions."""
         grown = _Slots(len(self.prev), width, self.h.shape[1], self.memory.shape[2])
         for old, new in zip(self.arrays(), grown.arrays(), strict=True):
-            if old.ndim == 3:
-                new[:n, : self.width] = old[:n]
-            elif old is self.mask:
+            if old.ndim == 3 or old is self.mask:  # memory, keys, mask: by position
                 new[:n, : self.width] = old[:n]
             else:
                 new[:n] = old[:n]

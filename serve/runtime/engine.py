@@ -64,7 +64,7 @@ from serve.runtime.search import (
     SequenceDecoder,
     TokenLogProb,
     beam_search,
-    make_rng,
+    request_rng,
     source_ids,
     text_delta,
 )
@@ -351,9 +351,7 @@ class Engine:
         try:
             src = source_ids(self.model, text, self.max_source_length)
             rules = TokenRules.for_model(self.model, options)
-            # greedy draws nothing: no generator (an unseeded one costs an entropy read)
-            rng = make_rng(options.seed) if options.sampling else None
-            request.attach(src, SequenceDecoder(rules, rng))  # type: ignore[arg-type]
+            request.attach(src, SequenceDecoder(rules, request_rng(options)))
             self._batch.encode(request)  # here, beside the running step, not inside it
         except Exception as e:
             with self._lock:

@@ -59,24 +59,6 @@ class StepOutput:
     attention: np.ndarray | None = None  # [B,S], with step(..., attention=True)
 
 
-def pad_memory(
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stack (memory [S_i,H], memory_keys [S_i,H], src_mask [S_i]) rows of different
-    source lengths into [B,S,H], [B,S,H], [B,S]: zeros and mask 0 at the padding,
-    which the attention ignores exactly (its weight there is exp(-1e9) = 0)."""
-    max_len = max(m.shape[0] for m, _, _ in rows)
-    hidden = rows[0][0].shape[1]
-    memory = np.zeros((len(rows), max_len, hidden), np.float32)
-    keys = np.zeros((len(rows), max_len, hidden), np.float32)
-    mask = np.zeros((len(rows), max_len), np.float32)
-    for i, (m, k, s) in enumerate(rows):
-        memory[i, : m.shape[0]] = m
-        keys[i, : k.shape[0]] = k
-        mask[i, : s.shape[0]] = s
-    return memory, keys, mask
-
-
 def _check_names(session: ort.InferenceSession, path: Path, inputs, outputs) -> None:
     have_in = {i.name for i in session.get_inputs()}
     have_out = {o.name for o in session.get_outputs()}

@@ -75,6 +75,12 @@ def make_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def request_rng(options: DecodingOptions) -> np.random.Generator | None:
+    """A request's own generator, from its seed; None for greedy, which draws nothing
+    (an unseeded generator costs an entropy read)."""
+    return make_rng(options.seed) if options.sampling else None
+
+
 class SequenceDecoder:
     """One greedy or sampling reply, advanced one token per decoder step.
 
@@ -175,8 +181,7 @@ def decode_alone(
     """Greedy or sampling decode of one request with batch size 1 (the reference the
     engine's batched result must equal)."""
     state = model.encode([src_ids])
-    rng = make_rng(options.seed) if options.sampling else None  # greedy draws nothing
-    decoder = SequenceDecoder(TokenRules.for_model(model, options), rng)
+    decoder = SequenceDecoder(TokenRules.for_model(model, options), request_rng(options))
     prev, h, c = np.array([model.bos_id], np.int64), state.h, state.c
     while not decoder.done:
         out = model.step(prev, h, c, state.memory, state.memory_keys, state.src_mask)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serve.runtime.manifest import ModelError
-from serve.runtime.model import OnnxSeq2Seq, pad_memory
+from serve.runtime.model import OnnxSeq2Seq
 
 
 @pytest.fixture
@@ -45,13 +45,31 @@ def test_an_empty_source_row_still_encodes(model):
         model.encode([])
 
 
+def _pad_memory(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack (memory [S_i,H], memory_keys [S_i,H], src_mask [S_i]) rows of different
+    source lengths into [B,S,H], [B,S,H], [B,S]: zeros and mask 0 at the padding,
+    which the attention ignores exactly (its weight there is exp(-1e9) = 0)."""
+    max_len = max(m.shape[0] for m, _, _ in rows)
+    hidden = rows[0][0].shape[1]
+    memory = np.zeros((len(rows), max_len, hidden), np.float32)
+    keys = np.zeros((len(rows), max_len, hidden), np.float32)
+    mask = np.zeros((len(rows), max_len), np.float32)
+    for i, (m, k, s) in enumerate(rows):
+        memory[i, : m.shape[0]] = m
+        keys[i, : k.shape[0]] = k
+        mask[i, : s.shape[0]] = s
+    return memory, keys, mask
+
+
 @pytest.mark.tensorflow
 def test_padding_to_a_longer_source_changes_nothing(tiny_model_dir):
     # What makes batching exact: a row's step is the same alone and padded in a batch.
     model = OnnxSeq2Seq.load(tiny_model_dir, intra_op_num_threads=1)
     texts = ["嗯", "你好", "周末一起去看电影吧，听说新上映的那部很好看", "你叫什么名字"]
     rows = [model.encode([model.tokenizer.encode(t)]) for t in texts]
-    memory, keys, mask = pad_memory([(r.memory[0], r.memory_keys[0], r.src_mask[0]) for r in rows])
+    memory, keys, mask = _pad_memory([(r.memory[0], r.memory_keys[0], r.src_mask[0]) for r in rows])
     prev = np.array([5, 6, 7, 8])
     h = np.concatenate([r.h for r in rows])
     c = np.concatenate([r.c for r in rows])
