@@ -21,6 +21,7 @@ import numpy as np
 from serve.runtime.options import DecodingOptions
 
 HEAD_MARGIN = 8.0  # first head: scaled logits within e^-8 of the best (widened as needed)
+HEAD_FLOOR = np.float32(np.exp(-HEAD_MARGIN))  # its weights (float32: a float64 bound casts)
 
 
 def choose_tokens(
@@ -71,24 +72,44 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     own widest: one flat row (thousands of tokens in its head) then widens only its own
     group's arrays, not every row's. A row's draw is the same in any group."""
     vocab = weights.shape[1]
-    in_head = weights >= np.exp(-HEAD_MARGIN)
-    size = np.count_nonzero(in_head, axis=1)
+    # every row's head, by row and ids ascending (np.nonzero of a 2-D mask is slower)
+    flat = np.flatnonzero(weights >= HEAD_FLOOR)
+    row = flat // vocab
+    size = np.bincount(row, minlength=len(options))
     group = np.frexp(size)[1] // 2
     drawn = [-1] * len(options)
-    for g in np.unique(group):
+    local = np.zeros(len(options), np.int64)  # each row's place in its group
+    for g in np.unique(group).tolist():
         members = np.flatnonzero(group == g)
-        # by row, ids ascending (np.nonzero of a 2-D mask is many times slower)
-        row, ids = np.divmod(np.flatnonzero(in_head[members]), vocab)
-        width = int(size[members].max())
-        at = np.arange(len(row)) - np.concatenate(([0], np.cumsum(size[members])[:-1]))[row]
-        head = np.full((len(members), width), vocab, np.int64)  # id order; vocab: none
-        mass = np.zeros((len(members), width), np.float32)
-        head[row, at], mass[row, at] = ids, weights[members[row], ids]
-        picked = _draw_group(weights, members, head, mass, size[members], totals[members],
-                             [options[j] for j in members], [rngs[j] for j in members])
+        local[members] = np.arange(len(members))
+        if len(members) < len(options):
+            taken = group[row] == g
+            in_group, rows_of = flat[taken], row[taken]
+        else:
+            in_group, rows_of = flat, row
+        picked = _draw_group(weights, members,
+                             *_padded_heads(weights, in_group, rows_of, local[rows_of],
+                                            size[members]),
+                             size[members], totals[members], [options[j] for j in members],
+                             [rngs[j] for j in members])
         for j, token in zip(members.tolist(), picked, strict=True):
             drawn[j] = token
     return drawn
+
+
+def _padded_heads(weights: np.ndarray, flat: np.ndarray, row: np.ndarray,
+                  local: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A group's heads (``flat``: their flat indices in ``weights``, by row and id;
+    ``row``/``local``: each one's row in ``weights`` and in the group; ``size``: each
+    group row's head size) as [rows, widest] arrays in id order: the ids (``vocab``
+    after a row's own head) and their masses (0 there)."""
+    vocab, width = weights.shape[1], int(size.max())
+    starts = np.cumsum(size) - size
+    at = local * width + np.arange(len(flat)) - starts[local]
+    head = np.full(len(size) * width, vocab, np.int64)
+    mass = np.zeros(len(size) * width, np.float32)
+    head[at], mass[at] = flat - row * vocab, weights.ravel()[flat]
+    return head.reshape(-1, width), mass.reshape(-1, width)
 
 
 def _draw_group(weights: np.ndarray, members: np.ndarray, head: np.ndarray,
@@ -100,67 +121,35 @@ def _draw_group(weights: np.ndarray, members: np.ndarray, head: np.ndarray,
     vocab, width = weights.shape[1], head.shape[1]
     k = np.array([o.sampling_topk if 0 < o.sampling_topk < vocab else 0 for o in options])
     top_p = np.array([o.sampling_topp for o in options])
-    ranked, position = _by_mass(mass)
+    ranked = np.sort(mass, axis=1)[:, ::-1]  # most likely first (a value sort: no ids)
     cumulative = np.cumsum(ranked, axis=1, dtype=np.float64)
     limit = np.where(k > 0, np.minimum(k, size), size)
-    norm = np.where(k > 0, cumulative[np.arange(len(options)), np.maximum(limit - 1, 0)],
-                    totals)
+    everyone = np.arange(len(options))
+    norm = np.where(k > 0, cumulative[everyone, np.maximum(limit - 1, 0)], totals)
     nucleus = (cumulative / norm[:, None] < top_p[:, None]).sum(axis=1) + 1
     kept = np.where(top_p < 1.0, np.minimum(nucleus, limit), limit)
     enough = np.where(k > 0, size >= k, (top_p < 1.0) & (nucleus <= size))
-    beyond = np.arange(width)[None, :] >= kept[:, None]
-    if 4 * width > vocab:  # wide heads (flat rows): id order from a mask, not a sort
-        ranked_ids = np.take_along_axis(head, position, axis=1)
-        return _pick_dense(weights[members], ranked_ids, beyond, enough, rngs)
-    # The kept tokens in id order: the head's own order, the others' masses zeroed (a
-    # zero adds nothing to a cumulative sum, so each kept token's is as without them).
-    keep = np.zeros(mass.shape, bool)
-    chosen_rows, ranks = np.nonzero(~beyond)
-    keep[chosen_rows, position[chosen_rows, ranks]] = True
+    # The kept tokens: every mass above the last kept one's, then the ones equal to it,
+    # lower ids first, as many as the count needs (a tie is kept by the lower id).
+    last = ranked[everyone, kept - 1][:, None]
+    if 4 * width > vocab:  # wide heads (flat rows): over the vocabulary, in id order
+        head, mass = np.broadcast_to(np.arange(vocab), (len(options), vocab)), weights[members]
+    above = mass > last
+    tied = mass == last
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= (kept - above.sum(axis=1))[:, None]))
+    # The kept masses in id order, the others zeroed (a zero adds nothing to a cumulative
+    # sum, so each kept token's is as without them).
     cdf = np.cumsum(np.where(keep, mass, 0.0), axis=1, dtype=np.float64)
-    drawn = []
-    for j, rng in enumerate(rngs):
-        if not enough[j]:
-            drawn.append(-1)
-            continue
-        pick = int(np.searchsorted(cdf[j], rng.random() * cdf[j, -1], side="right"))
-        if pick == width:  # u * total rounded up to the total: the last kept token
-            pick = int(np.flatnonzero(keep[j])[-1])
-        drawn.append(int(head[j, pick]))  # a kept one: only those raise the sum
-    return drawn
-
-
-def _by_mass(mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's masses, most likely first (ties: lower position first), and the head
-    position each came from: one sort of integer keys (a mass's float32 bits, which
-    order as the non-negative floats do, above its position), no argsort and gathers."""
-    bits = max(1, (mass.shape[1] - 1).bit_length())
-    inverted = np.uint64(0xFFFFFFFF) - mass.view(np.uint32).astype(np.uint64)
-    keys = np.sort((inverted << np.uint64(bits)) | np.arange(mass.shape[1], dtype=np.uint64),
-                   axis=1)
-    position = (keys & np.uint64((1 << bits) - 1)).astype(np.int64)
-    ranked = (np.uint64(0xFFFFFFFF) - (keys >> np.uint64(bits))).astype(np.uint32)
-    return ranked.view(np.float32), position
-
-
-def _pick_dense(weights: np.ndarray, head: np.ndarray, beyond: np.ndarray,
-                enough: np.ndarray, rngs: Sequence[np.random.Generator]) -> list[int]:
-    """The draws of ``_draw_rows`` over the whole vocabulary in id order, zero where a
-    token is not kept: the same cumulative sums at the kept tokens (adding 0.0 changes
-    none), so the same tokens, without sorting thousands of kept ids."""
-    rows, vocab = weights.shape
-    keep = np.zeros((rows, vocab), bool)
-    r, c = np.nonzero(~beyond & (head < vocab))
-    keep[r, head[r, c]] = True
-    cdf = np.cumsum(np.where(keep, weights, 0.0), axis=1, dtype=np.float64)
-    drawn = []
-    for j, rng in enumerate(rngs):
-        if not enough[j]:
-            drawn.append(-1)
-            continue
-        pick = int(np.searchsorted(cdf[j], rng.random() * cdf[j, -1], side="right"))
-        drawn.append(pick if pick < vocab else int(np.flatnonzero(keep[j])[-1]))
-    return drawn
+    target = np.array([rng.random() if ok else 0.0
+                       for ok, rng in zip(enough, rngs, strict=True)])
+    target *= cdf[:, -1]
+    pick = np.count_nonzero(cdf <= target[:, None], axis=1)  # searchsorted, side right
+    # u * total rounded up to the total: the last kept token
+    last_kept = keep.shape[1] - 1 - np.argmax(keep[:, ::-1], axis=1)
+    pick = np.where(pick == keep.shape[1], last_kept, pick)
+    tokens = head[everyone, pick]
+    return [int(t) if ok else -1 for t, ok in
+            zip(tokens.tolist(), enough.tolist(), strict=True)]
 
 
 def choose_token(log_probs: np.ndarray, options: DecodingOptions,

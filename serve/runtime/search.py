@@ -13,6 +13,8 @@ final ``</s>``. Greedy and beam report the same kind of score, so they can be co
 from __future__ import annotations
 
 import math
+import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,8 +73,15 @@ def normalized_score(total: float, length: int, length_penalty: float) -> float:
     return float(total) / max(length, 1) ** length_penalty
 
 
+# Unseeded requests' seeds: drawn from one generator seeded once, rather than an entropy
+# read (a system call that hands the GIL to the other threads) for every request.
+_SEEDS = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _SEEDS.seed(os.urandom(32)))  # no twin draws
+
+
 def make_rng(seed: int | None) -> np.random.Generator:
-    return np.random.default_rng(seed)
+    """The generator of seed ``seed``; a fresh, unpredictable one when None."""
+    return np.random.default_rng(_SEEDS.getrandbits(128) if seed is None else seed)
 
 
 def request_rng(options: DecodingOptions) -> np.random.Generator | None:
