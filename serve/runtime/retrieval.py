@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,11 +159,16 @@ class ReplyIndex:
                              f"ids for {len(pairs)} pairs")
         return cls(retriever, pairs, tokenizer, reply_ids)
 
-    def search(self, text: str, k: int = 5) -> list[Retrieved]:
+    def search(self, text: str, k: int = 5, *, ids: Sequence[int] | None = None
+               ) -> list[Retrieved]:
         """The replies of the (at most ``k``) questions closest to ``text``, best first;
-        only questions sharing a term with it (none for a message of unknown words)."""
+        only questions sharing a term with it (none for a message of unknown words).
+        ``ids``: ``text``'s token ids (the tokenizer's ``encode``, whole), when the caller
+        has them: the message is then not tokenized again."""
         term_of = self._term_of
-        terms = [t for t in (term_of[i] for i in self._tokenizer.encode(text)) if t >= 0]
+        if ids is None:
+            ids = self._tokenizer.encode(text)
+        terms = [t for t in (term_of[i] for i in ids) if t >= 0]
         k = min(k, len(self._pairs))
         if not terms or k < 1:
             return []

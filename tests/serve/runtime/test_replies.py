@@ -68,6 +68,19 @@ def test_a_retrieved_reply_with_a_suppressed_word_is_dropped_and_only_it(model, 
         assert len(kept) < len(every)
 
 
+def test_a_message_tokenized_once_retrieves_what_its_text_does(model, sources):
+    # The caller's token ids stand for the text: the same replies, and the ids are what
+    # is searched (other ids, other replies).
+    options = DecodingOptions(**ROOM, reply_mode="hybrid")
+    for message in MESSAGES:
+        ids = model.tokenizer.encode(message)
+        assert sources.retrieved(model, message, options, ids=ids) == \
+            sources.retrieved(model, message, options)
+    other = model.tokenizer.encode(MESSAGES[1])
+    assert sources.retrieved(model, MESSAGES[0], options, ids=other) == \
+        sources.retrieved(model, MESSAGES[1], options)
+
+
 def test_a_folder_without_index_or_graphs_serves_plain_generation(model):
     bare = ReplySources()
     options = DecodingOptions(max_length=10)
