@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import statistics
@@ -60,8 +61,6 @@ def fallback_path(workdir: Path) -> Path:
 def stack_env(stack: str, workdir: Path) -> dict[str, str]:
     if stack == STACKS[0]:
         return {}
-    import os
-
     path = [str(fallback_path(workdir)), os.environ.get("PYTHONPATH", "")]
     return {"PYTHONPATH": ":".join(p for p in path if p)}
 
@@ -104,21 +103,28 @@ def run_wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
-    import os
-
     env = {**os.environ, "WRK_BODY": json.dumps(body, ensure_ascii=False)}
     command = [exe, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
                "--timeout", "10s", "-s", str(WRK_SCRIPT), url + "/v1/chat/completions"]
+    before = _children_cpu_seconds()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stderr or done.stdout}")
-    return parse_wrk(done.stdout)
+    found = parse_wrk(done.stdout)
+    used = _children_cpu_seconds() - before  # wrk's own: it shares the machine's cores
+    return {**found, "wrk_cpu_us_per_reply": 1e6 * used / max(1, found["requests"])}
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """User + system CPU seconds so far of each thread of a process (/proc/PID/task)."""
-    import os
-
     seconds = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         used = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
@@ -143,18 +149,22 @@ def engine_counters(url: str) -> dict[str, float]:
 
 def measured_point(server: ServerProcess, body: dict, connections: int,
                    seconds: float) -> dict:
-    """A wrk point against xiaoX, with where the server's CPU went per reply (its event
-    loop's thread, the others: the engine's step and preparer threads) and how full its
+    """A wrk point, with where the server's CPU went per reply (its event loop's thread,
+    the others: xiaoX's engine step and preparer threads) and, for xiaoX, how full its
     decoder steps were: the process is bound by one GIL, so the split says who to cut."""
     assert server.proc is not None
-    pid = server.proc.pid
-    cpu, counters = thread_cpu_seconds(pid), engine_counters(server.url)
+    pid, engine = server.proc.pid, not isinstance(server, FloorProcess)
+    cpu = thread_cpu_seconds(pid)
+    counters = engine_counters(server.url) if engine else {}
     point = run_wrk(server.url, body, connections, seconds)
-    cpu_after, counters_after = thread_cpu_seconds(pid), engine_counters(server.url)
+    cpu_after = thread_cpu_seconds(pid)
+    counters_after = engine_counters(server.url) if engine else {}
     used = {t: cpu_after[t] - cpu.get(t, 0.0) for t in cpu_after}
     replies = max(1, point["requests"])
-    steps = counters_after["xiaox_engine_steps"] - counters["xiaox_engine_steps"]
-    tokens = counters_after["xiaox_generated_tokens"] - counters["xiaox_generated_tokens"]
+    steps = counters_after.get("xiaox_engine_steps", 0.0) - counters.get(
+        "xiaox_engine_steps", 0.0)
+    tokens = counters_after.get("xiaox_generated_tokens", 0.0) - counters.get(
+        "xiaox_generated_tokens", 0.0)
     return {**point,
             "cpu_us_per_reply": {"event_loop": 1e6 * used.get(pid, 0.0) / replies,
                                  "other_threads": 1e6 * (sum(used.values())
@@ -211,7 +221,7 @@ def _stack(args, stack: str, workdir: Path) -> dict:
     try:
         log(f"  wrk {stack}: floor, {c} connections, {seconds:g} s ...")
         run_wrk(floor.url, {}, c, 1)
-        entry["points"]["floor"] = {**run_wrk(floor.url, {}, c, seconds),
+        entry["points"]["floor"] = {**measured_point(floor, {}, c, seconds),
                                     "command": wrk_command(args, stack, "floor")}
         entry["python_client"]["floor"] = _python_client(floor.url, None, args)
     finally:
@@ -241,12 +251,42 @@ def ratios(data: dict) -> dict:
 def run(args, workdir: Path) -> tuple[str, dict]:
     data: dict = {"model": Path(args.model).name, "connections": args.wrk_connections,
                   "seconds": args.wrk_seconds, "reply_tokens": args.http_reply_tokens,
-                  "threads": args.threads, "stacks": {}}
+                  "threads": args.threads, "cores": os.cpu_count(), "stacks": {}}
     for stack in STACKS:
         log(f"http: the {stack} stack ...")
         data["stacks"][stack] = _stack(args, stack, workdir)
     data["ratios"] = ratios(data)
     return report(data), data
+
+
+def _reply_cpu_us(point: dict) -> float | None:
+    """The server's and wrk's CPU per reply of a point, together."""
+    if "cpu_us_per_reply" not in point or "wrk_cpu_us_per_reply" not in point:
+        return None
+    return sum(point["cpu_us_per_reply"].values()) + point["wrk_cpu_us_per_reply"]
+
+
+def _cores_busy(point: dict) -> float | None:
+    used = _reply_cpu_us(point)
+    return None if used is None else used * point["replies_per_s"] / 1e6
+
+
+def _budget_lines(data: dict) -> list[str]:
+    """What the generation-only target would cost this machine: xiaoX's and wrk's CPU per
+    reply, measured, at 85% of the floor's rate."""
+    five = f"generate, {data['reply_tokens']} tokens"
+    lines = []
+    for stack, entry in data["stacks"].items():
+        point, floor = entry["points"].get(five, {}), entry["points"].get("floor", {})
+        used = _reply_cpu_us(point)
+        if used is None or not floor:
+            continue
+        wanted = 0.85 * floor["replies_per_s"]
+        lines.append(f"- {stack}: 85% of the floor is {wanted:.0f} replies/s; at the CPU "
+                     f"per reply measured here (xiaoX and wrk, {used:.0f} us) that needs "
+                     f"{used * wanted / 1e6:.2f} cores; the machine has "
+                     f"{data.get('cores', '?')}")
+    return ["", *lines] if lines else []
 
 
 def report(data: dict) -> str:
@@ -292,17 +332,19 @@ def report(data: dict) -> str:
                      f"{fmt(entry['peak_rss_mb'], 0)}"
                      f" | {r['generate_vs_floor']:.2f} | {r['hybrid_vs_generate']:.2f} | "
                      f"{fmt(r['hybrid_p99_ms'])} |")
-    lines += ["", "Where one xiaoX process's CPU went (its threads read from /proc before "
-              "and after each point, over the replies made), and the rows of its decoder "
-              "steps:", "", "| stack | contender | event loop us/reply | other threads "
-              "(engine) us/reply | rows per decoder step |", "| --- | --- | ---: | ---: | "
-              "---: |"]
+    lines += ["", "Where the CPU went per reply (the server's threads read from /proc before "
+              "and after each point, wrk's from its rusage), the cores that kept busy, and "
+              "the rows of xiaoX's decoder steps:", "", "| stack | contender | event loop "
+              "us/reply | other threads (engine) us/reply | wrk us/reply | cores busy | rows "
+              "per decoder step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for stack, entry in data["stacks"].items():
         for name, p in entry["points"].items():
             if "cpu_us_per_reply" in p:
                 cpu = p["cpu_us_per_reply"]
                 lines.append(f"| {stack} | {name} | {cpu['event_loop']:.0f} | "
-                             f"{cpu['other_threads']:.0f} | {fmt(p['rows_per_step'])} |")
+                             f"{cpu['other_threads']:.0f} | {fmt(p.get('wrk_cpu_us_per_reply'), 0)}"
+                             f" | {fmt(_cores_busy(p), 2)} | {fmt(p['rows_per_step'])} |")
+    lines += _budget_lines(data)
     if "standard_vs_fallback" in data["ratios"]:
         pairs = ", ".join(f"{k} {v:.2f}x" for k, v in
                           data["ratios"]["standard_vs_fallback"].items())
