@@ -159,6 +159,17 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def pss_mb(pid: int) -> float | None:
+    """A process's proportional set size now (shared pages split among their users)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _process_cpu_seconds(pids: list[int]) -> float:
     return sum(stat_cpu_seconds(f"/proc/{p}/stat") or 0.0 for p in pids)
 
@@ -272,8 +283,12 @@ def _xiaox_points(args, stack: str, workdir: Path, env: dict[str, str], mode: st
             five = f"generate, {args.http_reply_tokens} tokens"
             found["python_client"] = {five: _python_client(server.url,
                                                            {"reply_mode": "generate"}, args)}
-        parts = [peak_rss_mb(pid) for pid in [server.proc.pid, *child_pids(server.proc.pid)]]
-        found.update(peak_rss_mb=sum(p or 0.0 for p in parts), peak_rss_parts_mb=parts)
+        pids = [server.proc.pid, *child_pids(server.proc.pid)]
+        parts, shared = [peak_rss_mb(pid) for pid in pids], [pss_mb(pid) for pid in pids]
+        # RSS counts the pages two processes share (libraries, the mapped dictionary) in
+        # each; PSS splits them: its sum is what the server's processes hold together.
+        found.update(peak_rss_mb=sum(p or 0.0 for p in parts), peak_rss_parts_mb=parts,
+                     pss_mb=sum(p or 0.0 for p in shared), pss_parts_mb=shared)
     finally:
         server.stop()
     return found

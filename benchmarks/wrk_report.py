@@ -114,17 +114,19 @@ def _python_client_lines(data: dict) -> list[str]:
 def _mode_lines(data: dict) -> list[str]:
     five = f"generate, {data['reply_tokens']} tokens"
     lines = ["", "| stack | engine | cold start s (hybrid index; median of 3 launches) | "
-             "peak RSS MB (each process) | "
+             "peak RSS MB (each process) | PSS MB after the load (each process) | "
              f"{five} / floor | {FREE} / floor | hybrid / generate | hybrid p99 ms |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stack, entry in data["stacks"].items():
         r = data["ratios"][stack]
         for mode, name in MODE_NAMES.items():
             m, mr = entry["modes"][mode], (r if mode == ONE_PROCESS else r["engine_process"])
             launches = " / ".join(f"{x:.2f}" for x in m["cold_starts_s"])
             parts = " + ".join(fmt(x, 0) for x in m["peak_rss_parts_mb"])
+            shared = " + ".join(fmt(x, 0) for x in m["pss_parts_mb"])
             lines.append(f"| {stack} | {name} | {m['cold_start_s']:.2f} ({launches}) | "
                          f"{fmt(m['peak_rss_mb'], 0)} ({parts}) | "
+                         f"{fmt(m['pss_mb'], 0)} ({shared}) | "
                          f"{mr['generate_vs_floor']:.2f} | {r['web_layer_vs_floor']:.2f} | "
                          f"{mr['hybrid_vs_generate']:.2f} | {fmt(mr['hybrid_p99_ms'])} |")
     return lines
