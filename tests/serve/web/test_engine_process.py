@@ -4,6 +4,7 @@ engine's process dies, and no engine process left behind when the server stops."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,7 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve._helpers_server import ServerProcess, metric_value, running
+from tests.serve._helpers_server import (
+    ChatStream,
+    ServerProcess,
+    bot_reply_to,
+    login,
+    metric_value,
+    running,
+    send,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,3 +98,29 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+@pytest.mark.redis
+async def test_sigterm_drains_a_chat_reply_made_in_the_engine_process(model_dir, redis_server,
+                                                                    tmp_path):
+    a = ServerProcess(model_dir, tmp_path, redis_url=redis_server.url,
+                      env={"XIAOX_ENGINE_PROCESS": "1"})
+    b = ServerProcess(model_dir, tmp_path, redis_url=redis_server.url)
+    with running(a, b):
+        (engine,) = _children(a.proc.pid)
+        async with a.client() as on_a, b.client() as on_b:
+            await login(on_a, "last words")
+            await login(on_b, "witness")
+            async with ChatStream(on_b) as stream:
+                sent = await send(on_a, "再见")
+                # The server and its engine process get it, as from a service manager;
+                # the engine keeps serving until its server has drained.
+                os.kill(engine, signal.SIGTERM)
+                code = await asyncio.to_thread(a.terminate, 30)
+                assert code in (0, -15), a.log_tail()
+                assert "Traceback" not in a.log_tail() and "ERROR" not in a.log_tail()
+                events = await stream.wait_for(bot_reply_to(sent["id"]))
+    (reply,) = [e["data"] for e in events if e["event"] == "message"
+                and e["data"].get("reply_to") == sent["id"]]
+    assert "error" not in reply and reply["text"]  # made by A's engine while A drained
+    assert not Path(f"/proc/{engine}").exists() or _state(engine) == "Z"
