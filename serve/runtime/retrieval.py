@@ -180,21 +180,18 @@ class ReplyIndex:
 
     @staticmethod
     def _head(scores: np.ndarray, k: int) -> np.ndarray:
-        """The documents of the ``k`` best positive scores, as numpy's ``argpartition`` of
-        every score picks them. Only the questions sharing a term with the message score
-        above 0 (a few thousand of 66k): the k best of those are the same set unless the
-        k-th score is tied with one left out. Which of the tied numpy keeps depends on
-        the whole array (and on the machine's SIMD), so then the whole array is
-        partitioned as before, and the same documents come out."""
+        """The documents of the ``k`` best positive scores, a tie at the k-th place kept
+        by the lower document index (the same on every machine: numpy's partition picks
+        among the tied by the whole array and its SIMD code path). Only the questions
+        sharing a term with the message score above 0, a few thousand of 66k."""
         docs = np.flatnonzero(scores > 0)
         if len(docs) <= k:
             return docs
         kept = scores[docs]
         kth = _kth_largest(kept, k)
-        if np.count_nonzero(kept >= kth) == k:  # no tie across the k-th place
-            return docs[kept >= kth]
-        head = np.argpartition(-scores, k - 1)[:k]
-        return head[scores[head] > 0]
+        above = kept > kth
+        tied = np.flatnonzero(kept == kth)[: k - np.count_nonzero(above)]  # docs ascend
+        return np.concatenate([docs[above], docs[tied]])
 
     def _ids_of(self, docs: np.ndarray) -> list[tuple[int, ...] | None]:
         if self._reply_ids is None:
