@@ -18,9 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve.runtime.model import OnnxSeq2Seq
-from serve.runtime.rules import process_rows
-from serve.runtime.sampling import choose_tokens
-from serve.runtime.search import SequenceDecoder
+from serve.runtime.search import SequenceDecoder, choose_rows
 
 
 class BatchRow:
@@ -123,12 +121,8 @@ class BatchStep:
         n = len(order)
         out = self.model.step(*(a[:n] for a in slots.arrays()))
         decoders = [r.decoder for r in order]
-        processed = process_rows(  # the step's own output: no copy of it needed
-            out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders],
-            in_place=out.log_probs.dtype == np.float32,
-        )
-        tokens = choose_tokens(processed, [d.options for d in decoders],
-                               [d.rng for d in decoders])
+        tokens, processed = choose_rows(  # the step's own output: no copy of it needed
+            out.log_probs, decoders, in_place=out.log_probs.dtype == np.float32)
         for i, (decoder, token) in enumerate(zip(decoders, tokens, strict=True)):
             decoder.accept(token, processed[i])
         slots.update(tokens, out.h, out.c)

@@ -334,21 +334,33 @@ def process_rows(
     spend) is overwritten and returned, the same values without a copy of the batch (a
     read-only array, as another framework's output may be, is copied all the same).
     """
+    out, shift = mask_rows(log_probs, rules, histories, in_place=in_place)
+    out -= shift[:, None]
+    return out
+
+
+def mask_rows(
+    log_probs: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
+    *, in_place: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``process_rows`` but its last pass over the batch: (the rows with their rules
+    applied, ``shift`` [B] float32), where ``process_rows`` is ``rows - shift[:, None]``
+    (a row the rules (nearly) emptied is renormalised in full here, its shift 0). A
+    caller that needs only a few entries of a row renormalised subtracts only there."""
     source = np.asarray(log_probs, dtype=np.float32)
     out = source if in_place and source.flags.writeable else source.copy()
     rows, vocab = out.shape
     if rows == 0:
-        return out
+        return out, np.zeros(0, np.float32)
     penalties = _penalties(source, rules, histories)
     changed, removed = _apply(out.reshape(-1), _flat_bans(rules, histories, vocab), penalties)
     kept = 1.0 - np.bincount(changed // vocab, weights=removed, minlength=rows)
     full = (kept < FULL_RENORMALISATION_BELOW).nonzero()[0]
     if full.size:
-        kept[full] = 1.0  # these rows: a log-softmax of their own, below
-    out -= np.log(kept).astype(np.float32)[:, None]
+        kept[full] = 1.0  # these rows: a log-softmax of their own (x - 0 is x after it)
     for i in full:
         _log_softmax_row(out[i], rules[i].eos_id)
-    return out
+    return out, np.log(kept).astype(np.float32)
 
 
 def _apply(flat: np.ndarray, banned: np.ndarray,
