@@ -144,6 +144,9 @@ class SequenceDecoder:
         )
 
 
+WHOLE_ROWS_BELOW = 4  # batches of fewer rows are renormalised whole (choose_rows)
+
+
 def choose_rows(log_probs: np.ndarray, decoders: Sequence[SequenceDecoder], *,
                 in_place: bool = False) -> tuple[list[int], np.ndarray]:
     """Each decoder's next token from the model's log-probs [B,V] (its row's rules, then
@@ -155,7 +158,9 @@ def choose_rows(log_probs: np.ndarray, decoders: Sequence[SequenceDecoder], *,
     options = [d.options for d in decoders]
     out, shift = mask_rows(log_probs, [d.rules for d in decoders],
                            [d.token_ids for d in decoders], in_place=in_place)
-    whole = [i for i, o in enumerate(options) if o.sampling or o.return_log_probs]
+    # (a few rows: the whole pass costs less than the bookkeeping that spares it)
+    whole = [i for i, o in enumerate(options)
+             if o.sampling or o.return_log_probs or len(options) < WHOLE_ROWS_BELOW]
     if len(whole) == len(options):
         out -= shift[:, None]
     else:
@@ -164,8 +169,7 @@ def choose_rows(log_probs: np.ndarray, decoders: Sequence[SequenceDecoder], *,
     rngs = [d.rng for d in decoders]
     tokens = choose_tokens(out, options, rngs)
     if len(whole) < len(options):
-        _greedy_at_their_tokens(out, shift, [i for i, o in enumerate(options)
-                                             if not (o.sampling or o.return_log_probs)],
+        _greedy_at_their_tokens(out, shift, sorted(set(range(len(options))) - set(whole)),
                                 tokens, options, rngs)
     return tokens, out
 
