@@ -284,8 +284,9 @@ class TokenRules:
         # (every row, every step: no attribute chains)
         bans: list = [self._banned_and_eos if len(previous) < self._min_length
                       else self.banned]
-        if self.guard is not None and previous:
-            bans.extend(self.guard.banned(previous))
+        guard = self.guard  # (most tokens end no guarded word: no call for them)
+        if guard is not None and previous and guard.may_end[previous[-1]]:
+            bans.extend(guard.banned(previous))
         n = self._ngram
         if n > 0 and len(previous) >= n - 1:
             blocked = ngram_blocked_ids(previous, n)

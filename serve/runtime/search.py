@@ -105,6 +105,8 @@ class SequenceDecoder:
         self.total = 0.0
         self.finish_reason: str | None = None
         self.log_probs: list[TokenLogProb] = []  # with return_log_probs
+        # whether its choice reads its whole row of log-probs (choose_rows)
+        self.reads_whole = self.options.sampling or self.options.return_log_probs
 
     @property
     def done(self) -> bool:
@@ -159,8 +161,8 @@ def choose_rows(log_probs: np.ndarray, decoders: Sequence[SequenceDecoder], *,
     out, shift = mask_rows(log_probs, [d.rules for d in decoders],
                            [d.token_ids for d in decoders], in_place=in_place)
     # (a few rows: the whole pass costs less than the bookkeeping that spares it)
-    whole = [i for i, o in enumerate(options)
-             if o.sampling or o.return_log_probs or len(options) < WHOLE_ROWS_BELOW]
+    few = len(decoders) < WHOLE_ROWS_BELOW
+    whole = [i for i, d in enumerate(decoders) if few or d.reads_whole]
     if len(whole) == len(options):
         out -= shift[:, None]
     else:
