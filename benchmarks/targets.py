@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import machine_lines, write_results
+from benchmarks.wrk_report import ENGINE_PROCESS, ONE_PROCESS
 
 INT8, TF = "onnxruntime int8", "TensorFlow step loop"
 STANDARD = "uvloop+httptools"
@@ -37,30 +38,52 @@ def _decoding(d: dict) -> list[tuple]:
 
 def _http(h: dict) -> list[tuple]:
     s = h["stacks"][STANDARD]
-    r = h["ratios"][STANDARD]
+    rows = []
+    for mode, label in ((ONE_PROCESS, ""), (ENGINE_PROCESS, " (XIAOX_ENGINE_PROCESS=1)")):
+        rows += _http_mode(h, mode, label)
     five = f"generate, {h['reply_tokens']} tokens"
-    rows = [
-        (f"generation-only streamed replies/s at {h['connections']} connections vs the bare "
-         "sse-starlette floor (wrk)", ">= 85%", r["generate_vs_floor"],
-         f"{100 * r['generate_vs_floor']:.0f}% ({s['points'][five]['replies_per_s']:.0f} of "
-         f"{s['points']['floor']['replies_per_s']:.0f})", r["generate_vs_floor"] >= 0.85,
-         s["points"][five]["command"]),
-        (f"hybrid vs generation-only replies/s at {h['connections']} connections (wrk)",
-         ">= 40%, p99 < 300 ms", r["hybrid_vs_generate"],
-         f"{100 * r['hybrid_vs_generate']:.0f}%, p99 {r['hybrid_p99_ms']:.0f} ms",
-         r["hybrid_vs_generate"] >= 0.4 and (r["hybrid_p99_ms"] or 1e9) < 300,
-         s["points"]["hybrid"]["command"]),
-        ("one server process with the hybrid index: peak RSS", "< 250 MB", s["peak_rss_mb"],
-         f"{s['peak_rss_mb']:.0f} MB", (s["peak_rss_mb"] or 1e9) < 250,
-         s["points"]["hybrid"]["command"]),
-        ("the same: cold start (launch to /healthz 200, median of 3)", "< 2 s", s["cold_start_s"],
-         f"{s['cold_start_s']:.2f} s", s["cold_start_s"] < 2, s["points"]["hybrid"]["command"]),
-    ]
     gain = h["ratios"].get("standard_vs_fallback", {}).get(five)
     if gain:
         rows.append(("uvloop + httptools vs asyncio + h11, generation-only replies/s",
                      "(ratio)", gain, f"{gain:.2f}x", None, s["points"][five]["command"]))
     return rows
+
+
+def _http_mode(h: dict, mode: str, label: str) -> list[tuple]:
+    """The HTTP targets of one engine mode (``label`` names the setting that picks it)."""
+    s, p = h["stacks"][STANDARD], h["stacks"][STANDARD]["points"]
+    r = h["ratios"][STANDARD]
+    r = r if mode == ONE_PROCESS else r["engine_process"]
+    m = s["modes"][mode] if "modes" in s else s  # a run before the engine process
+    five, c = f"generate, {h['reply_tokens']} tokens", h["connections"]
+    hybrid = p["hybrid" + mode]["command"]
+    return [
+        (f"generation-only streamed replies/s at {c} connections vs the bare "
+         f"sse-starlette floor (wrk){label}", ">= 85%", r["generate_vs_floor"],
+         f"{100 * r['generate_vs_floor']:.0f}% ({p[five + mode]['replies_per_s']:.0f} of "
+         f"{p['floor']['replies_per_s']:.0f})", r["generate_vs_floor"] >= 0.85,
+         p[five + mode]["command"]),
+        (f"hybrid vs generation-only replies/s at {c} connections (wrk){label}",
+         ">= 40%, p99 < 300 ms", r["hybrid_vs_generate"],
+         f"{100 * r['hybrid_vs_generate']:.0f}%, p99 {r['hybrid_p99_ms']:.0f} ms",
+         r["hybrid_vs_generate"] >= 0.4 and (r["hybrid_p99_ms"] or 1e9) < 300, hybrid),
+        _memory_row(m, mode, label, hybrid),
+        (f"the same: cold start (launch to /healthz 200, median of 3){label}", "< 2 s",
+         m["cold_start_s"], f"{m['cold_start_s']:.2f} s", m["cold_start_s"] < 2, hybrid),
+    ]
+
+
+def _memory_row(m: dict, mode: str, label: str, command: str) -> tuple:
+    """One process: its peak RSS. Two: what they hold together (the sum of their PSS
+    after the load; the sum of their peak RSS counts the pages they share twice)."""
+    if mode == ONE_PROCESS or "pss_mb" not in m:
+        return ("one server process with the hybrid index: peak RSS", "< 250 MB",
+                m["peak_rss_mb"], f"{m['peak_rss_mb']:.0f} MB",
+                (m["peak_rss_mb"] or 1e9) < 250, command)
+    peaks = " + ".join(f"{x:.0f}" for x in m["peak_rss_parts_mb"])
+    return (f"the server with the hybrid index: its processes' PSS together after the "
+            f"load{label}", "< 250 MB", m["pss_mb"],
+            f"{m['pss_mb']:.0f} MB (peak RSS {peaks} MB)", m["pss_mb"] < 250, command)
 
 
 def _hybrid(y: dict) -> list[tuple]:

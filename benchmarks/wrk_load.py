@@ -11,17 +11,23 @@ installs, and the fallback asyncio + h11, forced by hiding those two modules), o
 - ``generate, 5 tokens``: ``POST /v1/chat/completions`` streamed, generation only, every
   reply forced to five tokens (five pieces, as the floor);
 - ``generate``: generation only with the model folder's generation settings;
-- ``hybrid``: the hybrid mode (retrieved and generated candidates, reranked).
+- ``hybrid``: the hybrid mode (retrieved and generated candidates, reranked);
+- the same three against a server with its engine in a process of its own
+  (``XIAOX_ENGINE_PROCESS=1``), named ``..., engine process``;
+- ``web layer, free engine``: the five-token body against xiaoX's server with
+  ``benchmarks/floor/free_engine.py`` for its engine (no model work).
 
 Also the same floor and five-token points with the Python client (httpx, as
-``benchmarks.server_load``), and the xiaoX process's cold start (launch to /healthz 200,
-the median of three launches) and peak RSS (VmHWM) with the hybrid index loaded.
+``benchmarks.server_load``), and each engine mode's cold start (launch to /healthz 200,
+the median of three launches) and peak RSS (VmHWM, each process) with the hybrid index
+loaded. ``benchmarks.wrk_report`` makes the ratios and the markdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import statistics
@@ -30,12 +36,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, fmt, log, shown, stat_cpu_seconds
+from benchmarks.common import ROOT, log, shown, stat_cpu_seconds
 from benchmarks.processes import ServerProcess
+from benchmarks.wrk_report import ENGINE_PROCESS, FREE, ONE_PROCESS, STACKS, ratios, report
 
 FLOOR_APP = ROOT / "benchmarks" / "floor" / "sse_floor.py"
+FREE_ENGINE = "free_engine:FreeEngine"  # benchmarks/floor/free_engine.py
+MODES = {ONE_PROCESS: {}, ENGINE_PROCESS: {"XIAOX_ENGINE_PROCESS": "1"}}
 WRK_SCRIPT = ROOT / "benchmarks" / "floor" / "stream.lua"
-STACKS = ("uvloop+httptools", "asyncio+h11")
 QUESTION = "你好，今天过得怎么样"
 
 
@@ -44,6 +52,14 @@ class FloorProcess(ServerProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, str(FLOOR_APP), "--port", str(self.port)]
+
+
+def free_engine_env(stack_environment: dict[str, str]) -> dict[str, str]:
+    """xiaoX's server with ``FreeEngine``: its web layer's cost with no model work."""
+    path = [str(FLOOR_APP.parent), stack_environment.get("PYTHONPATH",
+                                                          os.environ.get("PYTHONPATH", ""))]
+    return {**stack_environment, "XIAOX_ENGINE": FREE_ENGINE,
+            "PYTHONPATH": ":".join(p for p in path if p)}
 
 
 def fallback_path(workdir: Path) -> Path:
@@ -60,8 +76,6 @@ def fallback_path(workdir: Path) -> Path:
 def stack_env(stack: str, workdir: Path) -> dict[str, str]:
     if stack == STACKS[0]:
         return {}
-    import os
-
     path = [str(fallback_path(workdir)), os.environ.get("PYTHONPATH", "")]
     return {"PYTHONPATH": ":".join(p for p in path if p)}
 
@@ -104,27 +118,60 @@ def run_wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
-    import os
-
     env = {**os.environ, "WRK_BODY": json.dumps(body, ensure_ascii=False)}
     command = [exe, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
                "--timeout", "10s", "-s", str(WRK_SCRIPT), url + "/v1/chat/completions"]
+    before = _children_cpu_seconds()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stderr or done.stdout}")
-    return parse_wrk(done.stdout)
+    found = parse_wrk(done.stdout)
+    used = _children_cpu_seconds() - before  # wrk's own: it shares the machine's cores
+    return {**found, "wrk_cpu_us_per_reply": 1e6 * used / max(1, found["requests"])}
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """User + system CPU seconds so far of each thread of a process (/proc/PID/task)."""
-    import os
-
     seconds = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         used = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
         if used is not None:  # else the thread ended meanwhile
             seconds[int(tid)] = used
     return seconds
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (xiaoX's engine process, when it has one)."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def pss_mb(pid: int) -> float | None:
+    """A process's proportional set size now (shared pages split among their users)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _process_cpu_seconds(pids: list[int]) -> float:
+    return sum(stat_cpu_seconds(f"/proc/{p}/stat") or 0.0 for p in pids)
 
 
 def engine_counters(url: str) -> dict[str, float]:
@@ -143,22 +190,28 @@ def engine_counters(url: str) -> dict[str, float]:
 
 def measured_point(server: ServerProcess, body: dict, connections: int,
                    seconds: float) -> dict:
-    """A wrk point against xiaoX, with where the server's CPU went per reply (its event
-    loop's thread, the others: the engine's step and preparer threads) and how full its
-    decoder steps were: the process is bound by one GIL, so the split says who to cut."""
+    """A wrk point, with where the server's CPU went per reply (its event loop's thread,
+    the others: xiaoX's engine step and preparer threads, and its engine process if it
+    has one) and, for xiaoX, how full its decoder steps were."""
     assert server.proc is not None
-    pid = server.proc.pid
-    cpu, counters = thread_cpu_seconds(pid), engine_counters(server.url)
+    pid, engine = server.proc.pid, not isinstance(server, FloorProcess)
+    children = child_pids(pid)  # an engine process
+    cpu, child_cpu = thread_cpu_seconds(pid), _process_cpu_seconds(children)
+    counters = engine_counters(server.url) if engine else {}
     point = run_wrk(server.url, body, connections, seconds)
-    cpu_after, counters_after = thread_cpu_seconds(pid), engine_counters(server.url)
+    cpu_after, child_after = thread_cpu_seconds(pid), _process_cpu_seconds(children)
+    counters_after = engine_counters(server.url) if engine else {}
     used = {t: cpu_after[t] - cpu.get(t, 0.0) for t in cpu_after}
     replies = max(1, point["requests"])
-    steps = counters_after["xiaox_engine_steps"] - counters["xiaox_engine_steps"]
-    tokens = counters_after["xiaox_generated_tokens"] - counters["xiaox_generated_tokens"]
+    steps = counters_after.get("xiaox_engine_steps", 0.0) - counters.get(
+        "xiaox_engine_steps", 0.0)
+    tokens = counters_after.get("xiaox_generated_tokens", 0.0) - counters.get(
+        "xiaox_generated_tokens", 0.0)
     return {**point,
             "cpu_us_per_reply": {"event_loop": 1e6 * used.get(pid, 0.0) / replies,
                                  "other_threads": 1e6 * (sum(used.values())
-                                                         - used.get(pid, 0.0)) / replies},
+                                                         - used.get(pid, 0.0)) / replies,
+                                 "engine_process": 1e6 * (child_after - child_cpu) / replies},
             "rows_per_step": tokens / steps if steps > 0 else None}
 
 
@@ -178,11 +231,38 @@ def _python_client(url: str, body_extra: dict | None, args) -> dict:
 
 
 def _stack(args, stack: str, workdir: Path) -> dict:
-    """One stack's points: xiaoX's contenders, then the floor, each warmed up first."""
-    from benchmarks.server_load import peak_rss_mb
-
+    """One stack's points: xiaoX's contenders in each engine mode, the web layer with a
+    free engine, then the floor, each warmed up first."""
     env = {"XIAOX_THREADS": str(args.threads), "XIAOX_MAX_QUEUE": "1024",
            "XIAOX_MAX_BATCH_SIZE": "32", **stack_env(stack, workdir)}
+    entry: dict = {"points": {}, "modes": {}}
+    for mode, extra in MODES.items():
+        entry["modes"][mode] = _xiaox_points(args, stack, workdir, {**env, **extra},
+                                             mode, entry["points"])
+    one = entry["modes"][ONE_PROCESS]  # the keys of the runs before the modes
+    entry.update(cold_start_s=one["cold_start_s"], cold_starts_s=one["cold_starts_s"],
+                 peak_rss_mb=one["peak_rss_mb"], python_client=one.pop("python_client"))
+    entry["points"][FREE] = _free_engine_point(args, stack, workdir, env)
+    floor = FloorProcess(args.model, workdir, env=stack_env(stack, workdir))
+    floor.launch().wait_healthy(60)
+    c, seconds = args.wrk_connections, args.wrk_seconds
+    try:
+        log(f"  wrk {stack}: floor, {c} connections, {seconds:g} s ...")
+        run_wrk(floor.url, {}, c, 1)
+        entry["points"]["floor"] = {**measured_point(floor, {}, c, seconds),
+                                    "command": wrk_command(args, stack, "floor")}
+        entry["python_client"]["floor"] = _python_client(floor.url, None, args)
+    finally:
+        floor.stop()
+    return entry
+
+
+def _xiaox_points(args, stack: str, workdir: Path, env: dict[str, str], mode: str,
+                  points: dict) -> dict:
+    """xiaoX's contenders in one engine mode (into ``points``, named with the mode) and
+    the mode's cold start (the median of three launches) and peak RSS."""
+    from benchmarks.server_load import peak_rss_mb
+
     server = ServerProcess(args.model, workdir, env=env)
     launches = []
     for last in (False, False, True):  # one launch is noisy here: the median of three
@@ -191,57 +271,61 @@ def _stack(args, stack: str, workdir: Path) -> dict:
         launches.append(time.perf_counter() - started)
         if not last:
             server.stop()
-    entry: dict = {"cold_start_s": statistics.median(launches),
-                   "cold_starts_s": launches, "points": {}}
+    found: dict = {"cold_start_s": statistics.median(launches), "cold_starts_s": launches}
     c, seconds = args.wrk_connections, args.wrk_seconds
     try:
         for name, body in bodies(args.http_reply_tokens).items():
-            log(f"  wrk {stack}: xiaoX {name}, {c} connections, {seconds:g} s ...")
+            log(f"  wrk {stack}: xiaoX {name}{mode}, {c} connections, {seconds:g} s ...")
             run_wrk(server.url, body, c, 1)  # warm-up
-            entry["points"][name] = {**measured_point(server, body, c, seconds),
-                                     "command": wrk_command(args, stack, name)}
-        five = f"generate, {args.http_reply_tokens} tokens"
-        entry["python_client"] = {five: _python_client(server.url,
-                                                       {"reply_mode": "generate"}, args)}
-        entry["peak_rss_mb"] = peak_rss_mb(server.proc.pid) if server.proc else None
+            points[name + mode] = {**measured_point(server, body, c, seconds),
+                                   "command": wrk_command(args, stack, name + mode)}
+        if mode == ONE_PROCESS:
+            five = f"generate, {args.http_reply_tokens} tokens"
+            found["python_client"] = {five: _python_client(server.url,
+                                                           {"reply_mode": "generate"}, args)}
+        pids = [server.proc.pid, *child_pids(server.proc.pid)]
+        parts, shared = [peak_rss_mb(pid) for pid in pids], [pss_mb(pid) for pid in pids]
+        # RSS counts the pages two processes share (libraries, the mapped dictionary) in
+        # each; PSS splits them: its sum is what the server's processes hold together.
+        found.update(peak_rss_mb=sum(p or 0.0 for p in parts), peak_rss_parts_mb=parts,
+                     pss_mb=sum(p or 0.0 for p in shared), pss_parts_mb=shared)
     finally:
         server.stop()
-    floor = FloorProcess(args.model, workdir, env=stack_env(stack, workdir))
-    floor.launch().wait_healthy(60)
-    try:
-        log(f"  wrk {stack}: floor, {c} connections, {seconds:g} s ...")
-        run_wrk(floor.url, {}, c, 1)
-        entry["points"]["floor"] = {**run_wrk(floor.url, {}, c, seconds),
-                                    "command": wrk_command(args, stack, "floor")}
-        entry["python_client"]["floor"] = _python_client(floor.url, None, args)
-    finally:
-        floor.stop()
-    return entry
-
-
-def ratios(data: dict) -> dict:
-    """The targets' ratios within each stack."""
-    found = {}
-    five = f"generate, {data['reply_tokens']} tokens"
-    for stack, entry in data["stacks"].items():
-        p = entry["points"]
-        found[stack] = {
-            "generate_vs_floor": p[five]["replies_per_s"] / p["floor"]["replies_per_s"],
-            "hybrid_vs_generate": p["hybrid"]["replies_per_s"] / p["generate"]["replies_per_s"],
-            "hybrid_p99_ms": p["hybrid"]["p99_ms"],
-        }
-    a, b = (data["stacks"].get(s) for s in STACKS)
-    if a and b:
-        found["standard_vs_fallback"] = {
-            name: a["points"][name]["replies_per_s"] / b["points"][name]["replies_per_s"]
-            for name in a["points"]}
     return found
+
+
+def _free_engine_point(args, stack: str, workdir: Path, env: dict[str, str]) -> dict:
+    """The five-token body against xiaoX's server with ``FreeEngine``."""
+    body = bodies(args.http_reply_tokens)[f"generate, {args.http_reply_tokens} tokens"]
+    server = ServerProcess(args.model, workdir, env=free_engine_env(env))
+    server.start()
+    try:
+        _check_free_reply(server.url, body)
+        log(f"  wrk {stack}: {FREE}, {args.wrk_connections} connections ...")
+        run_wrk(server.url, body, args.wrk_connections, 1)
+        return {**measured_point(server, body, args.wrk_connections, args.wrk_seconds),
+                "command": wrk_command(args, stack, FREE)}
+    finally:
+        server.stop()
+
+
+def _check_free_reply(url: str, body: dict) -> None:
+    """The server answers with the free engine's pieces, not a model's reply."""
+    import urllib.request
+
+    request = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    text = urllib.request.urlopen(request, timeout=30).read().decode()
+    contents = re.findall(r'"content":"([^"]*)"', text)
+    if "".join(contents) != "你好，很高兴认识你":
+        raise RuntimeError(f"the free engine did not answer: {text[:300]!r}")
 
 
 def run(args, workdir: Path) -> tuple[str, dict]:
     data: dict = {"model": Path(args.model).name, "connections": args.wrk_connections,
                   "seconds": args.wrk_seconds, "reply_tokens": args.http_reply_tokens,
-                  "threads": args.threads, "stacks": {}}
+                  "threads": args.threads, "cores": os.cpu_count(), "stacks": {}}
     for stack in STACKS:
         log(f"http: the {stack} stack ...")
         data["stacks"][stack] = _stack(args, stack, workdir)
@@ -249,62 +333,3 @@ def run(args, workdir: Path) -> tuple[str, dict]:
     return report(data), data
 
 
-def report(data: dict) -> str:
-    five = f"generate, {data['reply_tokens']} tokens"
-    lines = [
-        "## HTTP with wrk: xiaoX against its framework's floor", "",
-        f"- model folder `{Path(data['model']).name}`; `wrk -t1 -c{data['connections']} "
-        f"-d{data['seconds']:g}s --latency -s benchmarks/floor/stream.lua` (a streaming "
-        "POST /v1/chat/completions) on 127.0.0.1; latency = the whole streamed reply",
-        "- floor: `benchmarks/floor/sse_floor.py`, a bare sse-starlette endpoint streaming "
-        "five fixed pieces on the same Starlette, sse-starlette and uvicorn",
-        f"- `{five}`: generation only, every reply forced to {data['reply_tokens']} tokens; "
-        "`generate`/`hybrid`: the folder's generation settings",
-        f"- {data['threads']} onnxruntime thread(s); wrk and the server share the machine",
-        "",
-        "| stack | contender | replies/s | p50 ms | p90 ms | p99 ms | non-2xx | socket "
-        "errors | command |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for stack, entry in data["stacks"].items():
-        for name, p in entry["points"].items():
-            lines.append(f"| {stack} | {name} | {p['replies_per_s']:.1f} | {fmt(p['p50_ms'])} "
-                         f"| {fmt(p['p90_ms'])} | {fmt(p['p99_ms'])} | {p['non_2xx']} | "
-                         f"{p['socket_errors']} | `{p['command']}` |")
-    lines += ["", "The same with the Python client (httpx, `benchmarks.server_load`), "
-              f"{data['connections']} clients:", "",
-              "| stack | contender | replies | errors | replies/s | TTFT p50 ms | "
-              "e2e p50 ms | e2e p99 ms |", "| --- | --- | ---: | ---: | ---: | ---: | ---: "
-              "| ---: |"]
-    for stack, entry in data["stacks"].items():
-        for name, p in entry["python_client"].items():
-            lines.append(f"| {stack} | {name} | {p['replies']} | {p['errors']} | "
-                         f"{p['replies_per_s']:.1f} | {fmt(p['ttft_p50_ms'])} | "
-                         f"{fmt(p['e2e_p50_ms'])} | {fmt(p['e2e_p99_ms'])} |")
-    lines += ["", "| stack | xiaoX cold start s (hybrid index; median of 3 launches) | peak "
-              "RSS MB | "
-              f"{five} / floor | hybrid / generate | hybrid p99 ms |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for stack, entry in data["stacks"].items():
-        r = data["ratios"][stack]
-        launches = " / ".join(f"{x:.2f}" for x in entry.get("cold_starts_s", []))
-        lines.append(f"| {stack} | {entry['cold_start_s']:.2f} ({launches}) | "
-                     f"{fmt(entry['peak_rss_mb'], 0)}"
-                     f" | {r['generate_vs_floor']:.2f} | {r['hybrid_vs_generate']:.2f} | "
-                     f"{fmt(r['hybrid_p99_ms'])} |")
-    lines += ["", "Where one xiaoX process's CPU went (its threads read from /proc before "
-              "and after each point, over the replies made), and the rows of its decoder "
-              "steps:", "", "| stack | contender | event loop us/reply | other threads "
-              "(engine) us/reply | rows per decoder step |", "| --- | --- | ---: | ---: | "
-              "---: |"]
-    for stack, entry in data["stacks"].items():
-        for name, p in entry["points"].items():
-            if "cpu_us_per_reply" in p:
-                cpu = p["cpu_us_per_reply"]
-                lines.append(f"| {stack} | {name} | {cpu['event_loop']:.0f} | "
-                             f"{cpu['other_threads']:.0f} | {fmt(p['rows_per_step'])} |")
-    if "standard_vs_fallback" in data["ratios"]:
-        pairs = ", ".join(f"{k} {v:.2f}x" for k, v in
-                          data["ratios"]["standard_vs_fallback"].items())
-        lines += ["", f"uvloop + httptools vs asyncio + h11 (replies/s): {pairs}"]
-    return "\n".join(lines)

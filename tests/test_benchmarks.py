@@ -66,16 +66,28 @@ def _check_new_parts(out, capsys):
     http = json.loads((out / "http.json").read_text(encoding="utf-8"))
     assert set(http["stacks"]) == {"uvloop+httptools", "asyncio+h11"}
     for stack in http["stacks"].values():
-        assert set(stack["points"]) == {"floor", "generate, 5 tokens", "generate", "hybrid"}
+        assert set(stack["points"]) == {
+            "floor", "generate, 5 tokens", "generate", "hybrid", "web layer, free engine",
+            "generate, 5 tokens, engine process", "generate, engine process",
+            "hybrid, engine process"}
         for point in stack["points"].values():  # every contender answered, all 2xx
             assert point["replies_per_s"] > 0 and point["non_2xx"] == 0
             assert point["p99_ms"] >= point["p50_ms"] > 0
+            assert point["wrk_cpu_us_per_reply"] > 0  # the load generator's share
+            assert point["cpu_us_per_reply"]["event_loop"] > 0  # the floor's too
         assert stack["python_client"]["floor"]["replies"] > 0
         assert stack["cold_start_s"] > 0 and stack["peak_rss_mb"] > 50
         assert len(stack["cold_starts_s"]) == 3  # the median of three launches
         five = stack["points"]["generate, 5 tokens"]  # the server's CPU split, its batch
         assert five["cpu_us_per_reply"]["event_loop"] > 0 and five["rows_per_step"] >= 1
-    assert "| uvloop+httptools | floor | " in (out / "http.md").read_text(encoding="utf-8")
+        split = stack["points"]["generate, 5 tokens, engine process"]
+        assert split["cpu_us_per_reply"]["engine_process"] > 0  # its CPU is counted
+        assert five["cpu_us_per_reply"]["engine_process"] == 0
+        assert len(stack["modes"][", engine process"]["peak_rss_parts_mb"]) == 2
+    http_md = (out / "http.md").read_text(encoding="utf-8")
+    assert "| uvloop+httptools | floor | " in http_md
+    assert "- uvloop+httptools, engine process: 85% of the floor is " in http_md
+    assert "| uvloop+httptools | engine process | " in http_md
     hybrid = json.loads((out / "hybrid.json").read_text(encoding="utf-8"))["figures"]
     assert hybrid["hybrid"]["replies_per_s"] > 0 and hybrid["ratio"] > 0
     profile = (out / "profile.md").read_text(encoding="utf-8")

@@ -68,7 +68,8 @@ class Chat:
                                   "sampling_temperature": 0.7}
         return {**defaults, "max_length": self.settings.reply_max_tokens}
 
-    async def start(self) -> None:
+    async def _engine_here(self) -> Any:
+        """The engine in this process (``XIAOX_ENGINE``'s, if set)."""
         from serve.runtime.engine import Engine
         from serve.runtime.model import OnnxSeq2Seq
         from serve.runtime.replies import ReplySources
@@ -79,12 +80,23 @@ class Chat:
                                         intra_op_num_threads=s.threads)
         sources = await asyncio.to_thread(ReplySources.load, model,
                                           intra_op_num_threads=s.threads)
-        self.model_name = model.manifest.name or "xiaox"
         engine_class = _import(s.engine) if s.engine else Engine
-        self.engine = engine_class(model, max_batch_size=s.max_batch_size,
-                                   max_queue=s.max_queue,
-                                   on_metric=self.metrics.on_engine_metric, sources=sources,
-                                   **({} if s.engine else {"lanes": engine_lanes(s)}))
+        return engine_class(model, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                            on_metric=self.metrics.on_engine_metric, sources=sources,
+                            **({} if s.engine else {"lanes": engine_lanes(s)}))
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.engine_process and not s.engine:
+            from serve.runtime.remote_engine import RemoteEngine
+
+            self.engine = await asyncio.to_thread(
+                RemoteEngine, s.model_path, threads=s.threads,
+                max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                on_metric=self.metrics.on_engine_metric, lanes=engine_lanes(s))
+        else:
+            self.engine = await self._engine_here()
+        self.model_name = self.engine.model.manifest.name or "xiaox"
         await self.engine.start()
         self.metrics.watch_engine(self.engine)
         self.model_error = None

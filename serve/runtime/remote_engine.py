@@ -1,0 +1,280 @@
+"""``RemoteEngine``: ``Engine``'s interface, served by an engine in its own process
+(``serve.runtime.engine_process``).
+
+The web server's event loop then shares its interpreter's GIL with nothing heavier than
+the pipe: under load, one process running both the web layer and the engine keeps about
+one core busy (``benchmarks/results/http.md``), however many the machine has.
+
+What stays here: the model folder's manifest and tokenizer (``model``: the routes count
+prompt tokens and spell log-probs with them), the lanes, the engine's counters as last
+reported (``stats``) and its latencies (``on_metric``, as they arrive). Requests,
+cancellations and the stop go to the engine's process; pieces, results and errors come
+back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
+``ValueError``). If that process dies, every open request ends with ``EngineStopped``
+and ``running`` turns false (the health check's 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve.runtime.engine import EngineStats, EngineStopped, MetricCallback, Piece
+from serve.runtime.engine_process import EngineConfig, read_message, send_message
+from serve.runtime.lanes import DEFAULT_LANE, Lane
+from serve.runtime.manifest import Manifest, ModelError, load_manifest
+from serve.runtime.options import DecodingOptions
+from serve.runtime.search import GenerationResult
+from serve.runtime.tokenizer import Tokenizer
+
+START_SECONDS = 120.0  # loading the model folder in the engine's process, at most
+STOP_SECONDS = 10.0
+
+
+@dataclass
+class FolderModel:
+    """The part of a model folder the web layer reads: its manifest and tokenizer."""
+
+    manifest: Manifest
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> FolderModel:
+        """The manifest (its files' hashes are checked by the engine's own load) and
+        the tokenizer."""
+        manifest = load_manifest(Path(model_dir), verify=False)
+        try:
+            tokenizer = Tokenizer.from_dir(Path(model_dir), manifest.tokenizer)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"{model_dir}: unusable vocab.txt or tokenizer settings "
+                             f"({e})") from e
+        return cls(manifest, tokenizer)
+
+
+class RemoteStream:
+    """``engine.stream(...)``: ``pieces()`` (or ``async for delta``), then ``result``.
+    Leaving early cancels the request in the engine's process."""
+
+    def __init__(self, engine: RemoteEngine, text: str, options: DecodingOptions,
+                 lane: str | None):
+        self._engine, self._request = engine, ("stream", text, options, lane)
+        self.result: GenerationResult | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._texts()
+
+    async def _texts(self) -> AsyncIterator[str]:
+        pieces = self.pieces()
+        try:
+            async for piece in pieces:
+                if piece.text:
+                    yield piece.text
+        finally:
+            await pieces.aclose()
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        rid, events = self._engine._open(*self._request)
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "done":
+                    self.result = value
+                    return
+                else:
+                    raise value
+        finally:
+            self._engine._close(rid, finished=self.result is not None)
+
+
+class RemoteEngine:
+    """``Engine``'s public interface over an engine process (see the module docstring)."""
+
+    def __init__(self, model_dir: str | Path, *, threads: int = 1, max_batch_size: int = 32,
+                 max_queue: int = 256, on_metric: MetricCallback | None = None,
+                 lanes: dict[str, Lane] | None = None):
+        self.model = FolderModel.load(model_dir)
+        self.lanes = lanes or {DEFAULT_LANE: Lane(rows=max_batch_size, queue=max_queue)}
+        self.on_metric = on_metric
+        self.stats = EngineStats()
+        self._config = EngineConfig(str(model_dir), threads, max_batch_size, max_queue,
+                                    self.lanes)
+        self._ids = itertools.count()
+        self._open_requests: dict[int, asyncio.Queue] = {}
+        self._outbox: list[tuple] = []
+        self._process: Any = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
+        self._alive = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._alive  # false once its process ends (the pipe's end says so)
+
+    async def start(self) -> None:
+        """Start the engine's process and wait until its model is loaded (ModelError if
+        it could not load it)."""
+        if self.running:
+            return
+        self._process, ours = _spawn()
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        send_message(self._writer, self._config)  # the first message: not a list
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._reading = loop.create_task(self._read_events(reader))
+        # jieba loads its dictionary on first use: here too, beside the engine's load.
+        await asyncio.to_thread(self.model.tokenizer.encode, "你好")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), START_SECONDS)
+        except BaseException:
+            await self._end_process()
+            raise
+        self._alive = True
+
+    async def stop(self) -> None:
+        """Stop the engine's process: its open requests end with ``EngineStopped``."""
+        if self._process is None:
+            return
+        self._flush()
+        if self._writer is not None and not self._writer.is_closing():
+            send_message(self._writer, [("stop",)])
+        await self._wait_process()
+        await self._end_process()
+
+    async def _wait_process(self) -> None:
+        try:
+            await asyncio.to_thread(self._process.wait, STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+
+    async def _end_process(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            await self._wait_process()
+        self._gone("the engine stopped")
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        self._process = None
+
+    # -- public API -----------------------------------------------------------------------
+    def stream(self, text: str, options: DecodingOptions | None = None, *,
+               lane: str | None = None, **kwargs) -> RemoteStream:
+        """As ``Engine.stream``: errors are raised when iteration begins."""
+        return RemoteStream(self, text, _options(options, kwargs), lane)
+
+    async def generate(self, text: str, options: DecodingOptions | None = None, *,
+                       lane: str | None = None, **kwargs) -> GenerationResult:
+        """As ``Engine.generate``: cancelling the awaiting task cancels the request."""
+        return await self._ask("generate", text, _options(options, kwargs), lane)
+
+    async def forward_log_probs(self, text: str, replies: list[list[int]]
+                                ) -> list[list[float]] | None:
+        return await self._ask("forward", text, replies)
+
+    # -- the pipe -------------------------------------------------------------------------
+    async def _ask(self, *command: Any) -> Any:
+        rid, events = self._open(*command)
+        done = False
+        try:
+            kind, value = await events.get()
+            done = True
+        finally:
+            self._close(rid, finished=done)
+        if kind == "error":
+            raise value
+        return value
+
+    def _open(self, kind: str, *args: Any) -> tuple[int, asyncio.Queue]:
+        """A request sent to the engine's process: its id and the queue of its events."""
+        events: asyncio.Queue = asyncio.Queue()
+        rid = next(self._ids)
+        if not self.running:
+            events.put_nowait(("error", EngineStopped("the engine is not running")))
+            return rid, events
+        self._open_requests[rid] = events
+        self._post((kind, rid, *args))
+        return rid, events
+
+    def _post(self, command: tuple) -> None:
+        """``command`` for the engine's process, sent with the others of this event-loop
+        pass (one write for all of them)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(command)
+
+    def _flush(self) -> None:
+        commands, self._outbox = self._outbox, []
+        if commands and self.running and not self._writer.is_closing():
+            send_message(self._writer, commands)
+
+    def _close(self, rid: int, *, finished: bool) -> None:
+        """The request's events are no longer read: unless it ended, cancel it there."""
+        if self._open_requests.pop(rid, None) is not None and not finished and self.running:
+            self._post(("cancel", rid))
+
+    async def _read_events(self, reader: asyncio.StreamReader) -> None:
+        """The engine process's events, until it ends."""
+        try:
+            while True:
+                for event in await read_message(reader):
+                    self._dispatch(event)
+        except (asyncio.IncompleteReadError, OSError):
+            self._gone("the engine's process ended")
+
+    def _dispatch(self, event: tuple) -> None:
+        kind = event[0]
+        if kind in ("piece", "done", "error"):
+            events = self._open_requests.get(event[1])
+            if events is not None:  # else cancelled here meanwhile
+                events.put_nowait((kind, event[2]))
+        elif kind == "metric":
+            if self.on_metric is not None:
+                self.on_metric(event[1], event[2])
+        elif kind == "stats":
+            self.stats = event[1]
+        elif kind == "ready" and self._ready is not None and not self._ready.done():
+            self._ready.set_result(event[1])
+        elif kind == "failed" and self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ModelError(event[1]))
+
+    def _gone(self, why: str) -> None:
+        """Every open request ends with ``EngineStopped``; nothing more is sent."""
+        self._alive = False
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ModelError(f"{why} before the model was loaded"))
+        requests, self._open_requests = self._open_requests, {}
+        for events in requests.values():
+            events.put_nowait(("error", EngineStopped(why)))
+
+
+def _spawn() -> tuple[subprocess.Popen, socket.socket]:
+    """``python -m serve.runtime.engine_process FD``, its end of a socket pair on FD (a
+    fresh interpreter: no fork of this threaded one, no import of its ``__main__``)."""
+    ours, theirs = socket.socketpair()
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve.runtime.engine_process", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": path})
+    theirs.close()
+    return process, ours
+
+
+def _options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:
+    if options is not None and kwargs:
+        raise ValueError("pass either options= or keyword options, not both")
+    return options if options is not None else DecodingOptions.from_kwargs(**kwargs)

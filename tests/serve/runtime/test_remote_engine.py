@@ -1,0 +1,142 @@
+"""``RemoteEngine``: the engine in its own process answers as the engine does here.
+
+Each test starts a real engine process on the shipped model folder and stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+
+import pytest
+
+from serve.runtime.engine import Engine, EngineStopped, Overloaded
+from serve.runtime.lanes import Lane
+from serve.runtime.manifest import ModelError
+from serve.runtime.model import OnnxSeq2Seq
+from serve.runtime.options import DecodingOptions
+from serve.runtime.remote_engine import RemoteEngine
+from serve.runtime.replies import ReplySources
+
+pytestmark = pytest.mark.timeout(120)
+
+MESSAGES = ["你好", "今天天气怎么样", "你喜欢吃什么", "晚安"]
+SAMPLED = DecodingOptions(sampling_topk=0, sampling_topp=0.9, sampling_temperature=0.7,
+                          no_repeat_ngram_size=3, repetition_penalty=1.2, seed=7)
+
+
+async def _here(model_dir, work) -> list:
+    model = OnnxSeq2Seq.load(model_dir, intra_op_num_threads=1)
+    engine = Engine(model, sources=ReplySources.load(model, intra_op_num_threads=1))
+    await engine.start()
+    try:
+        return await work(engine)
+    finally:
+        await engine.stop()
+
+
+async def _there(model_dir, work, **kwargs) -> list:
+    engine = RemoteEngine(model_dir, threads=1, **kwargs)
+    await engine.start()
+    try:
+        return await work(engine)
+    finally:
+        await engine.stop()
+
+
+async def _replies(engine) -> list:
+    """Greedy, seeded sampling (streamed) and hybrid replies to every message."""
+    found = []
+    for message in MESSAGES:
+        greedy = await engine.generate(message, DecodingOptions(reply_mode="generate",
+                                                                max_length=12))
+        stream = engine.stream(message, SAMPLED)
+        pieces = [p.text async for p in stream.pieces()]
+        hybrid = await engine.generate(message, DecodingOptions(reply_mode="hybrid"))
+        found.append((greedy.text, greedy.token_ids, greedy.finish_reason,
+                      "".join(pieces), stream.result.text, hybrid.text, hybrid.source))
+    return found
+
+
+def test_replies_are_those_of_the_engine_here(shipped_model_dir):
+    here = asyncio.run(_here(shipped_model_dir, _replies))
+    there = asyncio.run(_there(shipped_model_dir, _replies))
+    assert there == here
+    assert all(streamed == text for _, _, _, streamed, text, _, _ in there)
+    assert {source for *_, source in there} <= {"retrieved", "generated"}
+
+
+def test_refusals_keep_their_kind_and_the_stop_ends_requests(shipped_model_dir):
+    async def work(engine):
+        forced = DecodingOptions(reply_mode="generate", min_length=20, max_length=20)
+        many = [engine.generate("你好", forced) for _ in range(12)]
+        outcomes = await asyncio.gather(*many, return_exceptions=True)
+        with pytest.raises(ValueError, match="lane"):
+            await engine.generate("你好", lane="nobody")
+        return outcomes
+
+    lanes = {"default": Lane(rows=1, queue=2)}
+    outcomes = asyncio.run(_there(shipped_model_dir, work, lanes=lanes))
+    assert any(isinstance(o, Overloaded) for o in outcomes)  # a full queue: 429's cause
+    assert any(getattr(o, "finish_reason", None) == "length" for o in outcomes)
+
+    async def stopped():
+        engine = RemoteEngine(shipped_model_dir, threads=1)
+        await engine.start()
+        await engine.stop()
+        assert not engine.running
+        with pytest.raises(EngineStopped):
+            await engine.generate("你好")
+        with pytest.raises(EngineStopped):
+            async for _ in engine.stream("你好").pieces():
+                pass
+
+    asyncio.run(stopped())
+
+
+def test_a_stream_left_early_is_cancelled_there(shipped_model_dir):
+    async def work(engine):
+        forced = DecodingOptions(reply_mode="generate", min_length=30, max_length=30)
+        pieces = engine.stream("你好", forced).pieces()
+        assert (await anext(pieces)).text is not None
+        await pieces.aclose()
+        for _ in range(100):  # the counters come every 0.1 s
+            if engine.stats.requests_cancelled:
+                break
+            await asyncio.sleep(0.05)
+        return engine.stats
+
+    stats = asyncio.run(_there(shipped_model_dir, work))
+    assert stats.requests_cancelled == 1 and stats.requests_finished == 0
+
+
+def test_a_dead_engine_process_ends_its_requests(shipped_model_dir):
+    async def work(engine):
+        forced = DecodingOptions(reply_mode="generate", min_length=200, max_length=200)
+        pieces = engine.stream("你好", forced).pieces()
+        await anext(pieces)
+        os.kill(engine._process.pid, signal.SIGKILL)
+        with pytest.raises(EngineStopped, match="process ended"):
+            async for _ in pieces:
+                pass
+        assert not engine.running
+        with pytest.raises(EngineStopped):
+            await engine.generate("你好")
+
+    asyncio.run(_there(shipped_model_dir, work))
+
+
+def test_a_folder_the_engine_cannot_load_is_a_model_error(shipped_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(shipped_model_dir, broken)
+    (broken / "decoder.onnx").write_bytes(b"not a model")
+
+    async def start():
+        engine = RemoteEngine(broken, threads=1)
+        with pytest.raises(ModelError, match="decoder.onnx"):
+            await engine.start()
+        assert not engine.running
+
+    asyncio.run(start())
