@@ -157,6 +157,11 @@ def choose_rows(log_probs: np.ndarray, decoders: Sequence[SequenceDecoder], *,
     so are the rows of those that sample or return log-probs, but a greedy row is only
     renormalised at its token (``_greedy_at_their_tokens``): the last pass over the
     whole batch is spent only on the rows that read it."""
+    if len(decoders) == 1:  # a reply alone, every token: no lists to build
+        d = decoders[0]
+        out, shift = mask_rows(log_probs, [d.rules], [d.token_ids], in_place=in_place)
+        out -= shift[:, None]
+        return choose_tokens(out, [d.options], [d.rng]), out
     options = [d.options for d in decoders]
     out, shift = mask_rows(log_probs, [d.rules for d in decoders],
                            [d.token_ids for d in decoders], in_place=in_place)
