@@ -13,7 +13,7 @@ and written by asyncio streams, so neither side ever blocks on the other):
 - out, a list of events per event-loop pass (one write per decoder step for all its
   rows): ``("piece", id, Piece)``, ``("done", id, result)``, ``("error", id,
   exception)``, ``("metric", name, seconds)``, ``("stats", EngineStats)``,
-  ``("ready", name)``, ``("failed", message)``.
+  ``("ready", has an index, has a scorer)``, ``("failed", message)``.
 
 The process ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a service manager reaches
 the whole process group): it stops when its parent says ``stop`` or goes away (the pipe
@@ -87,7 +87,8 @@ async def _serve(fd: int) -> None:
         send_message(writer, [("failed", f"{type(e).__name__}: {e}")])
         await writer.drain()
         return
-    outbox.put(("ready", engine.model.manifest.name or "xiaox"))
+    sources = engine.sources  # what the parent needs to tell which replies are chosen
+    outbox.put(("ready", sources.index is not None, sources.scorer is not None))
     host = _Host(engine, outbox)
     stats = asyncio.get_running_loop().create_task(outbox.report_stats(engine))
     try:

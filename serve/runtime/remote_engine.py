@@ -6,8 +6,10 @@ the pipe: under load, one process running both the web layer and the engine keep
 one core busy (``benchmarks/results/http.md``), however many the machine has.
 
 What stays here: the model folder's manifest and tokenizer (``model``: the routes count
-prompt tokens and spell log-probs with them), the lanes, the engine's counters as last
-reported (``stats``) and its latencies (``on_metric``, as they arrive). Requests,
+prompt tokens and spell log-probs with them), the rules of which replies are chosen among
+candidates (``sources``: ``ReplySources.mode``/``needs_selection``, the index and the
+scorer themselves staying in the engine's process), the lanes, the engine's counters as
+last reported (``stats``) and its latencies (``on_metric``, as they arrive). Requests,
 cancellations and the stop go to the engine's process; pieces, results and errors come
 back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
 ``ValueError``). If that process dies, every open request ends with ``EngineStopped``
@@ -32,7 +34,9 @@ from serve.runtime.engine_process import EngineConfig, read_message, send_messag
 from serve.runtime.lanes import DEFAULT_LANE, Lane
 from serve.runtime.manifest import Manifest, ModelError, load_manifest
 from serve.runtime.options import DecodingOptions
+from serve.runtime.replies import ReplySources
 from serve.runtime.search import GenerationResult
+from serve.runtime.selection import SelectionWeights
 from serve.runtime.tokenizer import Tokenizer
 
 START_SECONDS = 120.0  # loading the model folder in the engine's process, at most
@@ -106,6 +110,7 @@ class RemoteEngine:
         self.lanes = lanes or {DEFAULT_LANE: Lane(rows=max_batch_size, queue=max_queue)}
         self.on_metric = on_metric
         self.stats = EngineStats()
+        self.sources = ReplySources()  # as the engine's process loaded them, once started
         self._config = EngineConfig(str(model_dir), threads, max_batch_size, max_queue,
                                     self.lanes)
         self._ids = itertools.count()
@@ -246,7 +251,8 @@ class RemoteEngine:
         elif kind == "stats":
             self.stats = event[1]
         elif kind == "ready" and self._ready is not None and not self._ready.done():
-            self._ready.set_result(event[1])
+            self.sources = _sources_shaped(self.model.manifest, *event[1:])
+            self._ready.set_result(None)
         elif kind == "failed" and self._ready is not None and not self._ready.done():
             self._ready.set_exception(ModelError(event[1]))
 
@@ -258,6 +264,24 @@ class RemoteEngine:
         requests, self._open_requests = self._open_requests, {}
         for events in requests.values():
             events.put_nowait(("error", EngineStopped(why)))
+
+
+class _InEngineProcess:
+    """Stands for a part that lives in the engine's process: there, not here."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        raise RuntimeError(f"the {self._name} lives in the engine's process")
+
+
+def _sources_shaped(manifest: Manifest, has_index: bool, has_scorer: bool) -> ReplySources:
+    """``ReplySources`` with the engine's index and scorer standing in: their presence
+    decides the reply mode and whether a reply is chosen, here as there."""
+    return ReplySources(index=_InEngineProcess("reply index") if has_index else None,
+                        scorer=_InEngineProcess("scorer") if has_scorer else None,
+                        weights=SelectionWeights.from_dict(manifest.selection))
 
 
 def _spawn() -> tuple[subprocess.Popen, socket.socket]:

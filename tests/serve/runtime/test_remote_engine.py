@@ -140,3 +140,18 @@ def test_a_folder_the_engine_cannot_load_is_a_model_error(shipped_model_dir, tmp
         assert not engine.running
 
     asyncio.run(start())
+
+
+def test_which_replies_are_chosen_is_known_here(shipped_model_dir):
+    async def work(engine):
+        here = ReplySources.load(OnnxSeq2Seq.load(shipped_model_dir, intra_op_num_threads=1))
+        for options in (DecodingOptions(), DecodingOptions(reply_mode="generate"),
+                        DecodingOptions(reply_mode="generate", sampling_topk=0,
+                                        generated_candidates=3)):
+            assert engine.sources.mode(options) == here.mode(options)
+            assert engine.sources.needs_selection(options) == here.needs_selection(options)
+        with pytest.raises(RuntimeError, match="engine's process"):
+            engine.sources.index.retrieve  # noqa: B018 (the index is not in this process)
+        return True
+
+    assert asyncio.run(_there(shipped_model_dir, work))

@@ -22,10 +22,12 @@ KEY = "test-api-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("openai"),
-                            env={"XIAOX_API_KEY": KEY}).start()
+@pytest.fixture(scope="module", params=["engine here", "engine process"])
+def server(model_dir, tmp_path_factory, request):
+    """The server, with its engine in its own process too (``XIAOX_ENGINE_PROCESS``): the
+    same API either way."""
+    env = {"XIAOX_API_KEY": KEY, "XIAOX_ENGINE_PROCESS": str(int(request.param != "engine here"))}
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("openai"), env=env).start()
     yield process
     process.stop()
 
