@@ -6,8 +6,9 @@ On a model folder with a reply index and scoring graphs (the shipped one), the e
 answers the same messages with the chat room's default generation settings twice: once
 generation only (``reply_mode="generate"``, one sampled reply, streamed as it is decoded),
 once hybrid (retrieved and generated candidates, scored in batches, the best streamed).
-Each figure is measured at ``--concurrency`` concurrent requests; the ratio of the two is
-the cost of the hybrid mode. Also measured: the cold start of the model folder (model,
+Each figure is measured at ``--concurrency`` concurrent requests, the two modes taking
+turns for ``--rounds`` rounds; the median of the rounds' ratios is the cost of the hybrid
+mode. Also measured: the cold start of the model folder (model,
 index and scoring graphs loaded) and the process's peak RSS.
 """
 
@@ -55,14 +56,28 @@ async def _load(engine: Engine, options: DecodingOptions, messages: list[str],
                 pass
             latencies.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(i) for i in range(requests)))
-    seconds = time.perf_counter() - started
-    return {"replies_per_s": requests / seconds, "seconds": seconds,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"replies_per_s": requests / seconds, "seconds": seconds, "latencies": latencies,
+            "cpu_ms_per_reply": 1000 * cpu / requests}
 
 
-async def measure(model_dir: Path, concurrency: int, requests: int, threads: int) -> dict:
+def _pooled(points: list[dict]) -> dict:
+    """Several rounds' points of one mode as one: replies over seconds, every latency."""
+    latencies = [x for p in points for x in p.pop("latencies")]
+    seconds, replies = sum(p["seconds"] for p in points), len(latencies)
+    return {"replies_per_s": replies / seconds, "seconds": seconds,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+            "cpu_ms_per_reply": sum(p["cpu_ms_per_reply"] for p in points) / len(points),
+            "rounds": [round(p["replies_per_s"], 1) for p in points]}
+
+
+async def measure(model_dir: Path, concurrency: int, requests: int, threads: int,
+                  rounds: int = 3) -> dict:
+    """The two modes take turns, ``rounds`` times (the one that goes first alternates): the
+    machine's speed drifts within seconds, and a ratio of two points measured minutes apart
+    would carry the drift. The ratio is the median of the rounds' ratios."""
     started = time.perf_counter()
     model = OnnxSeq2Seq.load(model_dir, intra_op_num_threads=threads)
     sources = ReplySources.load(model, intra_op_num_threads=threads)
@@ -73,21 +88,28 @@ async def measure(model_dir: Path, concurrency: int, requests: int, threads: int
     cold_start = time.perf_counter() - started
     messages = [m for m in MESSAGES.read_text(encoding="utf-8").splitlines() if m.strip()]
     base = DecodingOptions(**(model.manifest.generation or DEFAULT_GENERATION))
-    figures = {}
+    modes = {"generate": replace(base, reply_mode="generate", generated_candidates=1),
+             "hybrid": replace(base, reply_mode="hybrid")}
+    points: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
-        await _load(engine, replace(base, reply_mode="generate"), messages, 4, 16)  # warm
-        for mode in ("generate", "hybrid"):
-            options = replace(base, reply_mode=mode,
-                              generated_candidates=1 if mode == "generate"
-                              else base.generated_candidates)
-            log(f"{mode}: {requests} replies, {concurrency} at a time")
-            figures[mode] = await _load(engine, options, messages, concurrency, requests)
-        figures["scoring_calls"] = engine._scoring.calls
+        await _load(engine, modes["generate"], messages, 4, 16)  # warm
+        calls = engine._scoring.calls
+        for turn in range(rounds):
+            for mode in (modes if turn % 2 == 0 else list(modes)[::-1]):
+                log(f"round {turn + 1}, {mode}: {requests} replies, {concurrency} at a time")
+                points[mode].append(await _load(engine, modes[mode], messages, concurrency,
+                                                requests))
+        calls = engine._scoring.calls - calls
     finally:
         await engine.stop()
+    ratios = sorted(h["replies_per_s"] / g["replies_per_s"]
+                    for g, h in zip(points["generate"], points["hybrid"], strict=True))
+    figures = {mode: _pooled(p) for mode, p in points.items()}
+    figures["scoring_calls"] = calls / rounds  # per round's hybrid replies
     figures["cold_start_s"] = cold_start
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    figures["ratio"] = figures["hybrid"]["replies_per_s"] / figures["generate"]["replies_per_s"]
+    figures["ratio"] = ratios[len(ratios) // 2]
+    figures["round_ratios"] = [round(r, 3) for r in ratios]
     return figures
 
 
@@ -98,15 +120,18 @@ def report(data: dict, command: str) -> str:
         "## The hybrid mode's cost (in-process engine)", "",
         f"`{command}`", "",
         f"model `{data['model']}`, {data['concurrency']} concurrent requests, "
-        f"{data['requests']} replies per mode, the folder's default generation settings", "",
-        "| mode | replies/s | p50 full reply (ms) | p99 full reply (ms) |",
-        "| --- | ---: | ---: | ---: |",
-        f"| generation only | {fmt(g['replies_per_s'])} | {fmt(g['p50_ms'])} | "
-        f"{fmt(g['p99_ms'])} |",
-        f"| hybrid | {fmt(h['replies_per_s'])} | {fmt(h['p50_ms'])} | {fmt(h['p99_ms'])} |",
+        f"{data['requests']} replies per mode and round, the modes taking turns for "
+        f"{len(f['round_ratios'])} rounds; the folder's default generation settings", "",
+        "| mode | replies/s (all rounds) | each round | p50 full reply (ms) | "
+        "p99 full reply (ms) | process CPU ms/reply |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+        *(f"| {name} | {fmt(m['replies_per_s'])} | {', '.join(map(str, m['rounds']))} | "
+          f"{fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | {m['cpu_ms_per_reply']:.2f} |"
+          for name, m in (("generation only", g), ("hybrid", h))),
         "",
-        f"- hybrid / generation-only replies/s: {f['ratio']:.2f} (target >= 0.40)",
-        f"- scoring calls for {data['requests']} hybrid replies: {f['scoring_calls']}",
+        f"- hybrid / generation-only replies/s: {f['ratio']:.2f}, the median of the rounds' "
+        f"{', '.join(f'{r:.2f}' for r in f['round_ratios'])} (target >= 0.40)",
+        f"- scoring calls for {data['requests']} hybrid replies: {f['scoring_calls']:.0f}",
         f"- cold start (model, index, scoring graphs, first run): {f['cold_start_s']:.2f} s",
         f"- peak RSS of this process: {f['peak_rss_mb']:.0f} MB (the benchmark's own process:"
         " see the http figures for one server's)",
@@ -130,12 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--rounds", type=int, default=3, help="turns of the two modes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     command = "python -m benchmarks.hybrid " + " ".join(argv if argv is not None
                                                        else sys.argv[1:])
     info = machine()
-    figures = run_loop(measure(args.model, args.concurrency, args.requests, args.threads))
+    figures = run_loop(measure(args.model, args.concurrency, args.requests, args.threads,
+                               args.rounds))
     data = {"machine": info, "model": args.model.name, "concurrency": args.concurrency,
             "requests": args.requests, "figures": figures, "command": command.strip()}
     text = "\n".join(["# xiaoX benchmarks", "", *machine_lines(info), "",

@@ -55,6 +55,32 @@ def test_generate_mode_reranks_the_models_own_samples_only(model, sources):
     assert result.source == "generated"
 
 
+def test_a_retrieved_reply_with_a_suppressed_word_is_dropped_and_only_it(model, sources):
+    # Each word is first looked for in all the retrieved replies at once: the replies
+    # kept are still exactly those in which no word is found, one by one.
+    options = DecodingOptions(**ROOM, reply_mode="hybrid", retrieval_candidates=20)
+    every = sources.retrieved(model, "今天好冷", options)
+    word = next(w for c in every for w in c.text if w.isalnum())
+    for words in ((word,), ("QWZXV", word.upper(), "不在任何回复里")):
+        kept = sources.retrieved(model, "今天好冷", replace(options, suppress_words=words))
+        assert kept == [c for c in every if not any(w.lower() in c.text.lower()
+                                                    for w in words)]
+        assert len(kept) < len(every)
+
+
+def test_a_message_tokenized_once_retrieves_what_its_text_does(model, sources):
+    # The caller's token ids stand for the text: the same replies, and the ids are what
+    # is searched (other ids, other replies).
+    options = DecodingOptions(**ROOM, reply_mode="hybrid")
+    for message in MESSAGES:
+        ids = model.tokenizer.encode(message)
+        assert sources.retrieved(model, message, options, ids=ids) == \
+            sources.retrieved(model, message, options)
+    other = model.tokenizer.encode(MESSAGES[1])
+    assert sources.retrieved(model, MESSAGES[0], options, ids=other) == \
+        sources.retrieved(model, MESSAGES[1], options)
+
+
 def test_a_folder_without_index_or_graphs_serves_plain_generation(model):
     bare = ReplySources()
     options = DecodingOptions(max_length=10)

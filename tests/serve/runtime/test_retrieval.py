@@ -154,3 +154,49 @@ def test_the_shipped_index_stores_every_replys_token_ids(shipped_model_dir):
     messages = ("你好", "今天天气怎么样", "晚安", "你喜欢吃什么")
     hits = [h for q in messages for h in loaded.search(q, 8)]
     assert hits and all(h.reply_ids == tuple(tokenizer.encode(h.reply)) for h in hits)
+
+
+def _search_by_sorting(retriever, pairs, tokenizer, text: str, k: int) -> list[tuple]:
+    """The k best by a sort of every positive score, ties by the lower document index
+    (bm25s's public API and pairs.json alone)."""
+    terms = [t for t in index_tokens(tokenizer, text) if t in retriever.vocab_dict]
+    if not terms or k < 1:
+        return []
+    scores = retriever.get_scores([retriever.vocab_dict[t] for t in terms])
+    docs = np.flatnonzero(scores > 0)
+    head = docs[np.lexsort((docs, -scores[docs]))][:k]
+    return [(*pairs[doc], float(scores[doc])) for doc in head]
+
+
+def test_the_shipped_index_retrieves_the_k_best_ties_by_lower_index(shipped_model_dir):
+    # Only the questions sharing a term with the message are ranked, and a tie at the
+    # k-th place goes to the lower document index. Searches with and without such a tie
+    # occur among these messages; every result is that of sorting every score.
+    import bm25s
+
+    loaded = ReplyIndex.load(shipped_model_dir)
+    if loaded is None:
+        pytest.skip("the shipped folder has no index")
+    index_dir = shipped_model_dir / "index"
+    retriever = bm25s.BM25.load(index_dir, show_progress=False, backend="numpy")
+    pairs = json.loads((index_dir / PAIRS_FILE).read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_dir(shipped_model_dir, Manifest.read(shipped_model_dir).tokenizer)
+    everyday = Path(__file__).resolve().parents[3] / "data" / "everyday_messages.txt"
+    messages = [m for m in everyday.read_text(encoding="utf-8").splitlines() if m.strip()]
+    messages += [pairs[i][0] for i in range(0, len(pairs), 997)]
+    messages += ["我", "你好你好", "哈哈哈哈", "？？", "qwzxv", ""]
+    ties = 0  # searches whose k-th score is shared by a question left out
+    for k in (1, 8, 30):
+        for message in messages:
+            before = _search_by_sorting(retriever, pairs, tokenizer, message, k)
+            assert [(h.question, h.reply, h.score) for h in loaded.search(message, k)] == \
+                before, (message, k)
+            if len(before) == k:
+                ties += _at_least(retriever, tokenizer, message, before[-1][2]) > k
+    assert 0 < ties < 3 * len(messages)
+
+
+def _at_least(retriever, tokenizer, message: str, score: float) -> int:
+    terms = [t for t in index_tokens(tokenizer, message) if t in retriever.vocab_dict]
+    return int(np.count_nonzero(
+        retriever.get_scores([retriever.vocab_dict[t] for t in terms]) >= np.float32(score)))

@@ -109,6 +109,42 @@ def test_a_row_scores_the_same_alone_and_in_a_batch(tiny_model_dir):
     assert scorer.score([]) == []
 
 
+class Shapes(Counting):
+    """A session that records each run's padded (rows, source, target) shape."""
+
+    def __init__(self, session):
+        super().__init__(session)
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def run(self, outputs, feeds):
+        self.shapes.append((*feeds["src_ids"].shape, feeds["tgt_ids"].shape[1]))
+        return super().run(outputs, feeds)
+
+
+def test_rows_of_several_runs_run_by_length_and_come_back_in_order(tiny_model_dir):
+    # More rows than one run takes are sorted by their lengths before they are cut into
+    # runs (less padding), and each score comes back to its own pair.
+    from serve.runtime.scoring import RUN_ROWS
+
+    scorer = CandidateScorer.load(tiny_model_dir, intra_op_num_threads=1)
+    rng = np.random.default_rng(3)
+    pairs = [(rng.integers(4, 200, rng.integers(1, 12)).tolist(),
+              rng.integers(4, 200, rng.integers(0, 25)).tolist())
+             for _ in range(2 * RUN_ROWS + 5)]
+    alone = [scorer.score([pair])[0] for pair in pairs]
+    scorer.forward = Shapes(scorer.forward)
+    together = scorer.score(pairs)
+    assert [s.reply_length for s in together] == [len(r) + 1 for _, r in pairs]
+    for one, score in zip(alone, together, strict=True):
+        assert score.forward == pytest.approx(one.forward, abs=1e-4)
+    shapes = scorer.forward.shapes
+    assert [rows for rows, _, _ in shapes] == [RUN_ROWS, RUN_ROWS, 5]
+    arrival = [max(len(r) for _, r in pairs[i:i + RUN_ROWS]) + 1
+               for i in range(0, len(pairs), RUN_ROWS)]
+    assert sum(t * rows for rows, _, t in shapes) < sum(
+        t * len(pairs[i * RUN_ROWS:(i + 1) * RUN_ROWS]) for i, t in enumerate(arrival))
+
+
 def drop(folder: Path, name: str, out: Path) -> Path:
     copy = Path(shutil.copytree(folder, out))
     (copy / name).unlink()
