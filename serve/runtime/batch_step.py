@@ -18,9 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve.runtime.model import OnnxSeq2Seq
-from serve.runtime.rules import process_rows
-from serve.runtime.sampling import choose_tokens
-from serve.runtime.search import SequenceDecoder
+from serve.runtime.search import SequenceDecoder, choose_rows
 
 
 class BatchRow:
@@ -41,7 +39,13 @@ class BatchRow:
 
 class _Slots:
     """The decoder inputs of the batch's rows, row ``i`` in slot ``i``: prev ids, h, c,
-    memory, memory keys and mask (``width`` source positions)."""
+    memory, memory keys and mask (``width`` source positions).
+
+    Rows are copied through byte views of the arrays (a ``memcpy`` that keeps the GIL),
+    not by numpy, which lets the GIL go for any copy of more than a few hundred values:
+    the preparer or the event loop then takes it, and this thread waits for it back, a
+    millisecond at times, between two decoder steps (``Slots.move`` had such waits in
+    one step of ten under load)."""
 
     def __init__(self, capacity: int, width: int, hidden: int, memory_dim: int):
         self.width = width
@@ -51,21 +55,34 @@ class _Slots:
         self.memory = np.zeros((capacity, width, memory_dim), np.float32)
         self.keys = np.zeros((capacity, width, memory_dim), np.float32)
         self.mask = np.zeros((capacity, width), np.float32)
+        # each array's bytes and the bytes of one of its rows
+        self._bytes = [(memoryview(a).cast("B"), a.nbytes // capacity) for a in self.arrays()]
+        self._zeros = bytes(self.memory.nbytes // capacity)  # a former row's tail, wiped
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.prev, self.h, self.c, self.memory, self.keys, self.mask
 
     def move(self, source: int, target: int) -> None:
-        for a in self.arrays():
-            a[target] = a[source]
+        for view, size in self._bytes:
+            view[target * size:(target + 1) * size] = view[source * size:(source + 1) * size]
 
     def write(self, slot: int, row: BatchRow) -> None:
-        length = row.src_mask.shape[0]  # type: ignore[union-attr]
-        self.prev[slot], self.h[slot], self.c[slot] = row.prev_id, row.h, row.c
-        self.memory[slot, :length], self.keys[slot, :length] = row.memory, row.memory_keys
-        self.mask[slot, :length] = row.src_mask
-        self.memory[slot, length:], self.keys[slot, length:] = 0.0, 0.0  # a former row's
-        self.mask[slot, length:] = 0.0
+        self.prev[slot] = row.prev_id
+        parts = (row.h, row.c, row.memory, row.memory_keys, row.src_mask)
+        for (view, size), part in zip(self._bytes[1:], parts, strict=True):
+            data = _bytes_of(part)
+            if len(data) > size:
+                raise ValueError(f"a row of {len(data)} bytes in slots of {size}")
+            start, end = slot * size, slot * size + len(data)
+            view[start:end] = data
+            view[end:(slot + 1) * size] = self._zeros[: size - len(data)]  # a former row's
+
+    def update(self, tokens: list[int], h: np.ndarray, c: np.ndarray) -> None:
+        """The first ``len(tokens)`` rows continue from a step's tokens and state."""
+        self.prev[: len(tokens)] = tokens
+        for (view, _), state in zip(self._bytes[1:3], (h, c), strict=True):
+            data = _bytes_of(state)
+            view[: len(data)] = data
 
     def widened(self, n: int, width: int) -> _Slots:
         """The same first ``n`` rows in slots of ``width`` positions."""
@@ -76,6 +93,12 @@ class _Slots:
             else:
                 new[:n] = old[:n]
         return grown
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """A flat byte view of ``array`` as float32 (the slots' rows; h, c, memory, keys,
+    mask), copied first only if it is not contiguous float32 already."""
+    return memoryview(np.ascontiguousarray(array, np.float32)).cast("B")
 
 
 class BatchStep:
@@ -98,15 +121,11 @@ class BatchStep:
         n = len(order)
         out = self.model.step(*(a[:n] for a in slots.arrays()))
         decoders = [r.decoder for r in order]
-        processed = process_rows(  # the step's own output: no copy of it needed
-            out.log_probs, [d.rules for d in decoders], [d.token_ids for d in decoders],
-            in_place=out.log_probs.dtype == np.float32,
-        )
-        tokens = choose_tokens(processed, [d.options for d in decoders],
-                               [d.rng for d in decoders])
+        tokens, processed = choose_rows(  # the step's own output: no copy of it needed
+            out.log_probs, decoders, in_place=out.log_probs.dtype == np.float32)
         for i, (decoder, token) in enumerate(zip(decoders, tokens, strict=True)):
             decoder.accept(token, processed[i])
-        slots.prev[:n], slots.h[:n], slots.c[:n] = tokens, out.h, out.c
+        slots.update(tokens, out.h, out.c)
         return [tokens[r.slot] for r in rows]
 
     def encode(self, row: BatchRow) -> None:

@@ -19,6 +19,9 @@ def pad_id_rows(
     """
     if not rows:
         raise ValueError("a batch needs at least one row")
+    if len(rows) == 1:  # (every request's encoder: nothing to pad)
+        row = list(rows[0]) or [empty_id]
+        return np.array([row], np.int64), np.array([len(row)], np.int64)
     rows = [list(r) if len(r) else [empty_id] for r in rows]
     lengths = np.array([len(r) for r in rows], np.int64)
     ids = np.full((len(rows), int(lengths.max())), pad_id, np.int64)

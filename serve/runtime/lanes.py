@@ -100,6 +100,8 @@ class LaneQueues:
         """Up to ``free`` waiting requests to join a batch whose rows are ``active``:
         first every lane up to its share (in turn, one each), then idle rows lent, the
         oldest request first, while the other lanes' unused reserves stay free."""
+        if free <= 0 or not any(self._waiting.values()):  # (most steps of a full batch)
+            return []
         count = Counter(r.lane for r in active)
         chosen: list = []
         progress = True

@@ -150,7 +150,10 @@ class OnnxSeq2Seq:
         memory, keys, h0, c0 = self.encoder.run(
             list(ENCODER_OUTPUTS), {"src_ids": ids, "src_len": lengths}
         )
-        mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.float32)
+        if len(src_ids) == 1:  # (every request's encoder: no padding to mask)
+            mask = np.ones((1, max_len), np.float32)
+        else:
+            mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.float32)
         return EncoderState(memory, keys, mask, h0, c0)
 
     def step(

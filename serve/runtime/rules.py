@@ -113,11 +113,21 @@ class WordGuard:
         )
 
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # tail -> banned
+    # by token: whether a reply that ends with it may end with one of the endings
+    may_end: list[bool] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # A match needs the lowered tail's last character to end an ending, and that
+        # character is the last piece's own, lowered (str.lower maps every character
+        # alone but a capital sigma; an empty piece leaves the one before last).
+        last = {e[-1] for e in self.by_ending}
+        self.may_end[:] = [not p or "Σ" in p or p.lower()[-1] in last for p in self.pieces]
 
     def banned(self, previous: Sequence[int]) -> list[np.ndarray]:
-        # This runs for every row at every step: remembered by the reply's last tokens
-        # (the only ones it reads), then one dict lookup per tail length.
-        if not previous or not self.by_ending:
+        # This runs for every row at every step: most tokens can end no ending (one
+        # list lookup); the others are remembered by the reply's last tokens (the only
+        # ones it reads), then one dict lookup per tail length.
+        if not previous or not self.by_ending or not self.may_end[previous[-1]]:
             return []
         key = tuple(previous[-self.longest :])
         found = self.memo.get(key)
@@ -165,11 +175,49 @@ class _LRU:
 
 
 class VocabularyScans:
-    """The scans of one model's vocabulary for suppressed words, each cached (LRU)."""
+    """The scans of one model's vocabulary for suppressed words, each cached (LRU), and
+    the fixed bans of a request's rules (``fixed_bans``)."""
 
     def __init__(self, pieces: list[str], size: int = SCAN_CACHE_SIZE):
         self.ids_containing = _LRU(lambda words: _ids_containing(pieces, words), size)
         self.word_guards = _LRU(lambda words: WordGuard.build(pieces, words), size)
+        self._rules: dict[tuple, _LRU] = {}  # by the model's ids and blocklist
+        self._lock = threading.Lock()
+        self._size = size
+
+    def fixed_bans(self, model: Vocabulary, disable_unk: bool,
+                   suppress_words: tuple[str, ...]):
+        """(banned, its sorted forms, the guard) of a request's rules, made once per
+        word list (the engine makes rules for every request)."""
+        ids = (model.pad_id, model.bos_id, model.unk_id, model.eos_id, model.blocklist_words)
+        with self._lock:
+            made = self._rules.get(ids)
+            if made is None:  # (no reference to the model kept: the scans die with it)
+                made = self._rules[ids] = _LRU(lambda key: self._fixed(ids, *key),
+                                               self._size)
+        return made.get((disable_unk, suppress_words))
+
+    def _fixed(self, ids: tuple, disable_unk: bool, suppress_words: tuple[str, ...]):
+        pad, bos, unk, eos, blocklist = ids
+        banned = [pad, bos] + ([unk] if disable_unk else [])
+        words = tuple(sorted({*suppress_words, *blocklist}))
+        guard = None
+        if words:
+            banned.extend(self.ids_containing.get(words).tolist())
+            guard = self.word_guards.get(words)
+        banned_ids = np.array(banned, np.int64)
+        fixed = sorted_bans(banned_ids, eos)
+        for a in fixed:
+            a.flags.writeable = False  # shared by requests
+        return banned_ids, fixed, guard
+
+
+def sorted_bans(banned: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed bans sorted without repeats, alone and with </s> (for replies shorter
+    than min_length): most rows at most steps are banned exactly one of the two, which
+    process_rows then needs neither to merge nor to deduplicate."""
+    ids = set(np.asarray(banned, np.int64).ravel().tolist())
+    return np.array(sorted(ids), np.int64), np.array(sorted(ids | {eos_id}), np.int64)
 
 
 _SCANS: weakref.WeakKeyDictionary[object, VocabularyScans] = weakref.WeakKeyDictionary()
@@ -203,38 +251,43 @@ class TokenRules:
     eos_id: int
     banned: np.ndarray  # never produced: <pad>, <s>, <unk> if disabled, suppressed words
     guard: WordGuard | None = None  # suppressed words spelled across tokens
+    # ``banned`` sorted without repeats, alone and with </s>, when already made so
+    # (``for_model``'s, shared by every request with the same words: read-only)
+    fixed: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     def __post_init__(self) -> None:
         # The fixed bans sorted without repeats, alone and with </s> (for replies shorter
         # than min_length): most rows at most steps are banned exactly one of the two,
         # which process_rows then needs neither to merge nor to deduplicate.
-        ids = set(np.asarray(self.banned, np.int64).ravel().tolist())
-        self.banned = np.array(sorted(ids), np.int64)
-        self._banned_and_eos = np.array(sorted(ids | {self.eos_id}), np.int64)
+        if self.fixed is None:
+            self.fixed = sorted_bans(self.banned, self.eos_id)
+        self.banned, self._banned_and_eos = self.fixed
         o = self.options
         self.penalises = (o.repetition_penalty != 1.0 or o.presence_penalty != 0
                           or o.frequency_penalty != 0)  # process_rows' _penalties
+        self._min_length, self._ngram = o.min_length, o.no_repeat_ngram_size  # row_bans'
 
     @classmethod
     def for_model(cls, model: Vocabulary, options: DecodingOptions) -> TokenRules:
         """The request's rules; the model folder's blocklist is always among them."""
-        banned = [model.pad_id, model.bos_id] + ([model.unk_id] if options.disable_unk else [])
-        words = tuple(sorted({*options.suppress_words, *model.blocklist_words}))
-        guard = None
-        if words:
-            banned.extend(ids_containing(model, words).tolist())
-            guard = word_guard(model, words)
-        return cls(options, model.eos_id, np.array(banned, np.int64), guard)
+        # Resolved once per word list and model (the engine makes rules per request):
+        # the same bans, in arrays shared by the requests that have them.
+        banned, fixed, guard = vocabulary_scans(model).fixed_bans(
+            model, options.disable_unk, options.suppress_words)
+        return cls(options, model.eos_id, banned, guard, fixed)
 
     def row_bans(self, previous: Sequence[int]) -> list:
         """The ids this request may not say after ``previous`` (arrays or lists; may
         repeat): the fixed bans, the guard's, the n-gram's and an early ``</s>``. Only
         the first when there are no others: one sorted array without repeats."""
-        early = len(previous) < self.options.min_length
-        bans: list = [self._banned_and_eos if early else self.banned]
-        if self.guard is not None and previous:
-            bans.extend(self.guard.banned(previous))
-        n = self.options.no_repeat_ngram_size
+        # (every row, every step: no attribute chains)
+        bans: list = [self._banned_and_eos if len(previous) < self._min_length
+                      else self.banned]
+        guard = self.guard  # (most tokens end no guarded word: no call for them)
+        if guard is not None and previous and guard.may_end[previous[-1]]:
+            bans.extend(guard.banned(previous))
+        n = self._ngram
         if n > 0 and len(previous) >= n - 1:
             blocked = ngram_blocked_ids(previous, n)
             if blocked:
@@ -282,21 +335,33 @@ def process_rows(
     spend) is overwritten and returned, the same values without a copy of the batch (a
     read-only array, as another framework's output may be, is copied all the same).
     """
+    out, shift = mask_rows(log_probs, rules, histories, in_place=in_place)
+    out -= shift[:, None]
+    return out
+
+
+def mask_rows(
+    log_probs: np.ndarray, rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
+    *, in_place: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``process_rows`` but its last pass over the batch: (the rows with their rules
+    applied, ``shift`` [B] float32), where ``process_rows`` is ``rows - shift[:, None]``
+    (a row the rules (nearly) emptied is renormalised in full here, its shift 0). A
+    caller that needs only a few entries of a row renormalised subtracts only there."""
     source = np.asarray(log_probs, dtype=np.float32)
     out = source if in_place and source.flags.writeable else source.copy()
     rows, vocab = out.shape
     if rows == 0:
-        return out
+        return out, np.zeros(0, np.float32)
     penalties = _penalties(source, rules, histories)
     changed, removed = _apply(out.reshape(-1), _flat_bans(rules, histories, vocab), penalties)
     kept = 1.0 - np.bincount(changed // vocab, weights=removed, minlength=rows)
     full = (kept < FULL_RENORMALISATION_BELOW).nonzero()[0]
     if full.size:
-        kept[full] = 1.0  # these rows: a log-softmax of their own, below
-    out -= np.log(kept).astype(np.float32)[:, None]
+        kept[full] = 1.0  # these rows: a log-softmax of their own (x - 0 is x after it)
     for i in full:
         _log_softmax_row(out[i], rules[i].eos_id)
-    return out
+    return out, np.log(kept).astype(np.float32)
 
 
 def _apply(flat: np.ndarray, banned: np.ndarray,
@@ -321,21 +386,19 @@ def _flat_bans(rules: Sequence[TokenRules], histories: Sequence[Sequence[int]],
                vocab: int) -> np.ndarray:
     """Every row's banned ids as flat indices into the batch, without repeats (each
     row's sorted, the rows in order)."""
-    parts, lengths = [], []
-    distinct = True  # while every row has one sorted array without repeats
-    for row_rules, previous in zip(rules, histories, strict=True):
-        bans = row_rules.row_bans(previous)
-        if len(bans) == 1:
-            parts.append(bans[0])
-            lengths.append(len(bans[0]))
-        else:
-            distinct = False
-            parts.extend(bans)
-            lengths.append(sum(map(len, bans)))
-    if len(lengths) == 1:  # row 0: its ids are its flat indices
-        return parts[0] if distinct else _sorted_distinct(np.concatenate(parts))[0]
+    bans = [r.row_bans(previous) for r, previous in zip(rules, histories, strict=True)]
+    if len(bans) == 1:  # row 0: its ids are its flat indices
+        only = bans[0]
+        return only[0] if len(only) == 1 else _sorted_distinct(np.concatenate(only))[0]
+    first = bans[0][0]
+    if all(len(b) == 1 and b[0] is first for b in bans):  # for_model's shared bans in all
+        return (first + np.arange(0, len(bans) * vocab, vocab, dtype=np.int64)[:, None]
+                ).ravel()
+    parts = [ids for b in bans for ids in b]
+    distinct = len(parts) == len(bans)  # every row one sorted array without repeats
     flat = np.concatenate(parts).astype(np.int64, copy=False)
-    flat += np.repeat(np.arange(len(lengths), dtype=np.int64) * vocab, lengths)
+    flat += np.repeat(np.arange(len(bans), dtype=np.int64) * vocab,
+                      [sum(map(len, b)) for b in bans])
     return flat if distinct else _sorted_distinct(flat)[0]
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from serve.runtime.model import EncoderState, OnnxSeq2Seq, StepOutput
 from serve.runtime.options import DecodingOptions
-from serve.runtime.rules import TokenRules, process_rows
+from serve.runtime.rules import TokenRules, mask_rows, process_rows
 from serve.runtime.sampling import choose_token as choose_token  # re-exported (moved)
 from serve.runtime.sampling import choose_tokens
 
@@ -105,6 +105,8 @@ class SequenceDecoder:
         self.total = 0.0
         self.finish_reason: str | None = None
         self.log_probs: list[TokenLogProb] = []  # with return_log_probs
+        # whether its choice reads its whole row of log-probs (choose_rows)
+        self.reads_whole = self.options.sampling or self.options.return_log_probs
 
     @property
     def done(self) -> bool:
@@ -113,10 +115,8 @@ class SequenceDecoder:
     def advance(self, log_probs: np.ndarray, *, in_place: bool = False) -> int:
         """Choose the next token from the model's log-probs [V]; returns it (``</s>``
         ends). ``in_place``: ``log_probs`` is the caller's to spend (see process_rows)."""
-        processed = process_rows(log_probs[None, :], [self.rules], [self.token_ids],
-                                 in_place=in_place)
-        token = choose_tokens(processed, [self.options], [self.rng])[0]
-        return self.accept(token, processed[0])
+        tokens, rows = choose_rows(log_probs[None, :], [self], in_place=in_place)
+        return self.accept(tokens[0], rows[0])
 
     def accept(self, token: int, processed: np.ndarray) -> int:
         """Take ``token``, chosen from ``processed`` (this request's row of process_rows)."""
@@ -144,6 +144,60 @@ class SequenceDecoder:
             text, list(self.token_ids), score, self.finish_reason or "length", [(text, score)],
             log_probs=list(self.log_probs) if self.options.return_log_probs else None,
         )
+
+
+WHOLE_ROWS_BELOW = 4  # batches of fewer rows are renormalised whole (choose_rows)
+
+
+def choose_rows(log_probs: np.ndarray, decoders: Sequence[SequenceDecoder], *,
+                in_place: bool = False) -> tuple[list[int], np.ndarray]:
+    """Each decoder's next token from the model's log-probs [B,V] (its row's rules, then
+    its choice), and the rows chosen from, for ``accept``: the engine's batch and a
+    reply alone both choose here. The tokens are ``choose_tokens`` of ``process_rows``;
+    so are the rows of those that sample or return log-probs, but a greedy row is only
+    renormalised at its token (``_greedy_at_their_tokens``): the last pass over the
+    whole batch is spent only on the rows that read it."""
+    if len(decoders) == 1:  # a reply alone, every token: no lists to build
+        d = decoders[0]
+        out, shift = mask_rows(log_probs, [d.rules], [d.token_ids], in_place=in_place)
+        out -= shift[:, None]
+        return choose_tokens(out, [d.options], [d.rng]), out
+    options = [d.options for d in decoders]
+    out, shift = mask_rows(log_probs, [d.rules for d in decoders],
+                           [d.token_ids for d in decoders], in_place=in_place)
+    # (a few rows: the whole pass costs less than the bookkeeping that spares it)
+    few = len(decoders) < WHOLE_ROWS_BELOW
+    whole = [i for i, d in enumerate(decoders) if few or d.reads_whole]
+    if len(whole) == len(options):
+        out -= shift[:, None]
+    else:
+        for i in whole:
+            out[i] -= shift[i]
+    rngs = [d.rng for d in decoders]
+    tokens = choose_tokens(out, options, rngs)
+    if len(whole) < len(options):
+        _greedy_at_their_tokens(out, shift, sorted(set(range(len(options))) - set(whole)),
+                                tokens, options, rngs)
+    return tokens, out
+
+
+def _greedy_at_their_tokens(out: np.ndarray, shift: np.ndarray, rows: list[int],
+                            tokens: list[int], options: Sequence[DecodingOptions],
+                            rngs: Sequence) -> None:
+    """The greedy ``rows`` of ``out`` (not renormalised: each its max's ``tokens``)
+    given their token's renormalised entry, ``out - shift``, in place, exactly as if
+    the whole row had been: subtracting a row's shift keeps its order (rounding is
+    monotonic), so its max stays where it was, unless the float just below the max
+    rounds onto the same value, where an entry of a lower id could tie with it. Such a
+    row (rare) is renormalised whole and chooses again."""
+    at, chosen = np.array(rows), np.array([tokens[i] for i in rows])
+    top = out[at, chosen]
+    value = top - shift[at]
+    clash = np.nextafter(top, np.float32(-np.inf)) - shift[at] == value
+    out[at[~clash], chosen[~clash]] = value[~clash]
+    for i in at[clash].tolist():
+        out[i] -= shift[i]
+        tokens[i] = choose_tokens(out[i : i + 1], [options[i]], [rngs[i]])[0]
 
 
 def text_delta(previous_piece: str, piece: str) -> str:

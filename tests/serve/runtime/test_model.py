@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serve.runtime.batching import pad_id_rows
 from serve.runtime.manifest import ModelError
 from serve.runtime.model import OnnxSeq2Seq
 
@@ -37,6 +38,19 @@ def test_encode_and_step_follow_the_contract(model):
     assert plain.attention is None
     for name in ("log_probs", "h", "c"):
         np.testing.assert_array_equal(getattr(plain, name), getattr(out, name))
+
+
+def test_one_row_is_padded_and_masked_as_in_a_batch_of_equal_rows(model):
+    for row in ([5, 6, 7], (9,), []):
+        ids, lengths = pad_id_rows([row])
+        twin_ids, twin_lengths = pad_id_rows([row, list(row) or [1]])  # the general path
+        assert ids.dtype == lengths.dtype == np.int64
+        np.testing.assert_array_equal(ids, twin_ids[:1])
+        np.testing.assert_array_equal(lengths, twin_lengths[:1])
+    one = model.encode([[5, 6, 7]])
+    pair = model.encode([[5, 6, 7], [8, 9, 10]])
+    assert one.src_mask.dtype == np.float32
+    np.testing.assert_array_equal(one.src_mask, pair.src_mask[:1])
 
 
 def test_an_empty_source_row_still_encodes(model):

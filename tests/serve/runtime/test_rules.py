@@ -21,6 +21,7 @@ from serve.runtime.rules import (
     vocabulary_scans,
     word_guard,
 )
+from serve.runtime.tokenizer import detokenize
 
 # -- the logit rules ------------------------------------------------------------------------
 
@@ -302,3 +303,38 @@ def test_in_place_spends_only_what_it_may():
     np.testing.assert_array_equal(process_rows(wide, rules, histories, in_place=True),
                                   expected)
     np.testing.assert_array_equal(wide, batch.astype(np.float64))
+
+
+def _unfiltered_guard_bans(guard: WordGuard, previous: list[int]) -> list[np.ndarray]:
+    """WordGuard.banned as it was before its per-token prefilter: the tail read always."""
+    tail = detokenize([guard.pieces[t] for t in previous[-guard.longest:]]).lower()
+    endings = (tail[-k:] for k in range(1, min(guard.longest, len(tail)) + 1))
+    return [guard.by_ending[e] for e in endings if e in guard.by_ending]
+
+
+def test_the_guards_prefilter_skips_only_tails_that_end_no_word():
+    # Latin words (a space between them), capitals, a capital sigma, an empty piece.
+    pieces = ["<pad>", "<unk>", "<s>", "</s>", "傻", "逼", "Sb", "s", "B", "ΑΣ", "ς", "",
+              "小", "黄", "鸡", "abc", "笨", "蛋", "Α", "Σ", "好"]
+    guard = WordGuard.build(pieces, ("傻逼", "sb", "小黄鸡", "ας好", "笨蛋"))
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(3000):
+        previous = rng.integers(4, len(pieces), size=int(rng.integers(1, 6))).tolist()
+        if rng.random() < 0.3:  # the tricky tails: "", Α Σ, 小 黄 in some order
+            previous += rng.permutation([11, 12, 13, 18, 19])[:2].tolist()
+        expected = _unfiltered_guard_bans(guard, previous)
+        found = guard.banned(previous)
+        assert [a.tolist() for a in found] == [a.tolist() for a in expected], previous
+        hits += bool(expected)
+    assert hits > 300  # the tails did end words
+
+
+def test_rules_for_the_same_words_share_their_bans(model):
+    first = TokenRules.for_model(model, DecodingOptions(min_length=3))
+    again = TokenRules.for_model(model, DecodingOptions(sampling_topk=5))
+    assert again.banned is first.banned and again.guard is first.guard  # resolved once
+    assert not first.banned.flags.writeable  # shared: nobody may write into them
+    other = TokenRules.for_model(model, DecodingOptions(suppress_words=("你好",)))
+    assert other.banned is not first.banned
+    assert set(first.banned.tolist()) < set(other.banned.tolist())

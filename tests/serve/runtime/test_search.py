@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from serve.runtime.model import OnnxSeq2Seq
 from serve.runtime.options import DecodingOptions
-from serve.runtime.rules import TokenRules
+from serve.runtime.rules import TokenRules, process_rows
+from serve.runtime.sampling import choose_tokens
 from serve.runtime.search import (
+    SequenceDecoder,
+    _greedy_at_their_tokens,
     beam_search,
+    choose_rows,
     choose_token,
     decode_alone,
     generate,
@@ -17,6 +23,7 @@ from serve.runtime.search import (
     token_texts,
 )
 from tests.conftest import DEMO_CORPUS
+from tests.serve.runtime.test_rules import _random_batch
 
 QUESTIONS = ["你好", "你叫什么名字", "今天天气怎么样", "我好累啊", "晚安", "你喜欢吃什么", "哈哈哈"]
 
@@ -39,6 +46,56 @@ def test_choose_token_greedy_top_k_and_top_p():
 
 
 # -- searches on a real exported model ------------------------------------------------------
+
+
+def _decoders(seed: int, rules: list[TokenRules], histories: list[list[int]]):
+    """Decoders over ``rules`` (greedy), a third of them made to sample or to return
+    their log-probs."""
+    pick = np.random.default_rng(seed)
+    decoders = []
+    for i, (r, previous) in enumerate(zip(rules, histories, strict=True)):
+        kind = pick.choice(["greedy", "greedy", "sampling", "log_probs"])
+        options = replace(r.options, **{"greedy": {}, "sampling": {"sampling_topk": 0},
+                                        "log_probs": {"return_log_probs": True}}[kind])
+        decoder = SequenceDecoder(TokenRules(options, r.eos_id, r.banned, r.guard),
+                                  np.random.default_rng(i) if options.sampling else None)
+        decoder.token_ids = list(previous)
+        decoders.append(decoder)
+    return decoders
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_choosing_rows_equals_choosing_from_the_processed_rows(seed):
+    batch, rules, histories = _random_batch(seed, size=32)
+    decoders = _decoders(seed, rules, histories)
+    processed = process_rows(batch, [d.rules for d in decoders], histories)
+    expected = choose_tokens(processed, [d.options for d in decoders],
+                             [np.random.default_rng(i) for i in range(len(decoders))])
+    tokens, rows = choose_rows(batch.copy(), decoders, in_place=True)
+    assert tokens == expected
+    for i, (d, token) in enumerate(zip(decoders, tokens, strict=True)):
+        assert rows[i][token] == processed[i][token]  # what accept reads: bit for bit
+        if d.options.sampling or d.options.return_log_probs:  # these read the whole row
+            np.testing.assert_array_equal(rows[i], processed[i])
+    alone = [choose_rows(batch[i : i + 1], _decoders(seed, rules, histories)[i : i + 1])
+             for i in range(len(decoders))]
+    assert [t[0] for t, _ in alone] == tokens  # a row alone chooses the same
+
+
+def test_a_greedy_row_whose_shift_rounds_two_entries_together_takes_the_lower_id():
+    # -2 - u (u the float32 spacing there) is the max; the float below it, at a lower
+    # id, rounds onto the same value once the shift 2^-23 is taken off (ties to even).
+    top = np.nextafter(np.float32(-2.0), np.float32(-np.inf))
+    below = np.nextafter(top, np.float32(-np.inf))
+    out = np.full((1, 6), -50.0, np.float32)
+    out[0, 1], out[0, 4] = below, top
+    shift = np.array([2.0 ** -23], np.float32)
+    normalised = out - shift[:, None]
+    assert normalised[0, 1] == normalised[0, 4] and int(out[0].argmax()) == 4
+    tokens = [4]  # the unnormalised row's max
+    _greedy_at_their_tokens(out, shift, [0], tokens, [DecodingOptions()], [None])
+    assert tokens == [int(normalised[0].argmax())] == [1]
+    np.testing.assert_array_equal(out, normalised)  # renormalised whole
 
 
 def test_source_ids_rejects_an_empty_message(model):
