@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from serve.runtime.batch_step import BatchRow, BatchStep
 from serve.runtime.lanes import DEFAULT_LANE, Lane, LaneQueues
@@ -107,10 +108,13 @@ class _Request(BatchRow):
     """A queued or batched request: its row of the batch and its consumer's events
     (made on the event loop; ``attach`` gives it its row once prepared)."""
 
-    def __init__(self, lane: str, streaming: bool):
+    def __init__(self, lane: str, streaming: bool, events: Any = None):
         self.lane = lane
         self.streaming = streaming  # a piece event per token; else only the end
-        self.events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        # put_nowait((kind, value)) on the event loop: a queue its consumer reads, or a
+        # _Relay that hands each event on at once
+        self.events: asyncio.Queue[tuple[str, object]] = (
+            asyncio.Queue() if events is None else events)
         self.cancelled = False
         self.held = True  # counted in its lane's queue while being prepared
         self.submitted = time.perf_counter()
@@ -291,6 +295,21 @@ class Engine:
             return await self._select(text, options, lane)
         return await self._generate_plain(text, options, lane)
 
+    def relay(self, text: str, options: DecodingOptions,
+              sink: Callable[[str, object], None], *, lane: str | None = None
+              ) -> Callable[[], None]:
+        """A decoded reply's events handed to ``sink(kind, value)`` on the event loop as
+        they come: ``"piece"`` (a ``Piece``) per token, then ``"done"`` (the
+        ``GenerationResult``) or ``"error"`` (the exception). No task or queue per
+        request: the engine's process forwards them so. Returns the request's cancel.
+        Overloaded and EngineStopped are raised here; a chosen or beam reply is not
+        decoded token by token (``stream`` serves those), so it is a ValueError."""
+        if options.beam_size > 1 or self.sources.needs_selection(options):
+            raise ValueError("relay decodes plain replies: use stream for a chosen or "
+                             "beam reply")
+        request = self._submit(text, options, lane, True, _Relay(sink))
+        return lambda: self._cancel(request)
+
     async def forward_log_probs(self, text: str, replies: list[list[int]]
                                 ) -> list[list[float]] | None:
         """Each reply's per-token log p(token | message, the tokens before) by the folder's
@@ -331,10 +350,10 @@ class Engine:
         return name
 
     def _submit(self, text: str, options: DecodingOptions, lane: str | None,
-                streaming: bool) -> _Request:
+                streaming: bool, events: Any = None) -> _Request:
         """The request, handed to its lane's preparer: it joins the batch once prepared,
         and a failure to prepare it (a bad text, the engine stopping) is its one event."""
-        request = _Request(self._check_capacity(lane), streaming)
+        request = _Request(self._check_capacity(lane), streaming, events)
         self._hold(request.lane)
         # Tokenizing, a vocabulary scan and the encoder take milliseconds: not on the
         # event loop, and in the lane's own thread, so that a lane's costly word lists
@@ -547,6 +566,18 @@ class Engine:
                 self.on_metric(name, seconds)
             except Exception:  # a broken metrics hook must not break decoding
                 pass
+
+
+class _Relay:
+    """A request's events handed on as they are put (``Engine.relay``)."""
+
+    __slots__ = ("sink",)
+
+    def __init__(self, sink: Callable[[str, object], None]):
+        self.sink = sink
+
+    def put_nowait(self, event: tuple[str, object]) -> None:
+        self.sink(*event)
 
 
 def _preparers(lanes: dict[str, Lane]) -> dict[str, ThreadPoolExecutor]:

@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,7 @@ class _Outbox:
     def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop):
         self.writer, self.loop = writer, loop
         self._events: list[tuple] = []
+        self._loop_thread = threading.get_ident()
 
     def put(self, event: tuple) -> None:
         if not self._events:
@@ -129,8 +131,12 @@ class _Outbox:
         self._events.append(event)
 
     def metric(self, name: str, seconds: float) -> None:
-        """``Engine(on_metric=...)``: called in the engine's threads."""
-        self.loop.call_soon_threadsafe(self.put, ("metric", name, seconds))
+        """``Engine(on_metric=...)``: on the event loop (a token's latencies, as each step
+        is delivered) or in the engine's threads (a wake-up of the loop only then)."""
+        if threading.get_ident() == self._loop_thread:
+            self.put(("metric", name, seconds))
+        else:
+            self.loop.call_soon_threadsafe(self.put, ("metric", name, seconds))
 
     async def report_stats(self, engine: Engine) -> None:
         """The engine's counters, every ``STATS_SECONDS`` (the parent's metrics read
@@ -154,7 +160,8 @@ class _Host:
 
     def __init__(self, engine: Engine, outbox: _Outbox):
         self.engine, self.outbox = engine, outbox
-        self.tasks: dict[int, asyncio.Task] = {}
+        self.tasks: dict[int, asyncio.Task] = {}  # a chosen or beam reply, generate, forward
+        self.relays: dict[int, Any] = {}  # a decoded reply's cancel (Engine.relay)
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         """The parent's commands, until it says stop or goes away."""
@@ -171,14 +178,38 @@ class _Host:
     def _run(self, command: tuple) -> None:
         kind = command[0]
         if kind == "cancel":
-            task = self.tasks.pop(command[1], None)
+            task, cancel = self.tasks.pop(command[1], None), self.relays.pop(command[1], None)
             if task is not None:
                 task.cancel()
+            if cancel is not None:
+                cancel()
+        elif kind == "stream" and self._decoded(command[3]):
+            self._relay(*command[1:])
         else:
             job = {"stream": self._stream, "generate": self._generate,
                    "forward": self._forward}[kind]
             self.tasks[command[1]] = asyncio.get_running_loop().create_task(
                 job(*command[1:]))
+
+    def _decoded(self, options: Any) -> bool:
+        """Whether the reply streams token by token (else it is chosen, or a beam's)."""
+        try:
+            return options.beam_size == 1 and not self.engine.sources.needs_selection(options)
+        except ValueError:  # e.g. hybrid without an index: the stream says so
+            return False
+
+    def _relay(self, rid: int, text: str, options: Any, lane: str | None) -> None:
+        """A decoded reply: the engine's events go straight into the outbox."""
+        def sink(kind: str, value: object) -> None:
+            if kind != "piece":
+                self.relays.pop(rid, None)
+                value = _sendable(value) if kind == "error" else value
+            self.outbox.put((kind, rid, value))
+
+        try:
+            self.relays[rid] = self.engine.relay(text, options, sink, lane=lane)
+        except Exception as e:  # refused at once (a full queue, a stopped engine)
+            self.outbox.put(("error", rid, _sendable(e)))
 
     async def _stream(self, rid: int, text: str, options: Any, lane: str | None) -> None:
         stream = self.engine.stream(text, options, lane=lane)

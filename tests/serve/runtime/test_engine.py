@@ -420,3 +420,31 @@ async def test_requests_still_being_prepared_end_cleanly(model):
     finally:
         gate.set()
         await engine.stop()
+
+
+async def test_relay_hands_on_what_stream_yields_and_cancels(model):
+    options = DecodingOptions(sampling_topk=0, sampling_temperature=1.3, seed=5, max_length=20)
+    async with running(model) as engine:
+        stream = engine.stream("你喜欢吃什么水果", options)
+        pieces = [p async for p in stream.pieces()]
+        events: list[tuple] = []
+        done = asyncio.Event()
+
+        def sink(kind, value):
+            events.append((kind, value))
+            if kind != "piece":
+                done.set()
+
+        engine.relay("你喜欢吃什么水果", options, sink)
+        await asyncio.wait_for(done.wait(), 10)
+        assert events == [*(("piece", p) for p in pieces), ("done", stream.result)]
+
+        events.clear()
+        cancel = engine.relay("你好", DecodingOptions(**ENDLESS), sink)
+        await _until(lambda: events)
+        cancel()
+        await _until(lambda: engine.stats.active == 0)
+        assert events and all(kind == "piece" for kind, _ in events)  # never ended there
+        assert engine.stats.requests_cancelled == 1
+        with pytest.raises(ValueError, match="relay"):
+            engine.relay("你好", DecodingOptions(beam_size=2), sink)
