@@ -16,7 +16,7 @@ from serve.runtime.engine import Engine, EngineStopped, Overloaded
 from serve.runtime.lanes import Lane
 from serve.runtime.manifest import ModelError
 from serve.runtime.model import OnnxSeq2Seq
-from serve.runtime.options import DecodingOptions
+from serve.runtime.options import MAX_LENGTH, DecodingOptions
 from serve.runtime.remote_engine import RemoteEngine
 from serve.runtime.replies import ReplySources
 
@@ -98,7 +98,9 @@ def test_refusals_keep_their_kind_and_the_stop_ends_requests(shipped_model_dir):
 
 def test_a_stream_left_early_is_cancelled_there(shipped_model_dir):
     async def work(engine):
-        forced = DecodingOptions(reply_mode="generate", min_length=30, max_length=30)
+        # the longest reply: it cannot end before the cancel arrives
+        forced = DecodingOptions(reply_mode="generate", min_length=MAX_LENGTH,
+                                 max_length=MAX_LENGTH)
         pieces = engine.stream("你好", forced).pieces()
         assert (await anext(pieces)).text is not None
         await pieces.aclose()
@@ -114,7 +116,8 @@ def test_a_stream_left_early_is_cancelled_there(shipped_model_dir):
 
 def test_a_dead_engine_process_ends_its_requests(shipped_model_dir):
     async def work(engine):
-        forced = DecodingOptions(reply_mode="generate", min_length=200, max_length=200)
+        forced = DecodingOptions(reply_mode="generate", min_length=MAX_LENGTH,
+                                 max_length=MAX_LENGTH)
         pieces = engine.stream("你好", forced).pieces()
         await anext(pieces)
         os.kill(engine._process.pid, signal.SIGKILL)
