@@ -214,6 +214,21 @@ def stat_cpu_seconds(stat_file: str | Path) -> float | None:
         return None
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (xiaoX's engine process, when it has one)."""
+    found = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # it has ended
+        return []
+    for tid in threads:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def event_loop_name() -> str:
     """The event loop the server runs (uvicorn takes uvloop when it is installed), which
     the in-process benchmarks run too."""

@@ -166,7 +166,8 @@ def profile_route(model_dir: Path, seconds: float, threads: int, workdir: Path) 
     # (under uvloop it lands on whatever Python frame ran last).
     server = ProfiledServer(model_dir, workdir, out=out,
                             env={"XIAOX_THREADS": str(threads), "XIAOX_MAX_QUEUE": "1024",
-                                 **stack_env(STACKS[1], workdir)})
+                                 # one process, as profile_before.json was
+                                 "XIAOX_ENGINE_PROCESS": "0", **stack_env(STACKS[1], workdir)})
     body = bodies(5)["generate, 5 tokens"]
     server.launch().wait_healthy(120)
     try:

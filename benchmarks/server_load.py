@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import fmt, log, percentile, questions_of, stat_cpu_seconds
+from benchmarks.common import child_pids, fmt, log, percentile, questions_of, stat_cpu_seconds
 from benchmarks.processes import ServerProcess, free_port
 
 SETUPS = ("on", "off", "two", "baseline")
@@ -328,7 +328,9 @@ def run(args, weights, command: str) -> tuple[str, dict]:
                     load = (f"Poisson {args.poisson_rate:g}/s" if concurrency is None
                             else f"{concurrency} clients")
                     log(f"  {setup}: {load}, {n} requests ...")
-                    pids = [s.proc.pid for s in servers if s.proc]
+                    # the servers and their engine processes (XIAOX_ENGINE_PROCESS)
+                    pids = [p for s in servers if s.proc
+                            for p in (s.proc.pid, *child_pids(s.proc.pid))]
                     server_cpu, client_cpu = cpu_seconds(pids), time.process_time()
                     result = asyncio.run(drive(urls, questions, requests=n,
                                                concurrency=concurrency or 0,
@@ -345,7 +347,9 @@ def run(args, weights, command: str) -> tuple[str, dict]:
                     result["load"] = load
                     result["command"] = point_command(args, setup, concurrency, n)
                     entry["points"].append(result)
-                entry["peak_rss_mb"] = [peak_rss_mb(s.proc.pid) for s in servers if s.proc]
+                entry["peak_rss_mb"] = [  # a server and its engine process, together
+                    sum(peak_rss_mb(p) or 0.0 for p in (s.proc.pid, *child_pids(s.proc.pid)))
+                    for s in servers if s.proc]
             finally:
                 for server in servers:
                     server.stop()
@@ -402,7 +406,8 @@ def _process_lines(data: dict) -> list[str]:
         "",
         "### Process: cold start and peak memory",
         "",
-        "| setup | cold start s (process start to /healthz 200) | peak RSS MB (VmHWM) "
+        "| setup | cold start s (process start to /healthz 200) | peak RSS MB (VmHWM, a "
+        "server and its engine process together) "
         "| command |",
         "| --- | ---: | ---: | --- |",
     ]

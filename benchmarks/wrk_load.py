@@ -36,13 +36,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, log, shown, stat_cpu_seconds
+from benchmarks.common import ROOT, child_pids, log, shown, stat_cpu_seconds
 from benchmarks.processes import ServerProcess
 from benchmarks.wrk_report import ENGINE_PROCESS, FREE, ONE_PROCESS, STACKS, ratios, report
 
 FLOOR_APP = ROOT / "benchmarks" / "floor" / "sse_floor.py"
 FREE_ENGINE = "free_engine:FreeEngine"  # benchmarks/floor/free_engine.py
-MODES = {ONE_PROCESS: {}, ENGINE_PROCESS: {"XIAOX_ENGINE_PROCESS": "1"}}
+MODES = {ONE_PROCESS: {"XIAOX_ENGINE_PROCESS": "0"}, ENGINE_PROCESS: {"XIAOX_ENGINE_PROCESS": "1"}}
 WRK_SCRIPT = ROOT / "benchmarks" / "floor" / "stream.lua"
 QUESTION = "你好，今天过得怎么样"
 
@@ -146,17 +146,6 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
         if used is not None:  # else the thread ended meanwhile
             seconds[int(tid)] = used
     return seconds
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes ``pid`` started (xiaoX's engine process, when it has one)."""
-    found = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 def pss_mb(pid: int) -> float | None:

@@ -66,8 +66,9 @@ class Settings:
     # (empty: that Engine); the TensorFlow baseline benchmark swaps in its own this way.
     engine: str = ""
     # The engine in a process of its own (serve.runtime.remote_engine): the web layer and
-    # the decoder no longer share one interpreter's GIL, so both cores work under load.
-    engine_process: bool = False
+    # the decoder do not share one interpreter's GIL, so two cores work under load
+    # (False: one process, the engine's threads beside the web layer's event loop).
+    engine_process: bool = True
     # --- bounded work (issue 16). What one /v1 request may ask: each at most the runtime's
     # ceiling (serve.runtime.options.CAPS, which bounds `ask`, `evaluate` and the engine
     # too); a setting may lower a ceiling, never raise it.

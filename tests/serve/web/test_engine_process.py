@@ -51,7 +51,7 @@ def _answers(server: ServerProcess) -> tuple[str, str, str]:
 
 def test_the_engine_process_answers_as_the_engine_here(model_dir, tmp_path):
     env = {"XIAOX_API_KEY": KEY}
-    here = ServerProcess(model_dir, tmp_path / "here", env=env)
+    here = ServerProcess(model_dir, tmp_path / "here", env={**env, "XIAOX_ENGINE_PROCESS": "0"})
     there = ServerProcess(model_dir, tmp_path / "there",
                           env={**env, "XIAOX_ENGINE_PROCESS": "1"})
     with running(here, there):
