@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections import Counter
@@ -511,9 +512,13 @@ class Engine:
         return result
 
     def _retrieve(self, text: str, options: DecodingOptions, hybrid: bool):
-        """Worker thread: the message's source ids and its retrieved candidates."""
-        src = source_ids(self.model, text, self.max_source_length)
-        return src, self.sources.retrieved(self.model, text, options) if hybrid else []
+        """Worker thread: the message's source ids and its retrieved candidates (the
+        message tokenized once for both)."""
+        whole = source_ids(self.model, text, max_source_length=sys.maxsize)  # not cut
+        src = whole[-self.max_source_length:]
+        if not hybrid:
+            return src, []
+        return src, self.sources.retrieved(self.model, text, options, ids=whole)
 
     # -- the scheduler's steps, delivered on the event loop ----------------------------------
     def _deliver_step(self, step: StepTokens) -> None:
