@@ -43,6 +43,12 @@ def _http(h: dict) -> list[tuple]:
     for mode, label in ((ENGINE_PROCESS, ""), (ONE_PROCESS, " (XIAOX_ENGINE_PROCESS=0)")):
         rows += _http_mode(h, mode, label)
     five = f"generate, {h['reply_tokens']} tokens"
+    web = h["ratios"][STANDARD].get("web_layer_vs_floor")
+    if web:  # what the web layer costs without the model's work
+        free = s["points"]["web layer, free engine"]
+        rows.append(("xiaoX's web layer alone (a free engine) vs the floor, replies/s (wrk)",
+                     "(ratio)", web, f"{100 * web:.0f}% ({free['replies_per_s']:.0f} of "
+                     f"{s['points']['floor']['replies_per_s']:.0f})", None, free["command"]))
     gain = h["ratios"].get("standard_vs_fallback", {}).get(five)
     if gain:
         rows.append(("uvloop + httptools vs asyncio + h11, generation-only replies/s",
