@@ -33,10 +33,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from serve.runtime.engine import Engine
+from serve.runtime.engine import Engine, EngineStats
 from serve.runtime.lanes import Lane
 
-STATS_SECONDS = 0.1  # how often the engine's counters go to the parent, at most
+STATS_SECONDS = 0.1  # the engine's counters reach the parent at least this often
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,14 @@ async def _serve(fd: int) -> None:
     sources = engine.sources  # what the parent needs to tell which replies are chosen
     outbox.put(("ready", sources.index is not None, sources.scorer is not None))
     host = _Host(engine, outbox)
-    stats = asyncio.get_running_loop().create_task(outbox.report_stats(engine))
+    outbox.engine = engine
+    stats = asyncio.get_running_loop().create_task(outbox.report_stats())
     try:
         await host.serve(reader)
     finally:
         stats.cancel()
         await host.close()
-        outbox.put(("stats", dataclasses.replace(engine.stats)))
+        outbox.put(("stats", dataclasses.replace(engine.stats)))  # the last, changed or not
         outbox.flush()
         await writer.drain()
 
@@ -124,6 +125,8 @@ class _Outbox:
         self.writer, self.loop = writer, loop
         self._events: list[tuple] = []
         self._loop_thread = threading.get_ident()
+        self.engine: Engine | None = None  # its counters go with the events once set
+        self._stats_sent: EngineStats | None = None
 
     def put(self, event: tuple) -> None:
         if not self._events:
@@ -138,18 +141,27 @@ class _Outbox:
         else:
             self.loop.call_soon_threadsafe(self.put, ("metric", name, seconds))
 
-    async def report_stats(self, engine: Engine) -> None:
-        """The engine's counters, every ``STATS_SECONDS`` (the parent's metrics read
-        them), whenever they changed."""
-        last = None
+    async def report_stats(self) -> None:
+        """The engine's counters every ``STATS_SECONDS`` when nothing else is sent (they
+        change with no event too: a request queued, one being prepared)."""
         while True:
-            stats = dataclasses.replace(engine.stats)
-            if stats != last:
-                self.put(("stats", stats))
-                last = stats
             await asyncio.sleep(STATS_SECONDS)
+            self._add_stats()
+            self.flush()
+
+    def _add_stats(self) -> None:
+        """The engine's counters, if they changed since they were last sent."""
+        if self.engine is not None:
+            stats = dataclasses.replace(self.engine.stats)
+            if stats != self._stats_sent:
+                self._events.append(("stats", stats))
+                self._stats_sent = stats
 
     def flush(self) -> None:
+        """What this pass put, with the counters as they are after it (the parent's
+        metrics then trail the engine by a pass, not by ``STATS_SECONDS``)."""
+        if self._events:
+            self._add_stats()
         events, self._events = self._events, []
         if events and not self.writer.is_closing():
             send_message(self.writer, events)
