@@ -23,6 +23,7 @@ ends), so a draining server keeps its engine to the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import pickle
 import signal
@@ -100,7 +101,8 @@ async def _serve(fd: int) -> None:
         await host.close()
         outbox.put(("stats", dataclasses.replace(engine.stats)))  # the last, changed or not
         outbox.flush()
-        await writer.drain()
+        with contextlib.suppress(ConnectionError):  # the parent may be gone already
+            await writer.drain()
 
 
 async def _started_engine(config: EngineConfig, outbox: _Outbox) -> Engine:

@@ -164,8 +164,8 @@ class RemoteEngine:
             pass
 
     async def _end_process(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
+        if self._process.poll() is None:  # it did not stop when told (it ignores SIGTERM)
+            self._process.kill()
             await self._wait_process()
         self._gone("the engine stopped")
         if self._reading is not None:
