@@ -214,6 +214,27 @@ def stat_cpu_seconds(stat_file: str | Path) -> float | None:
         return None
 
 
+def proc_mb(pid: int, file: str, field: str) -> float | None:
+    """A size in /proc/PID/FILE (``status``, ``smaps_rollup``: "Field:  N kB"), in MB;
+    None when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    return proc_mb(pid, "status", "VmHWM")
+
+
+def pss_mb(pid: int) -> float | None:
+    """Its proportional set size now (the pages it shares split among their users)."""
+    return proc_mb(pid, "smaps_rollup", "Pss")
+
+
 def child_pids(pid: int) -> list[int]:
     """The processes ``pid`` started (xiaoX's engine process, when it has one)."""
     found = []

@@ -34,7 +34,15 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import child_pids, fmt, log, percentile, questions_of, stat_cpu_seconds
+from benchmarks.common import (
+    child_pids,
+    fmt,
+    log,
+    peak_rss_mb,
+    percentile,
+    questions_of,
+    stat_cpu_seconds,
+)
 from benchmarks.processes import ServerProcess, free_port
 
 SETUPS = ("on", "off", "two", "baseline")
@@ -202,16 +210,6 @@ class BaselineProcess(ServerProcess):
                     "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2",
                     "PYTHONUNBUFFERED": "1"})
         return env
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def cpu_seconds(pids: list[int]) -> float:

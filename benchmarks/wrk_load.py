@@ -36,7 +36,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, child_pids, log, shown, stat_cpu_seconds
+from benchmarks.common import (
+    ROOT,
+    child_pids,
+    log,
+    peak_rss_mb,
+    pss_mb,
+    shown,
+    stat_cpu_seconds,
+)
 from benchmarks.processes import ServerProcess
 from benchmarks.wrk_report import ENGINE_PROCESS, FREE, ONE_PROCESS, STACKS, ratios, report
 
@@ -148,17 +156,6 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return seconds
 
 
-def pss_mb(pid: int) -> float | None:
-    """A process's proportional set size now (shared pages split among their users)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _process_cpu_seconds(pids: list[int]) -> float:
     return sum(stat_cpu_seconds(f"/proc/{p}/stat") or 0.0 for p in pids)
 
@@ -250,8 +247,6 @@ def _xiaox_points(args, stack: str, workdir: Path, env: dict[str, str], mode: st
                   points: dict) -> dict:
     """xiaoX's contenders in one engine mode (into ``points``, named with the mode) and
     the mode's cold start (the median of three launches) and peak RSS."""
-    from benchmarks.server_load import peak_rss_mb
-
     server = ServerProcess(args.model, workdir, env=env)
     launches = []
     for last in (False, False, True):  # one launch is noisy here: the median of three

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.runtime.engine import EngineStats, EngineStopped, MetricCallback, Piece
+from serve.runtime.engine import EngineStats, EngineStopped, MetricCallback, Piece, Stream
 from serve.runtime.engine_process import EngineConfig, read_message, send_message
 from serve.runtime.lanes import DEFAULT_LANE, Lane
 from serve.runtime.manifest import Manifest, ModelError, load_manifest
@@ -63,29 +63,13 @@ class FolderModel:
         return cls(manifest, tokenizer)
 
 
-class RemoteStream:
-    """``engine.stream(...)``: ``pieces()`` (or ``async for delta``), then ``result``.
-    Leaving early cancels the request in the engine's process."""
-
-    def __init__(self, engine: RemoteEngine, text: str, options: DecodingOptions,
-                 lane: str | None):
-        self._engine, self._request = engine, ("stream", text, options, lane)
-        self.result: GenerationResult | None = None
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._texts()
-
-    async def _texts(self) -> AsyncIterator[str]:
-        pieces = self.pieces()
-        try:
-            async for piece in pieces:
-                if piece.text:
-                    yield piece.text
-        finally:
-            await pieces.aclose()
+class RemoteStream(Stream):
+    """``engine.stream(...)``: ``pieces()`` (or ``async for delta``), then ``result``, as
+    ``Stream``'s, the pieces coming from the engine's process. Leaving early cancels the
+    request there."""
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        rid, events = self._engine._open(*self._request)
+        rid, events = self._engine._open("stream", self._text, self._options, self._lane)
         try:
             while True:
                 kind, value = await events.get()
