@@ -284,14 +284,14 @@ class Engine:
         Overloaded, EngineStopped and ValueError (bad text, option or lane) are raised
         when iteration begins.
         """
-        return Stream(self, text, _options(options, kwargs), lane)
+        return Stream(self, text, decoding_options(options, kwargs), lane)
 
     async def generate(
         self, text: str, options: DecodingOptions | None = None, *,
         lane: str | None = None, **kwargs
     ) -> GenerationResult:
         """The whole reply. Cancelling the awaiting task frees the request's slot."""
-        options = _options(options, kwargs)
+        options = decoding_options(options, kwargs)
         if self.sources.needs_selection(options):
             return await self._select(text, options, lane)
         return await self._generate_plain(text, options, lane)
@@ -591,7 +591,8 @@ def _preparers(lanes: dict[str, Lane]) -> dict[str, ThreadPoolExecutor]:
             for name in lanes}
 
 
-def _options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:
+def decoding_options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:
+    """``options``, or the ``DecodingOptions`` of keyword arguments (not both)."""
     if options is not None and kwargs:
         raise ValueError("pass either options= or keyword options, not both")
     return options if options is not None else DecodingOptions.from_kwargs(**kwargs)

@@ -110,15 +110,7 @@ class OnnxSeq2Seq:
         give_back_big_blocks()  # before the batches' arrays: see serve.runtime.allocator
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir, verify=verify)
-        try:
-            tokenizer = Tokenizer.from_dir(model_dir, manifest.tokenizer)
-        except (OSError, ValueError, TypeError) as e:
-            raise ModelError(f"{model_dir}: unusable vocab.txt or tokenizer settings ({e})") from e
-        if len(tokenizer.vocab) != int(manifest.dims.get("vocab_size", len(tokenizer.vocab))):
-            raise ModelError(
-                f"{model_dir}: vocab.txt has {len(tokenizer.vocab)} tokens, "
-                f"the manifest says {manifest.dims['vocab_size']}"
-            )
+        tokenizer = folder_tokenizer(model_dir, manifest)
         sessions = []
         for name, inputs, outputs in (
             (ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS),
@@ -184,3 +176,18 @@ class OnnxSeq2Seq:
 
 _STEP_OUTPUTS = ["log_probs", "h_out", "c_out"]  # DECODER_OUTPUTS' order, StepOutput's
 _STEP_WITH_ATTENTION = [*_STEP_OUTPUTS, "attention"]
+
+
+def folder_tokenizer(model_dir: Path, manifest: Manifest) -> Tokenizer:
+    """The folder's tokenizer, as its manifest sets it up (ModelError if unusable or of
+    another vocabulary size than the manifest's)."""
+    try:
+        tokenizer = Tokenizer.from_dir(model_dir, manifest.tokenizer)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"{model_dir}: unusable vocab.txt or tokenizer settings ({e})") from e
+    if len(tokenizer.vocab) != int(manifest.dims.get("vocab_size", len(tokenizer.vocab))):
+        raise ModelError(
+            f"{model_dir}: vocab.txt has {len(tokenizer.vocab)} tokens, "
+            f"the manifest says {manifest.dims['vocab_size']}"
+        )
+    return tokenizer

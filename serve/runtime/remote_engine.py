@@ -29,10 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.runtime.engine import EngineStats, EngineStopped, MetricCallback, Piece, Stream
+from serve.runtime.engine import (
+    EngineStats,
+    EngineStopped,
+    MetricCallback,
+    Piece,
+    Stream,
+    decoding_options,
+)
 from serve.runtime.engine_process import EngineConfig, read_message, send_message
 from serve.runtime.lanes import DEFAULT_LANE, Lane
 from serve.runtime.manifest import Manifest, ModelError, load_manifest
+from serve.runtime.model import folder_tokenizer
 from serve.runtime.options import DecodingOptions
 from serve.runtime.replies import ReplySources
 from serve.runtime.search import GenerationResult
@@ -55,12 +63,7 @@ class FolderModel:
         """The manifest (its files' hashes are checked by the engine's own load) and
         the tokenizer."""
         manifest = load_manifest(Path(model_dir), verify=False)
-        try:
-            tokenizer = Tokenizer.from_dir(Path(model_dir), manifest.tokenizer)
-        except (OSError, ValueError, TypeError) as e:
-            raise ModelError(f"{model_dir}: unusable vocab.txt or tokenizer settings "
-                             f"({e})") from e
-        return cls(manifest, tokenizer)
+        return cls(manifest, folder_tokenizer(Path(model_dir), manifest))
 
 
 class RemoteStream(Stream):
@@ -162,12 +165,12 @@ class RemoteEngine:
     def stream(self, text: str, options: DecodingOptions | None = None, *,
                lane: str | None = None, **kwargs) -> RemoteStream:
         """As ``Engine.stream``: errors are raised when iteration begins."""
-        return RemoteStream(self, text, _options(options, kwargs), lane)
+        return RemoteStream(self, text, decoding_options(options, kwargs), lane)
 
     async def generate(self, text: str, options: DecodingOptions | None = None, *,
                        lane: str | None = None, **kwargs) -> GenerationResult:
         """As ``Engine.generate``: cancelling the awaiting task cancels the request."""
-        return await self._ask("generate", text, _options(options, kwargs), lane)
+        return await self._ask("generate", text, decoding_options(options, kwargs), lane)
 
     async def forward_log_probs(self, text: str, replies: list[list[int]]
                                 ) -> list[list[float]] | None:
@@ -280,9 +283,3 @@ def _spawn() -> tuple[subprocess.Popen, socket.socket]:
         env={**os.environ, "PYTHONPATH": path})
     theirs.close()
     return process, ours
-
-
-def _options(options: DecodingOptions | None, kwargs: dict) -> DecodingOptions:
-    if options is not None and kwargs:
-        raise ValueError("pass either options= or keyword options, not both")
-    return options if options is not None else DecodingOptions.from_kwargs(**kwargs)

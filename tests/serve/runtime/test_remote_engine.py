@@ -104,7 +104,7 @@ def test_a_stream_left_early_is_cancelled_there(shipped_model_dir):
         pieces = engine.stream("你好", forced).pieces()
         assert (await anext(pieces)).text is not None
         await pieces.aclose()
-        for _ in range(100):  # the counters come every 0.1 s
+        for _ in range(100):  # the counters trail the engine by a batch of events
             if engine.stats.requests_cancelled:
                 break
             await asyncio.sleep(0.05)

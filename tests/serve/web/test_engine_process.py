@@ -43,7 +43,7 @@ def _answers(server: ServerProcess) -> tuple[str, str, str]:
         whole = c.post("/v1/chat/completions", json=BODY, headers=AUTH)
         streamed = c.post("/v1/chat/completions", json={**BODY, "stream": True},
                           headers=AUTH)
-        time.sleep(0.3)  # the engine's counters come from its process every 0.1 s
+        time.sleep(0.3)  # the engine's counters trail it by a batch of events
         metrics = c.get("/metrics")
     assert whole.status_code == streamed.status_code == metrics.status_code == 200
     return whole.json()["choices"][0]["message"]["content"], streamed.text, metrics.text
