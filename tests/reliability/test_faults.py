@@ -220,11 +220,15 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         after = await _quiet(stayer_client)
         assert after == baseline == _QUIET
         # 40 clients came and went: a leak of one per client would be +40.
-        slack = 5  # the pool may still meet a new concurrency peak
+        slack = 5
+        # The command pool keeps a connection for each command it ever ran at once, so a
+        # round busier than the warm-up's adds some (CI saw +8 under load); each is a
+        # socket, in Redis's client list and in the server's descriptors.
+        pool_slack = 15
         assert await wait_until(
-            lambda: redis_client_count(redis_server.url) <= redis_before + slack, 10), (
+            lambda: redis_client_count(redis_server.url) <= redis_before + pool_slack, 10), (
             redis_before, redis_client_count(redis_server.url))
-        assert await wait_until(lambda: fd_count(pid) <= fds_before + slack, 10), (
+        assert await wait_until(lambda: fd_count(pid) <= fds_before + pool_slack, 10), (
             fds_before, fd_count(pid))
         # Executor pools (asyncio's, anyio's) may grow by a worker under new concurrency and
         # retire idle ones later; a leak of one thread per client would be +40.
