@@ -180,6 +180,28 @@ async def _assert_replied_once(client, room: str, sent: list[dict]) -> None:
         assert len(replies) == 1 and "error" not in replies[0], replies
 
 
+async def _assert_nothing_leaked(before: tuple, redis_url: str, pid: int, client) -> None:
+    """40 clients came and went since ``before`` (Redis connections, descriptors and
+    threads of the server, its asyncio tasks): a leak of one per client would be +40."""
+    redis_before, fds_before, threads_before, tasks_before = before
+    # The command pool keeps a connection for each command it ever ran at once, so a
+    # round busier than the warm-up's adds some (CI saw +8 under load); each is a
+    # socket, in Redis's client list and in the server's descriptors.
+    pool_slack = 15
+    assert await wait_until(
+        lambda: redis_client_count(redis_url) <= redis_before + pool_slack, 10), (
+        redis_before, redis_client_count(redis_url))
+    assert await wait_until(lambda: fd_count(pid) <= fds_before + pool_slack, 10), (
+        fds_before, fd_count(pid))
+    # Executor pools (asyncio's, anyio's) may grow by a worker under new concurrency and
+    # retire idle ones later.
+    assert await wait_until(lambda: thread_count(pid) <= threads_before + 5, 10), (
+        threads_before, thread_count(pid))
+    # The /metrics scrape itself is one task.
+    assert await _tasks_at_most(client, tasks_before + 2, 10), (
+        tasks_before, await _task_count(client))
+
+
 async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         model_dir, redis_server, tmp_path):
     server = ServerProcess(model_dir, tmp_path, redis_url=redis_server.url, env=ENV).start()
@@ -210,33 +232,15 @@ async def test_clients_leaving_mid_reply_leak_no_connection_and_stop_no_reply(
         for n in range(warm_up):
             await one_round(n)
         baseline = await _quiet(stayer_client)
-        tasks_before = await _task_count(stayer_client)
-        redis_before, fds_before = redis_client_count(redis_server.url), fd_count(pid)
-        threads_before = thread_count(pid)
+        before = (redis_client_count(redis_server.url), fd_count(pid), thread_count(pid),
+                  await _task_count(stayer_client))
         sent = []
         rounds = 4
         for n in range(warm_up, warm_up + rounds):
             sent += await one_round(n)
         after = await _quiet(stayer_client)
         assert after == baseline == _QUIET
-        # 40 clients came and went: a leak of one per client would be +40.
-        slack = 5
-        # The command pool keeps a connection for each command it ever ran at once, so a
-        # round busier than the warm-up's adds some (CI saw +8 under load); each is a
-        # socket, in Redis's client list and in the server's descriptors.
-        pool_slack = 15
-        assert await wait_until(
-            lambda: redis_client_count(redis_server.url) <= redis_before + pool_slack, 10), (
-            redis_before, redis_client_count(redis_server.url))
-        assert await wait_until(lambda: fd_count(pid) <= fds_before + pool_slack, 10), (
-            fds_before, fd_count(pid))
-        # Executor pools (asyncio's, anyio's) may grow by a worker under new concurrency and
-        # retire idle ones later; a leak of one thread per client would be +40.
-        assert await wait_until(lambda: thread_count(pid) <= threads_before + slack, 10), (
-            threads_before, thread_count(pid))
-        # The /metrics scrape itself is one task; a leak of one per client would be +40.
-        assert await _tasks_at_most(stayer_client, tasks_before + 2, 10), (
-            tasks_before, await _task_count(stayer_client))
+        await _assert_nothing_leaked(before, redis_server.url, pid, stayer_client)
         await _assert_replied_once(stayer_client, room, sent)
         assert stayer.connections == 1 and stayer.protocol_error is None
     finally:
