@@ -98,6 +98,7 @@ class EngineStats:
     overloaded_total: int = 0
     tokens_total: int = 0  # generated tokens (</s> included)
     steps_total: int = 0  # batched decoder steps run
+    restarts_total: int = 0  # engine processes started again after one died (RemoteEngine)
 
 
 MetricCallback = Callable[[str, float], None]

@@ -12,14 +12,23 @@ scorer themselves staying in the engine's process), the lanes, the engine's coun
 last reported (``stats``) and its latencies (``on_metric``, as they arrive). Requests,
 cancellations and the stop go to the engine's process; pieces, results and errors come
 back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
-``ValueError``). If that process dies, every open request ends with ``EngineStopped``
-and ``running`` turns false (the health check's 503).
+``ValueError``).
+
+If that process dies (killed, out of memory, a crash in a native library), every open
+request ends with ``EngineStopped``, ``running`` turns false (the health check's 503)
+and another process is started, after 0.5 s, then twice as long after each one that
+fails to load, up to 30 s: the server comes back by itself, and a folder that cannot
+load does not make it spin. ``stats`` counts on across the restarts
+(``restarts_total``: how many).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
+import logging
 import os
 import socket
 import subprocess
@@ -49,6 +58,13 @@ from serve.runtime.tokenizer import Tokenizer
 
 START_SECONDS = 120.0  # loading the model folder in the engine's process, at most
 STOP_SECONDS = 10.0
+RESTART_FIRST_SECONDS = 0.5  # after the engine's process died; doubled after each failure
+RESTART_MOST_SECONDS = 30.0
+# what a restarted process counts from: the counters, not the gauges of the moment
+_COUNTERS = tuple(f.name for f in dataclasses.fields(EngineStats)
+                  if f.name not in ("queue_size", "active", "beams_running"))
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +113,7 @@ class RemoteEngine:
         self.lanes = lanes or {DEFAULT_LANE: Lane(rows=max_batch_size, queue=max_queue)}
         self.on_metric = on_metric
         self.stats = EngineStats()
+        self._counted = EngineStats()  # by the engine's processes that died
         self.sources = ReplySources()  # as the engine's process loaded them, once started
         self._config = EngineConfig(str(model_dir), threads, max_batch_size, max_queue,
                                     self.lanes)
@@ -108,6 +125,8 @@ class RemoteEngine:
         self._reading: asyncio.Task | None = None
         self._ready: asyncio.Future | None = None
         self._alive = False
+        self._stopping = False
+        self._restarting: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -119,6 +138,10 @@ class RemoteEngine:
         it could not load it)."""
         if self.running:
             return
+        self._stopping = False
+        await self._launch()
+
+    async def _launch(self) -> None:
         self._process, ours = _spawn()
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         send_message(self._writer, self._config)  # the first message: not a list
@@ -136,6 +159,11 @@ class RemoteEngine:
 
     async def stop(self) -> None:
         """Stop the engine's process: its open requests end with ``EngineStopped``."""
+        self._stopping = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarting
         if self._process is None:
             return
         self._flush()
@@ -224,7 +252,33 @@ class RemoteEngine:
                 for event in await read_message(reader):
                     self._dispatch(event)
         except (asyncio.IncompleteReadError, OSError):
+            was_serving = self._alive
             self._gone("the engine's process ended")
+            if was_serving and not self._stopping:
+                self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        """Another engine process for the one that died, retried with a growing wait."""
+        process = self._process
+        await self._end_process()
+        log.error("the engine's process ended (exit code %s): starting another",
+                  process.returncode)
+        self._counted = self.stats
+        wait = RESTART_FIRST_SECONDS
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                await self._launch()
+            except (ModelError, TimeoutError, OSError) as e:
+                wait = min(2 * wait, RESTART_MOST_SECONDS)
+                log.error("the engine's process could not start again (%s): retrying in "
+                          "%.1f s", e, wait)
+                continue
+            self._counted = dataclasses.replace(
+                self._counted, restarts_total=self._counted.restarts_total + 1)
+            self.stats = self._counted
+            log.warning("the engine's process is serving again")
+            return
 
     def _dispatch(self, event: tuple) -> None:
         kind = event[0]
@@ -236,7 +290,7 @@ class RemoteEngine:
             if self.on_metric is not None:
                 self.on_metric(event[1], event[2])
         elif kind == "stats":
-            self.stats = event[1]
+            self.stats = _counted_on(event[1], self._counted)
         elif kind == "ready" and self._ready is not None and not self._ready.done():
             self.sources = _sources_shaped(self.model.manifest, *event[1:])
             self._ready.set_result(None)
@@ -251,6 +305,14 @@ class RemoteEngine:
         requests, self._open_requests = self._open_requests, {}
         for events in requests.values():
             events.put_nowait(("error", EngineStopped(why)))
+
+
+def _counted_on(stats: EngineStats, before: EngineStats) -> EngineStats:
+    """A restarted engine's ``stats`` with its predecessors' counts added."""
+    if not before.restarts_total:
+        return stats
+    return dataclasses.replace(stats, **{name: getattr(stats, name) + getattr(before, name)
+                                         for name in _COUNTERS})
 
 
 class _InEngineProcess:

@@ -54,6 +54,8 @@ _ENGINE_COUNTERS = {
     "tokens_total": ("xiaox_generated_tokens", "Tokens generated (</s> included)"),
     "steps_total": ("xiaox_engine_steps", "Batched decoder steps"),
     "requests_cancelled": ("xiaox_engine_cancelled", "Requests cancelled (client gone)"),
+    "restarts_total": ("xiaox_engine_restarts",
+                       "Engine processes started again after one died"),
 }
 
 

@@ -114,21 +114,69 @@ def test_a_stream_left_early_is_cancelled_there(shipped_model_dir):
     assert stats.requests_cancelled == 1 and stats.requests_finished == 0
 
 
-def test_a_dead_engine_process_ends_its_requests(shipped_model_dir):
+async def _until(condition, seconds: float) -> None:
+    for _ in range(int(seconds * 20)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def test_a_dead_engine_process_ends_its_requests_and_another_serves(shipped_model_dir):
     async def work(engine):
+        await engine.generate("你好", reply_mode="generate", max_length=5)
+        await _until(lambda: engine.stats.steps_total >= 5, 5)  # (they trail by a batch)
+        steps_before = engine.stats.steps_total
         forced = DecodingOptions(reply_mode="generate", min_length=MAX_LENGTH,
                                  max_length=MAX_LENGTH)
         pieces = engine.stream("你好", forced).pieces()
         await anext(pieces)
-        os.kill(engine._process.pid, signal.SIGKILL)
+        dead = engine._process.pid
+        os.kill(dead, signal.SIGKILL)
         with pytest.raises(EngineStopped, match="process ended"):
             async for _ in pieces:
                 pass
         assert not engine.running
         with pytest.raises(EngineStopped):
             await engine.generate("你好")
+        await _until(lambda: engine.running, 60)
+        assert engine._process.pid != dead
+        again = await engine.generate("你好", reply_mode="generate", max_length=5)
+        assert again.text
+        await _until(lambda: engine.stats.steps_total > steps_before, 5)
+        assert engine.stats.restarts_total == 1  # and the counters went on from before
+        return True
 
-    asyncio.run(_there(shipped_model_dir, work))
+    assert asyncio.run(_there(shipped_model_dir, work))
+
+
+def test_an_engine_that_cannot_start_again_is_retried_ever_more_slowly(
+        shipped_model_dir, tmp_path, caplog):
+    folder = tmp_path / "model"
+    shutil.copytree(shipped_model_dir, folder)
+    decoder = (folder / "decoder.onnx").read_bytes()
+
+    async def work(engine):
+        (folder / "decoder.onnx").write_bytes(b"not a model")  # every new process fails
+        os.kill(engine._process.pid, signal.SIGKILL)
+
+        def failures():
+            return [r for r in caplog.records if "could not start again" in r.getMessage()]
+
+        await _until(lambda: len(failures()) >= 2, 60)
+        first, second = failures()[:2]
+        assert "decoder.onnx" in first.getMessage() and not engine.running
+        # tried 0.5 s after the death, then 1 s after that failure, then 2 s after...
+        assert "retrying in 1.0 s" in first.getMessage()
+        assert "retrying in 2.0 s" in second.getMessage()
+        assert second.created - first.created >= 1.0
+        (folder / "decoder.onnx").write_bytes(decoder)
+        await _until(lambda: engine.running, 30)
+        assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
+        return True
+
+    caplog.set_level("ERROR", logger="serve.runtime.remote_engine")
+    assert asyncio.run(_there(folder, work))
 
 
 def test_a_folder_the_engine_cannot_load_is_a_model_error(shipped_model_dir, tmp_path):
