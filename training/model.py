@@ -141,10 +141,30 @@ class Seq2Seq(keras.Model):
         i, f, g, o = tf.split(z, 4, axis=-1)
         c_out = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
         h_out = tf.sigmoid(o) * tf.tanh(c_out)
-        log_probs, attention = self._attend_and_project(
-            h_out[:, None, :], memory, memory_keys, src_mask, training=False
-        )
-        return log_probs[:, 0, :], h_out, c_out, attention[:, 0, :]
+        log_probs, attention = self._attend_and_project_step(h_out, memory, memory_keys,
+                                                             src_mask)
+        return log_probs, h_out, c_out, attention
+
+    def _attend_and_project_step(self, h_out, memory, memory_keys, src_mask):
+        """``_attend_and_project`` of one step, h_out [B,H] -> log_probs [B,V], attention
+        [B,S]: the same products without the time axis. The 3-D form exports with shape
+        plumbing around each product (90 onnxruntime nodes once optimized, 53 like this),
+        which cost a batch-1 int8 step a quarter of its time; the values are the same."""
+        # Both products as the training pass's einsums convert (onnxruntime's FusedMatMul
+        # with transB): a sum over the positions made otherwise (a plain MatMul over
+        # memory [B,S,H]) rounds differently once a batch pads a row's positions, and a
+        # row batched would no longer equal the row alone.
+        scores = tf.matmul(h_out[:, None, :], memory_keys, transpose_b=True)[:, 0, :]
+        scores += (1.0 - src_mask) * NEG_INF
+        attention = tf.nn.softmax(scores, axis=-1)
+        context = tf.einsum("bs,bsh->bh", attention, memory)
+        combined = self.attn_combine(tf.concat([context, h_out], axis=-1))
+        if self.out_proj is None:
+            logits = tf.matmul(combined, self.tgt_embedding.embeddings, transpose_b=True)
+            logits += self.out_bias
+        else:
+            logits = self.out_proj(combined)
+        return tf.nn.log_softmax(logits, axis=-1), attention
 
 
 def _reverse_valid(x, lengths):
