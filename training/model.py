@@ -149,7 +149,7 @@ class Seq2Seq(keras.Model):
         """``_attend_and_project`` of one step, h_out [B,H] -> log_probs [B,V], attention
         [B,S]: the same products without the time axis. The 3-D form exports with shape
         plumbing around each product (90 onnxruntime nodes once optimized, 47 like this),
-        which cost a batch-1 int8 step a quarter of its time; the values are the same."""
+        which cost a batch-1 int8 step about a fifth of its time; the values are the same."""
         # Both products as the training pass's einsums convert (onnxruntime's FusedMatMul
         # with transB): a sum over the positions made otherwise (a plain MatMul over
         # memory [B,S,H]) rounds differently once a batch pads a row's positions, and a
