@@ -1,9 +1,9 @@
 """Faults, survived: Redis SIGKILLed mid-reply, clients leaving mid-reply, SIGTERM mid-stream.
 
 Real ``python -m serve`` processes (the shipped model) share a real redis-server (AOF on,
-as the ``redis_server`` fixture runs it). The ground truth is the room's event log in
-Redis: every SSE client must have received exactly the stored events after the point it
-subscribed, once each and in order.
+every write fsynced: see ``redis_server`` below). The ground truth is the room's event
+log in Redis: every SSE client must have received exactly the stored events after the
+point it subscribed, once each and in order.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from serve.web.broker import parse_id
+from tests.conftest import RedisServer
 from tests.reliability._support import (
     ReconnectingStream,
     fd_count,
@@ -40,6 +41,17 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 ENV = {"XIAOX_RATE_LIMIT_MESSAGES": "10000", "XIAOX_RATE_LIMIT_IP_MESSAGES": "10000",
        # ten streams of one session at once; leave notices said soon after
        "XIAOX_MAX_STREAMS_PER_SESSION": "32", "XIAOX_PRESENCE_GRACE_SECONDS": "1"}
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A Redis that keeps every write it acknowledged across a SIGKILL. With the default
+    ``appendfsync everysec`` it may postpone writing the AOF while an fsync is slow, up to
+    two seconds, and a SIGKILL then loses events its clients already got (CI saw one)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), ("--appendfsync", "always"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
