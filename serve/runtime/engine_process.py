@@ -38,6 +38,7 @@ from serve.runtime.engine import Engine, EngineStats
 from serve.runtime.lanes import Lane
 
 STATS_SECONDS = 0.1  # the engine's counters reach the parent at least this often
+ALIVE_SECONDS = 1.0  # something reaches the parent at least this often: it is not hung
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class _Outbox:
         self._loop_thread = threading.get_ident()
         self.engine: Engine | None = None  # its counters go with the events once set
         self._stats_sent: EngineStats | None = None
+        self._sent_at = loop.time()
 
     def put(self, event: tuple) -> None:
         if not self._events:
@@ -149,6 +151,8 @@ class _Outbox:
         while True:
             await asyncio.sleep(STATS_SECONDS)
             self._add_stats()
+            if not self._events and self.loop.time() - self._sent_at >= ALIVE_SECONDS:
+                self._events.append(("alive",))
             self.flush()
 
     def _add_stats(self) -> None:
@@ -167,6 +171,7 @@ class _Outbox:
         events, self._events = self._events, []
         if events and not self.writer.is_closing():
             send_message(self.writer, events)
+            self._sent_at = self.loop.time()
 
 
 class _Host:

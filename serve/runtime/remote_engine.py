@@ -14,7 +14,9 @@ cancellations and the stop go to the engine's process; pieces, results and error
 back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
 ``ValueError``).
 
-If that process dies (killed, out of memory, a crash in a native library), every open
+If that process dies (killed, out of memory, a crash in a native library) or sends
+nothing for ``silence_seconds`` (it says it is alive every second: one that does not is
+hung, and is killed), every open
 request ends with ``EngineStopped``, ``running`` turns false (the health check's 503)
 and another process is started, after 0.5 s, then twice as long after each one that
 fails to load, up to 30 s: the server comes back by itself, and a folder that cannot
@@ -108,8 +110,9 @@ class RemoteEngine:
 
     def __init__(self, model_dir: str | Path, *, threads: int = 1, max_batch_size: int = 32,
                  max_queue: int = 256, on_metric: MetricCallback | None = None,
-                 lanes: dict[str, Lane] | None = None):
+                 lanes: dict[str, Lane] | None = None, silence_seconds: float = 10.0):
         self.model = FolderModel.load(model_dir)
+        self.silence_seconds = silence_seconds
         self.lanes = lanes or {DEFAULT_LANE: Lane(rows=max_batch_size, queue=max_queue)}
         self.on_metric = on_metric
         self.stats = EngineStats()
@@ -246,16 +249,27 @@ class RemoteEngine:
             self._post(("cancel", rid))
 
     async def _read_events(self, reader: asyncio.StreamReader) -> None:
-        """The engine process's events, until it ends."""
+        """The engine process's events, until it ends (or goes silent: it is killed)."""
+        why = "the engine's process ended"
         try:
             while True:
-                for event in await read_message(reader):
+                for event in await self._next_events(reader):
                     self._dispatch(event)
+        except TimeoutError:  # (an OSError: before the clause below)
+            why = f"the engine's process sent nothing for {self.silence_seconds:g} s"
+            log.error("%s: killed", why)
+            self._process.kill()
         except (asyncio.IncompleteReadError, OSError):
-            was_serving = self._alive
-            self._gone("the engine's process ended")
-            if was_serving and not self._stopping:
-                self._restarting = asyncio.get_running_loop().create_task(self._restart())
+            pass
+        was_serving = self._alive
+        self._gone(why)
+        if was_serving and not self._stopping:
+            self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _next_events(self, reader: asyncio.StreamReader) -> list:
+        if not self._alive:  # loading its model: START_SECONDS bounds that
+            return await read_message(reader)
+        return await asyncio.wait_for(read_message(reader), self.silence_seconds)
 
     async def _restart(self) -> None:
         """Another engine process for the one that died, retried with a growing wait."""

@@ -150,6 +150,28 @@ def test_a_dead_engine_process_ends_its_requests_and_another_serves(shipped_mode
     assert asyncio.run(_there(shipped_model_dir, work))
 
 
+def test_a_hung_engine_process_is_killed_and_another_serves(shipped_model_dir):
+    async def work(engine):
+        await asyncio.sleep(4)  # idle, it still says it is alive: nothing is killed
+        assert engine.running and engine.stats.restarts_total == 0
+        forced = DecodingOptions(reply_mode="generate", min_length=MAX_LENGTH,
+                                 max_length=MAX_LENGTH)
+        pieces = engine.stream("你好", forced).pieces()
+        await anext(pieces)
+        hung = engine._process
+        os.kill(hung.pid, signal.SIGSTOP)  # alive, and silent
+        with pytest.raises(EngineStopped, match="sent nothing for 3 s"):
+            async for _ in pieces:
+                pass
+        assert hung.wait(5) == -signal.SIGKILL
+        await _until(lambda: engine.running, 60)
+        assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
+        assert engine.stats.restarts_total == 1
+        return True
+
+    assert asyncio.run(_there(shipped_model_dir, work, silence_seconds=3))
+
+
 def test_an_engine_that_cannot_start_again_is_retried_ever_more_slowly(
         shipped_model_dir, tmp_path, caplog):
     folder = tmp_path / "model"
