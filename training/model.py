@@ -9,7 +9,8 @@
   the decoder over the whole target at once) and an optionally tied output embedding.
 
 ``encode`` and ``decode_step`` are the two functions export turns into ONNX graphs; the
-training forward pass ``call`` computes exactly what a loop of ``decode_step`` computes.
+training forward pass ``call`` computes what a loop of ``decode_step`` computes (the step
+leaves out the time axis: the same products, to float rounding; tests/training/test_model.py).
 """
 
 from __future__ import annotations

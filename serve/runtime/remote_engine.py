@@ -16,11 +16,10 @@ back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
 
 If that process dies (killed, out of memory, a crash in a native library) or sends
 nothing for ``silence_seconds`` (it says it is alive every second: one that does not is
-hung, and is killed), every open
-request ends with ``EngineStopped``, ``running`` turns false (the health check's 503)
-and another process is started, after 0.5 s, then twice as long after each one that
-fails to load, up to 30 s: the server comes back by itself, and a folder that cannot
-load does not make it spin. ``stats`` counts on across the restarts
+hung, and is killed), every open request ends with ``EngineStopped``, ``running`` turns
+false (the health check's 503) and another process is started, after 0.5 s, then twice
+as long after each one that fails to load, up to 30 s: the server comes back by itself,
+and a folder that cannot load does not make it spin. ``stats`` counts on across the restarts
 (``restarts_total``: how many).
 """
 

@@ -23,6 +23,7 @@ from tests.serve._helpers_server import (
     metric_value,
     running,
     send,
+    wait_health,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,14 +70,6 @@ def test_the_engine_process_answers_as_the_engine_here(model_dir, tmp_path):
     assert metric_value(metrics, "xiaox_time_to_first_token_seconds_count") >= 2  # latencies
 
 
-def _health_until(c: httpx.Client, status: int, seconds: float) -> httpx.Response:
-    deadline = time.monotonic() + seconds
-    while (health := c.get("/healthz")).status_code != status:
-        assert time.monotonic() < deadline, health.text
-        time.sleep(0.05)
-    return health
-
-
 def test_a_dead_engine_process_is_a_503_until_another_serves_and_a_stop_leaves_none(
         model_dir, tmp_path):
     server = ServerProcess(model_dir, tmp_path, env={"XIAOX_API_KEY": KEY,
@@ -84,11 +77,11 @@ def test_a_dead_engine_process_is_a_503_until_another_serves_and_a_stop_leaves_n
     with running(server):
         (engine,) = _children(server.proc.pid)
         os.kill(engine, signal.SIGKILL)
+        # another process is started after half a second, then loads the model
+        health = asyncio.run(wait_health(server, 503, 20))
+        assert "model: stopped" in health["problems"]
+        asyncio.run(wait_health(server, 200, 60))
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            # another process is started after half a second, then loads the model
-            health = _health_until(c, 503, 20)
-            assert "model: stopped" in health.json()["problems"]
-            _health_until(c, 200, 60)
             answered = c.post("/v1/chat/completions", json=BODY, headers=AUTH)
             assert answered.status_code == 200, answered.text
             time.sleep(0.3)  # the engine's counters trail it by a batch of events
