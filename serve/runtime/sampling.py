@@ -15,6 +15,7 @@ chosen alone; ``SequenceDecoder`` uses this for one row too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from serve.runtime.options import DecodingOptions
 
 HEAD_MARGIN = 8.0  # first head: scaled logits within e^-8 of the best (widened as needed)
 HEAD_FLOOR = np.float32(np.exp(-HEAD_MARGIN))  # its weights (float32: a float64 bound casts)
+ONE_GROUP_HEADS = 512  # heads up to this size are drawn together, padded to the widest
 
 
 def choose_tokens(
@@ -68,33 +70,51 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     vocabulary. The same rule as ``_draw``, on [rows, head] arrays padded with zeros
     after each row's own head (which changes none of its sums).
 
-    Rows go in groups of heads within 4x of each other's size, each group padded to its
-    own widest: one flat row (thousands of tokens in its head) then widens only its own
-    group's arrays, not every row's. A row's draw is the same in any group."""
+    Heads of up to ``ONE_GROUP_HEADS`` tokens (a few hundred: the usual ones) go in one
+    group, padded to the widest; wider ones in groups within 2x of each other's size,
+    each padded to its own widest: one flat row (thousands of tokens in its head) then
+    widens only its own group's arrays, not every row's. A row's draw is the same in any
+    group."""
     vocab = weights.shape[1]
     # every row's head, by row and ids ascending (np.nonzero of a 2-D mask is slower)
     flat = np.flatnonzero(weights >= HEAD_FLOOR)
     row = flat // vocab
     size = np.bincount(row, minlength=len(options))
-    group = np.frexp(size)[1] // 2
+    rules = _Rules.of(options, vocab)
+    if size.max() <= ONE_GROUP_HEADS:  # the usual case: no grouping at all
+        return _draw_group(weights, slice(None), *_padded_heads(weights, flat, row, row, size),
+                           size, totals, rules, rngs)
+    group = np.frexp(np.maximum(size, ONE_GROUP_HEADS))[1]
     drawn = [-1] * len(options)
     local = np.zeros(len(options), np.int64)  # each row's place in its group
     for g in np.unique(group).tolist():
         members = np.flatnonzero(group == g)
         local[members] = np.arange(len(members))
-        if len(members) < len(options):
-            taken = group[row] == g
-            in_group, rows_of = flat[taken], row[taken]
-        else:
-            in_group, rows_of = flat, row
+        taken = group[row] == g
+        in_group, rows_of = flat[taken], row[taken]
         picked = _draw_group(weights, members,
                              *_padded_heads(weights, in_group, rows_of, local[rows_of],
                                             size[members]),
-                             size[members], totals[members], [options[j] for j in members],
+                             size[members], totals[members],
+                             _Rules(rules.k[members], rules.top_p[members]),
                              [rngs[j] for j in members])
         for j, token in zip(members.tolist(), picked, strict=True):
             drawn[j] = token
     return drawn
+
+
+
+class _Rules(NamedTuple):
+    """The rows' top-k (0: none, or the whole vocabulary) and top-p, as arrays."""
+
+    k: np.ndarray
+    top_p: np.ndarray
+
+    @classmethod
+    def of(cls, options: Sequence[DecodingOptions], vocab: int) -> _Rules:
+        return cls(np.array([o.sampling_topk if 0 < o.sampling_topk < vocab else 0
+                             for o in options]),
+                   np.array([o.sampling_topp for o in options]))
 
 
 def _padded_heads(weights: np.ndarray, flat: np.ndarray, row: np.ndarray,
@@ -112,41 +132,47 @@ def _padded_heads(weights: np.ndarray, flat: np.ndarray, row: np.ndarray,
     return head.reshape(-1, width), mass.reshape(-1, width)
 
 
-def _draw_group(weights: np.ndarray, members: np.ndarray, head: np.ndarray,
-                mass: np.ndarray, size: np.ndarray, totals: np.ndarray,
-                options: Sequence[DecodingOptions],
+def _draw_group(weights: np.ndarray, members: np.ndarray | slice, head: np.ndarray,
+                mass: np.ndarray, size: np.ndarray, totals: np.ndarray, rules: _Rules,
                 rngs: Sequence[np.random.Generator]) -> list[int]:
     """``_draw_rows`` for the rows ``members`` of ``weights``: ``head``/``mass`` [rows,
     width], each row's head in id order and padded after its ``size`` tokens."""
     vocab, width = weights.shape[1], head.shape[1]
-    k = np.array([o.sampling_topk if 0 < o.sampling_topk < vocab else 0 for o in options])
-    top_p = np.array([o.sampling_topp for o in options])
+    k, top_p = rules.k, rules.top_p
     ranked = np.sort(mass, axis=1)[:, ::-1]  # most likely first (a value sort: no ids)
     cumulative = np.cumsum(ranked, axis=1, dtype=np.float64)
-    limit = np.where(k > 0, np.minimum(k, size), size)
-    everyone = np.arange(len(options))
-    norm = np.where(k > 0, cumulative[everyone, np.maximum(limit - 1, 0)], totals)
-    nucleus = (cumulative / norm[:, None] < top_p[:, None]).sum(axis=1) + 1
+    everyone = np.arange(len(size))
+    if not k.any():  # (the usual case: the same values as the general one below)
+        limit, norm = size, totals
+    else:
+        limit = np.where(k > 0, np.minimum(k, size), size)
+        norm = np.where(k > 0, cumulative[everyone, np.maximum(limit - 1, 0)], totals)
+    nucleus = np.count_nonzero(cumulative / norm[:, None] < top_p[:, None], axis=1) + 1
     kept = np.where(top_p < 1.0, np.minimum(nucleus, limit), limit)
     enough = np.where(k > 0, size >= k, (top_p < 1.0) & (nucleus <= size))
     # The kept tokens: every mass above the last kept one's, then the ones equal to it,
     # lower ids first, as many as the count needs (a tie is kept by the lower id).
     last = ranked[everyone, kept - 1][:, None]
     if 4 * width > vocab:  # wide heads (flat rows): over the vocabulary, in id order
-        head, mass = np.broadcast_to(np.arange(vocab), (len(options), vocab)), weights[members]
+        head, mass = np.broadcast_to(np.arange(vocab), (len(size), vocab)), weights[members]
     above = mass > last
     tied = mass == last
-    keep = above | (tied & (np.cumsum(tied, axis=1) <= (kept - above.sum(axis=1))[:, None]))
+    wanted = kept - np.count_nonzero(above, axis=1)  # of the tied, lower ids first
+    if (np.count_nonzero(tied, axis=1) <= wanted).all():  # (usual: one tied, itself)
+        keep = above | tied
+    else:
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= wanted[:, None]))
     # The kept masses in id order, the others zeroed (a zero adds nothing to a cumulative
     # sum, so each kept token's is as without them).
     cdf = np.cumsum(np.where(keep, mass, 0.0), axis=1, dtype=np.float64)
     target = np.array([rng.random() if ok else 0.0
-                       for ok, rng in zip(enough, rngs, strict=True)])
+                       for ok, rng in zip(enough.tolist(), rngs, strict=True)])
     target *= cdf[:, -1]
     pick = np.count_nonzero(cdf <= target[:, None], axis=1)  # searchsorted, side right
-    # u * total rounded up to the total: the last kept token
-    last_kept = keep.shape[1] - 1 - np.argmax(keep[:, ::-1], axis=1)
-    pick = np.where(pick == keep.shape[1], last_kept, pick)
+    rounded_up = pick == keep.shape[1]  # u * total rounded up to the total: the last kept
+    if rounded_up.any():
+        last_kept = keep.shape[1] - 1 - np.argmax(keep[:, ::-1], axis=1)
+        pick = np.where(rounded_up, last_kept, pick)
     tokens = head[everyone, pick]
     return [int(t) if ok else -1 for t, ok in
             zip(tokens.tolist(), enough.tolist(), strict=True)]
