@@ -496,13 +496,7 @@ class Engine:
                              f"in lane {lane!r})")
         self._selecting[lane] += 1
         try:
-            async with asyncio.TaskGroup() as group:
-                found = group.create_task(asyncio.to_thread(self._retrieve, text, options,
-                                                            hybrid))
-                proposals = [group.create_task(self._generate_plain(text, o, lane))
-                             for o in sources.proposals(options)]
-            src, retrieved = found.result()
-            generated = [p.result() for p in proposals]
+            src, retrieved, generated = await self._candidates(text, options, lane, hybrid)
             candidates = usable([*retrieved, *generated_candidates(self.model, generated)],
                                 text)
             scores = await self._scoring.score([(src, c.token_ids) for c in candidates])
@@ -511,6 +505,22 @@ class Engine:
         result = sources.choose(self.model, text, candidates, scores, generated, options)
         self._metric("selection_latency", time.perf_counter() - started)
         return result
+
+    async def _candidates(self, text: str, options: DecodingOptions, lane: str,
+                          hybrid: bool) -> tuple[list[int], list, list[GenerationResult]]:
+        """The message's source ids, its retrieved candidates and the model's proposals,
+        made side by side. A failure is the request's own error (a bad message fails
+        every part alike), not the group of them the task group gathers."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                found = group.create_task(asyncio.to_thread(self._retrieve, text, options,
+                                                            hybrid))
+                proposals = [group.create_task(self._generate_plain(text, o, lane))
+                             for o in self.sources.proposals(options)]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        src, retrieved = found.result()
+        return src, retrieved, [p.result() for p in proposals]
 
     def _retrieve(self, text: str, options: DecodingOptions, hybrid: bool):
         """Worker thread: the message's source ids and its retrieved candidates (the

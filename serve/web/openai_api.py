@@ -140,13 +140,6 @@ async def _begin(chat, req: _Request, record):
             raise _engine_error(e) from None
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_decoding_option") from None
-        except ExceptionGroup as group:  # a chosen reply's parts run in a TaskGroup
-            refused = group.subgroup((Overloaded, EngineStopped))
-            if refused is None:
-                raise
-            while isinstance(refused, ExceptionGroup):
-                refused = refused.exceptions[0]
-            raise _engine_error(refused) from None
 
 
 def _finish_record(record, choices) -> int:

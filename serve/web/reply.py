@@ -53,11 +53,6 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
         error = "overloaded"
     except ValueError:  # nothing the tokenizer can read (emoji only, say)
         error = "unreadable"
-    except ExceptionGroup as group:  # a chosen reply's parts run in a TaskGroup
-        error = "overloaded" if group.subgroup(Overloaded) else (
-            "unreadable" if group.subgroup(ValueError) else "failed")
-        if error == "failed":
-            log.error("reply %s failed", reply_id, exc_info=group)
     except asyncio.CancelledError:
         error = "shutdown"
         raise

@@ -290,6 +290,24 @@ async def test_bad_requests_are_value_errors(model):
         assert engine.stats.active == 0 and engine.stats.queue_size == 0
 
 
+async def test_a_bad_message_to_a_chosen_reply_is_its_own_value_error(model):
+    # Retrieval and the proposals both read the message: one ValueError, not the group
+    # of the two that the task group gathers.
+    from serve.runtime.replies import ReplySources
+
+    sources = ReplySources.load(model, intra_op_num_threads=1)
+    async with running(model, sources=sources) as engine:
+        for options in ({"reply_mode": "hybrid"}, {"reply_mode": "generate",
+                                                    "generated_candidates": 2,
+                                                    "sampling_topk": 0}):
+            with pytest.raises(ValueError, match="empty after normalization"):
+                await engine.generate("  ", **options)
+            with pytest.raises(ValueError, match="empty after normalization"):
+                async for _ in engine.stream("  ", **options):
+                    pass
+        assert (await engine.generate("你好", reply_mode="hybrid", max_length=5)).text
+
+
 async def test_not_started_and_stopped_engines_refuse(model):
     engine = Engine(model, max_batch_size=1)
     with pytest.raises(EngineStopped, match="start"):

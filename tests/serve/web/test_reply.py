@@ -48,10 +48,6 @@ async def test_typing_then_one_token_a_piece_then_the_whole_message():
     ([], ValueError("nothing to read"), UNREADABLE_REPLY, "unreadable"),
     ([], RuntimeError("boom"), FAILED_REPLY, "failed"),
     (["半句"], RuntimeError("boom"), "半句", "failed"),  # what was said is kept
-    # a chosen reply's parts (a TaskGroup) refused or failing
-    ([], ExceptionGroup("parts", [Overloaded()]), BUSY_REPLY, "overloaded"),
-    ([], ExceptionGroup("parts", [ValueError("x")]), UNREADABLE_REPLY, "unreadable"),
-    ([], ExceptionGroup("parts", [RuntimeError("x")]), FAILED_REPLY, "failed"),
 ])
 async def test_an_error_still_ends_with_a_message(pieces, error, text, reason):
     *_, (event_type, final) = await run(FakeEngine(pieces, error))
