@@ -26,6 +26,7 @@ loaded. ``benchmarks.wrk_report`` makes the ratios and the markdown.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -218,23 +219,26 @@ def _python_client(url: str, body_extra: dict | None, args) -> dict:
 
 def _stack(args, stack: str, workdir: Path) -> dict:
     """One stack's points: xiaoX's contenders in each engine mode, the web layer with a
-    free engine, then the floor, each warmed up first."""
+    free engine, then the floor, each warmed up first. The floor's server runs the whole
+    time: each generation-only point is measured between two floor points
+    (``floor_around``), its ratio's baseline, as this machine's speed drifts by a third
+    within minutes."""
     env = {"XIAOX_THREADS": str(args.threads), "XIAOX_MAX_QUEUE": "1024",
            "XIAOX_MAX_BATCH_SIZE": "32", **stack_env(stack, workdir)}
     entry: dict = {"points": {}, "modes": {}}
-    for mode, extra in MODES.items():
-        entry["modes"][mode] = _xiaox_points(args, stack, workdir, {**env, **extra},
-                                             mode, entry["points"])
-    one = entry["modes"][ONE_PROCESS]  # the keys of the runs before the modes
-    entry.update(cold_start_s=one["cold_start_s"], cold_starts_s=one["cold_starts_s"],
-                 peak_rss_mb=one["peak_rss_mb"], python_client=one.pop("python_client"))
-    entry["points"][FREE] = _free_engine_point(args, stack, workdir, env)
     floor = FloorProcess(args.model, workdir, env=stack_env(stack, workdir))
     floor.launch().wait_healthy(60)
     c, seconds = args.wrk_connections, args.wrk_seconds
     try:
+        run_wrk(floor.url, {}, c, 1)  # warm-up
+        for mode, extra in MODES.items():
+            entry["modes"][mode] = _xiaox_points(args, stack, workdir, {**env, **extra},
+                                                 mode, entry["points"], floor)
+        one = entry["modes"][ONE_PROCESS]  # the keys of the runs before the modes
+        entry.update(cold_start_s=one["cold_start_s"], cold_starts_s=one["cold_starts_s"],
+                     peak_rss_mb=one["peak_rss_mb"], python_client=one.pop("python_client"))
+        entry["points"][FREE] = _free_engine_point(args, stack, workdir, env)
         log(f"  wrk {stack}: floor, {c} connections, {seconds:g} s ...")
-        run_wrk(floor.url, {}, c, 1)
         entry["points"]["floor"] = {**measured_point(floor, {}, c, seconds),
                                     "command": wrk_command(args, stack, "floor")}
         entry["python_client"]["floor"] = _python_client(floor.url, None, args)
@@ -243,10 +247,20 @@ def _stack(args, stack: str, workdir: Path) -> dict:
     return entry
 
 
+def _between_floor_points(floor: FloorProcess, measure, connections: int,
+                          seconds: float) -> dict:
+    """``measure()``'s point with the floor's replies/s just before and just after it."""
+    before = run_wrk(floor.url, {}, connections, seconds)["replies_per_s"]
+    point = measure()
+    after = run_wrk(floor.url, {}, connections, seconds)["replies_per_s"]
+    return {**point, "floor_around": {"before": before, "after": after}}
+
+
 def _xiaox_points(args, stack: str, workdir: Path, env: dict[str, str], mode: str,
-                  points: dict) -> dict:
-    """xiaoX's contenders in one engine mode (into ``points``, named with the mode) and
-    the mode's cold start (the median of three launches) and peak RSS."""
+                  points: dict, floor: FloorProcess) -> dict:
+    """xiaoX's contenders in one engine mode (into ``points``, named with the mode; the
+    generation-only one between two points of ``floor``) and the mode's cold start (the
+    median of three launches) and peak RSS."""
     server = ServerProcess(args.model, workdir, env=env)
     launches = []
     for last in (False, False, True):  # one launch is noisy here: the median of three
@@ -257,14 +271,16 @@ def _xiaox_points(args, stack: str, workdir: Path, env: dict[str, str], mode: st
             server.stop()
     found: dict = {"cold_start_s": statistics.median(launches), "cold_starts_s": launches}
     c, seconds = args.wrk_connections, args.wrk_seconds
+    five = f"generate, {args.http_reply_tokens} tokens"
     try:
         for name, body in bodies(args.http_reply_tokens).items():
             log(f"  wrk {stack}: xiaoX {name}{mode}, {c} connections, {seconds:g} s ...")
             run_wrk(server.url, body, c, 1)  # warm-up
-            points[name + mode] = {**measured_point(server, body, c, seconds),
-                                   "command": wrk_command(args, stack, name + mode)}
+            measure = functools.partial(measured_point, server, body, c, seconds)
+            point = _between_floor_points(floor, measure, c, seconds) if name == five \
+                else measure()
+            points[name + mode] = {**point, "command": wrk_command(args, stack, name + mode)}
         if mode == ONE_PROCESS:
-            five = f"generate, {args.http_reply_tokens} tokens"
             found["python_client"] = {five: _python_client(server.url,
                                                            {"reply_mode": "generate"}, args)}
         pids = [server.proc.pid, *child_pids(server.proc.pid)]

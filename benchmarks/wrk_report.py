@@ -14,9 +14,19 @@ ONE_PROCESS, ENGINE_PROCESS = "", ", engine process"
 MODE_NAMES = {ONE_PROCESS: "one process", ENGINE_PROCESS: "engine process"}
 
 
+def floor_beside(points: dict, name: str) -> float:
+    """The floor's replies/s measured beside the point ``name`` (the mean of the points
+    just before and after it), else the floor's own point."""
+    around = points[name].get("floor_around")
+    if around:
+        return (around["before"] + around["after"]) / 2
+    return points["floor"]["replies_per_s"]
+
+
 def mode_ratios(points: dict, five: str, mode: str) -> dict:
-    """One engine mode's target ratios within a stack."""
-    floor = points["floor"]["replies_per_s"]
+    """One engine mode's target ratios within a stack (generation only against the
+    floor measured beside it)."""
+    floor = floor_beside(points, five + mode)
     return {"generate_vs_floor": points[five + mode]["replies_per_s"] / floor,
             "hybrid_vs_generate": points["hybrid" + mode]["replies_per_s"]
             / points["generate" + mode]["replies_per_s"],
@@ -60,12 +70,17 @@ def _budget_lines(data: dict) -> list[str]:
     five = f"generate, {data['reply_tokens']} tokens"
     lines = []
     for stack, entry in data["stacks"].items():
-        floor = entry["points"].get("floor", {})
         for mode, mode_name in MODE_NAMES.items():
             used = reply_cpu_us(entry["points"].get(five + mode, {}))
-            if used is None or not floor:
+            if used is None or "floor" not in entry["points"]:
                 continue
-            wanted = 0.85 * floor["replies_per_s"]
+            floor = floor_beside(entry["points"], five + mode)
+            wanted = 0.85 * floor
+            around = entry["points"][five + mode].get("floor_around")
+            if around:
+                lines.append(f"- {stack}, {mode_name}: the floor beside `{five}`: "
+                             f"{around['before']:.0f} replies/s just before, "
+                             f"{around['after']:.0f} just after (mean {floor:.0f})")
             lines.append(f"- {stack}, {mode_name}: 85% of the floor is {wanted:.0f} "
                          f"replies/s; at the CPU per reply measured here (xiaoX and wrk, "
                          f"{used:.0f} us) that needs {used * wanted / 1e6:.2f} cores; the "
@@ -90,6 +105,9 @@ def _header(data: dict) -> list[str]:
         "`benchmarks/floor/free_engine.py` for its engine (the floor's five pieces, one "
         "per millisecond step, no model): what xiaoX's web layer costs on its own",
         f"- {data['threads']} onnxruntime thread(s); wrk and the server share the machine",
+        f"- the floor's server runs throughout: each `{five}` point is measured between "
+        "two floor points, whose mean is its ratio's baseline (this machine's speed drifts "
+        "by a third within minutes); the floor's own row is its last point",
         "",
         "| stack | contender | replies/s | p50 ms | p90 ms | p99 ms | non-2xx | socket "
         "errors | command |",

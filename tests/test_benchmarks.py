@@ -55,6 +55,10 @@ def test_quick_harness_writes_every_row(tiny_checkpoint, tmp_path, capsys):
     assert {"replies", "steps", "engine_replies_per_s", "reply_tokens"} <= set(decoding_data)
     around = decoding_data["engine_step_around"]  # the ratio's baseline, beside the engine
     assert around["step_before_ms"] > 0 and around["step_after_ms"] > 0
+    rounds = around["rounds"]  # the point ran in rounds; the table shows the median one
+    assert len(rounds) == 3 and all(r["replies_per_s"] > 0 for r in rounds)
+    assert decoding_data["engine_replies_per_s"]["32"]["batch_32"] in {
+        r["replies_per_s"] for r in rounds}
     assert "int8 step around the 32-concurrent batched point" in decoding
     steps = decoding_data["steps"]
     assert steps["onnxruntime int8"]["32"]["flops"] > steps["onnxruntime int8"]["1"]["flops"] > 0
@@ -65,7 +69,7 @@ def _check_new_parts(out, capsys):
     """wrk against the floor, the hybrid mode's cost, the profiles, the targets, the README."""
     http = json.loads((out / "http.json").read_text(encoding="utf-8"))
     assert set(http["stacks"]) == {"uvloop+httptools", "asyncio+h11"}
-    for stack in http["stacks"].values():
+    for stack_name, stack in http["stacks"].items():
         assert set(stack["points"]) == {
             "floor", "generate, 5 tokens", "generate", "hybrid", "web layer, free engine",
             "generate, 5 tokens, engine process", "generate, engine process",
@@ -84,6 +88,12 @@ def _check_new_parts(out, capsys):
         assert split["cpu_us_per_reply"]["engine_process"] > 0  # its CPU is counted
         assert five["cpu_us_per_reply"]["engine_process"] == 0
         assert len(stack["modes"][", engine process"]["peak_rss_parts_mb"]) == 2
+        for name in ("generate, 5 tokens", "generate, 5 tokens, engine process"):
+            around = stack["points"][name]["floor_around"]  # the floor measured beside it
+            assert around["before"] > 0 and around["after"] > 0
+        beside = (around["before"] + around["after"]) / 2
+        assert http["ratios"][stack_name]["engine_process"][
+            "generate_vs_floor"] == pytest.approx(split["replies_per_s"] / beside)
     http_md = (out / "http.md").read_text(encoding="utf-8")
     assert "| uvloop+httptools | floor | " in http_md
     assert "- uvloop+httptools, engine process: 85% of the floor is " in http_md
