@@ -103,7 +103,6 @@ def _draw_rows(weights: np.ndarray, totals: np.ndarray, options: Sequence[Decodi
     return drawn
 
 
-
 class _Rules(NamedTuple):
     """The rows' top-k (0: none, or the whole vocabulary) and top-p, as arrays."""
 
