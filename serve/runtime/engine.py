@@ -101,6 +101,10 @@ class EngineStats:
     restarts_total: int = 0  # engine processes started again after one died (RemoteEngine)
 
 
+# A chosen reply's message is tokenized on the event loop up to this length (jieba takes
+# tens of microseconds for it), in a worker thread beyond.
+INLINE_TOKENIZE_CHARS = 32
+
 MetricCallback = Callable[[str, float], None]
 """``on_metric(name, seconds)`` with name one of ``time_to_first_token``,
 ``inter_token_latency``, ``request_latency``."""
@@ -321,11 +325,13 @@ class Engine:
         return await asyncio.to_thread(forward_token_log_probs, self.sources, src, replies)
 
     async def _generate_plain(self, text: str, options: DecodingOptions,
-                              lane: str | None = None) -> GenerationResult:
-        """The decoder's own reply, no selection."""
+                              lane: str | None = None, src: list[int] | None = None
+                              ) -> GenerationResult:
+        """The decoder's own reply, no selection (``src``: the message's source ids, when
+        the caller has them)."""
         if options.beam_size > 1:
             return await self._generate_beam(text, options, lane)
-        request = self._submit(text, options, lane, False)  # no events per token
+        request = self._submit(text, options, lane, False, src=src)  # no events per token
         done = False
         try:
             kind, value = await request.events.get()
@@ -352,7 +358,8 @@ class Engine:
         return name
 
     def _submit(self, text: str, options: DecodingOptions, lane: str | None,
-                streaming: bool, events: Any = None) -> _Request:
+                streaming: bool, events: Any = None, src: list[int] | None = None
+                ) -> _Request:
         """The request, handed to its lane's preparer: it joins the batch once prepared,
         and a failure to prepare it (a bad text, the engine stopping) is its one event."""
         request = _Request(self._check_capacity(lane), streaming, events)
@@ -361,16 +368,18 @@ class Engine:
         # event loop, and in the lane's own thread, so that a lane's costly word lists
         # delay only itself. Nothing comes back from that thread but the request's
         # events: no future and no wake-up of the event loop per request.
-        self._preparers[request.lane].submit(self._prepare, request, text, options)
+        self._preparers[request.lane].submit(self._prepare, request, text, options, src)
         return request
 
-    def _prepare(self, request: _Request, text: str, options: DecodingOptions) -> None:
+    def _prepare(self, request: _Request, text: str, options: DecodingOptions,
+                 src: list[int] | None = None) -> None:
         """Worker thread: the request's source tokens, rules, decoder and encoder; then
         it is queued (the scheduler admits it at its next step)."""
         if request.cancelled:  # while it waited for this thread: nothing to make
             return
         try:
-            src = source_ids(self.model, text, self.max_source_length)
+            if src is None:
+                src = source_ids(self.model, text, self.max_source_length)
             rules = TokenRules.for_model(self.model, options)
             request.attach(src, SequenceDecoder(rules, request_rng(options)))
             self._batch.encode(request)  # here, beside the running step, not inside it
@@ -509,27 +518,25 @@ class Engine:
     async def _candidates(self, text: str, options: DecodingOptions, lane: str,
                           hybrid: bool) -> tuple[list[int], list, list[GenerationResult]]:
         """The message's source ids, its retrieved candidates and the model's proposals,
-        made side by side. A failure is the request's own error (a bad message fails
-        every part alike), not the group of them the task group gathers."""
+        made side by side from the message tokenized once (in a worker thread unless it is
+        short: a few tens of microseconds, less than the thread's hand-off). A failure is
+        the request's own error, not the group of them the task group gathers."""
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            whole = source_ids(self.model, text, max_source_length=sys.maxsize)  # not cut
+        else:
+            whole = await asyncio.to_thread(source_ids, self.model, text, sys.maxsize)
+        src = whole[-self.max_source_length:]
         try:
             async with asyncio.TaskGroup() as group:
-                found = group.create_task(asyncio.to_thread(self._retrieve, text, options,
-                                                            hybrid))
-                proposals = [group.create_task(self._generate_plain(text, o, lane))
+                found = group.create_task(asyncio.to_thread(  # BM25 and the rules
+                    self.sources.retrieved, self.model, text, options, ids=whole)
+                ) if hybrid else None
+                proposals = [group.create_task(self._generate_plain(text, o, lane, src))
                              for o in self.sources.proposals(options)]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None
-        src, retrieved = found.result()
+        retrieved = found.result() if found is not None else []
         return src, retrieved, [p.result() for p in proposals]
-
-    def _retrieve(self, text: str, options: DecodingOptions, hybrid: bool):
-        """Worker thread: the message's source ids and its retrieved candidates (the
-        message tokenized once for both)."""
-        whole = source_ids(self.model, text, max_source_length=sys.maxsize)  # not cut
-        src = whole[-self.max_source_length:]
-        if not hybrid:
-            return src, []
-        return src, self.sources.retrieved(self.model, text, options, ids=whole)
 
     # -- the scheduler's steps, delivered on the event loop ----------------------------------
     def _deliver_step(self, step: StepTokens) -> None:
