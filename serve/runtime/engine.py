@@ -26,8 +26,9 @@ Beam search requests do not join the shared batch: each runs its own decode (a b
 ``beam_size`` rows) in a worker thread, one beam at a time, and returns its final n-best.
 
 A reply chosen among candidates (``serve.runtime.replies``: the hybrid mode, or several
-proposals) is made of parts that batch the same way: retrieval in a worker thread, the
-model's proposals as ordinary rows of the shared batch, and the scoring of every
+proposals) is made of parts that batch the same way, from the message tokenized once:
+retrieval in a worker thread, the model's proposals as ordinary rows of the shared
+batch, and the scoring of every
 candidate of every concurrent request in one call per graph (``ScoreBatcher``). The
 chosen reply then streams piece by piece like a decoded one.
 """
