@@ -28,9 +28,9 @@ Beam search requests do not join the shared batch: each runs its own decode (a b
 A reply chosen among candidates (``serve.runtime.replies``: the hybrid mode, or several
 proposals) is made of parts that batch the same way, from the message tokenized once:
 retrieval in a worker thread, the model's proposals as ordinary rows of the shared
-batch, and the scoring of every
-candidate of every concurrent request in one call per graph (``ScoreBatcher``). The
-chosen reply then streams piece by piece like a decoded one.
+batch, and the scoring of every candidate of every concurrent request in one call per
+graph (``ScoreBatcher``). The chosen reply then streams piece by piece like a decoded
+one.
 """
 
 from __future__ import annotations
