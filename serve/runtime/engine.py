@@ -251,6 +251,11 @@ class Engine:
     def running(self) -> bool:
         return self._scheduler.alive
 
+    def stalled_seconds(self) -> float:
+        """How long the decoder steps have made no progress while there were rows to
+        step (0 while they run, or wait for requests): the sign of a hung step thread."""
+        return self._scheduler.stalled_seconds()
+
     async def start(self) -> None:
         if self.running:
             return

@@ -13,7 +13,9 @@ and written by asyncio streams, so neither side ever blocks on the other):
 - out, a list of events per event-loop pass (one write per decoder step for all its
   rows): ``("piece", id, Piece)``, ``("done", id, result)``, ``("error", id,
   exception)``, ``("metric", name, seconds)``, ``("stats", EngineStats)``,
-  ``("ready", has an index, has a scorer)``, ``("failed", message)``.
+  ``("ready", has an index, has a scorer)``, ``("failed", message)``, ``("stalled",
+  seconds)`` (its decoder steps made no progress for ``stall_seconds`` while there were
+  rows to step: its step thread hangs, and the parent replaces the process).
 
 The process ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a service manager reaches
 the whole process group): it stops when its parent says ``stop`` or goes away (the pipe
@@ -50,6 +52,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_queue: int = 256
     lanes: dict[str, Lane] | None = None
+    stall_seconds: float = 10.0  # steps stalled this long are reported (``"stalled"``)
 
 
 _LENGTH = struct.Struct(">I")
@@ -83,7 +86,7 @@ def main(fd: int) -> None:
 async def _serve(fd: int) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     config: EngineConfig = await read_message(reader)
-    outbox = _Outbox(writer, asyncio.get_running_loop())
+    outbox = _Outbox(writer, asyncio.get_running_loop(), config.stall_seconds)
     try:
         engine = await _started_engine(config, outbox)
     except Exception as e:  # the parent reports it; nothing was started
@@ -124,8 +127,10 @@ async def _started_engine(config: EngineConfig, outbox: _Outbox) -> Engine:
 class _Outbox:
     """Events for the parent, sent together once per event-loop pass."""
 
-    def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop):
+    def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
+                 stall_seconds: float = 10.0):
         self.writer, self.loop = writer, loop
+        self.stall_seconds = stall_seconds
         self._events: list[tuple] = []
         self._loop_thread = threading.get_ident()
         self.engine: Engine | None = None  # its counters go with the events once set
@@ -151,6 +156,9 @@ class _Outbox:
         while True:
             await asyncio.sleep(STATS_SECONDS)
             self._add_stats()
+            stalled = self.engine.stalled_seconds() if self.engine is not None else 0.0
+            if stalled >= self.stall_seconds:  # (the parent replaces this process)
+                self._events.append(("stalled", stalled))
             if not self._events and self.loop.time() - self._sent_at >= ALIVE_SECONDS:
                 self._events.append(("alive",))
             self.flush()

@@ -14,9 +14,11 @@ cancellations and the stop go to the engine's process; pieces, results and error
 back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
 ``ValueError``).
 
-If that process dies (killed, out of memory, a crash in a native library) or sends
+If that process dies (killed, out of memory, a crash in a native library), sends
 nothing for ``silence_seconds`` (it says it is alive every second: one that does not is
-hung, and is killed), every open request ends with ``EngineStopped``, ``running`` turns
+hung, and is killed) or says its decoder steps made no progress for as long while there
+were rows to step (its step thread hangs while its event loop runs: it is killed too),
+every open request ends with ``EngineStopped``, ``running`` turns
 false (the health check's 503) and another process is started, after 0.5 s, then twice
 as long after each one that fails to load, up to 30 s: the server comes back by itself,
 and a folder that cannot load does not make it spin. ``stats`` counts on across the restarts
@@ -66,6 +68,10 @@ _COUNTERS = tuple(f.name for f in dataclasses.fields(EngineStats)
                   if f.name not in ("queue_size", "active", "beams_running"))
 
 log = logging.getLogger(__name__)
+
+
+class _Stalled(Exception):
+    """The engine's process says its decoder steps hang (it is killed and replaced)."""
 
 
 @dataclass
@@ -118,7 +124,7 @@ class RemoteEngine:
         self._counted = EngineStats()  # by the engine's processes that died
         self.sources = ReplySources()  # as the engine's process loaded them, once started
         self._config = EngineConfig(str(model_dir), threads, max_batch_size, max_queue,
-                                    self.lanes)
+                                    self.lanes, stall_seconds=silence_seconds)
         self._ids = itertools.count()
         self._open_requests: dict[int, asyncio.Queue] = {}
         self._outbox: list[tuple] = []
@@ -258,6 +264,10 @@ class RemoteEngine:
             why = f"the engine's process sent nothing for {self.silence_seconds:g} s"
             log.error("%s: killed", why)
             self._process.kill()
+        except _Stalled as e:
+            why = str(e)
+            log.error("%s: killed", why)
+            self._process.kill()
         except (asyncio.IncompleteReadError, OSError):
             pass
         was_serving = self._alive
@@ -309,6 +319,9 @@ class RemoteEngine:
             self._ready.set_result(None)
         elif kind == "failed" and self._ready is not None and not self._ready.done():
             self._ready.set_exception(ModelError(event[1]))
+        elif kind == "stalled":
+            raise _Stalled(f"the engine's decoder steps made no progress for "
+                           f"{event[1]:.0f} s")
 
     def _gone(self, why: str) -> None:
         """Every open request ends with ``EngineStopped``; nothing more is sent."""

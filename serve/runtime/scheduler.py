@@ -13,6 +13,7 @@ token, whether the row finished, its log-probs) is captured before the next step
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from serve.runtime.batch_step import BatchRow, BatchStep
 from serve.runtime.lanes import LaneQueues
 from serve.runtime.search import TokenLogProb
+
+STOP_SECONDS = 30.0  # a step takes milliseconds: one running this long hangs
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Scheduler:
         self.in_flight: list[BatchRow] = []  # the rows of the step running now
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._stepped_at = time.monotonic()  # the last step's end, or the last idle wait
+        self._idle = True  # waiting for rows (not stepping)
 
     @property
     def alive(self) -> bool:
@@ -63,13 +69,23 @@ class Scheduler:
                                         name="xiaox-engine-steps", daemon=True)
         self._thread.start()
 
+    def stalled_seconds(self) -> float:
+        """How long the thread has gone without ending a step while it had rows to step
+        (0 while it waits for rows): a step takes milliseconds, so seconds mean it hangs."""
+        return 0.0 if self._idle else time.monotonic() - self._stepped_at
+
     def stop(self) -> list:
-        """Blocking: the step under way ends, then the thread; the rows it held."""
+        """Blocking: the step under way ends, then the thread; the rows it held. A step
+        still running after ``STOP_SECONDS`` hangs: its (daemon) thread is left behind,
+        so that a stop, and the process, still end."""
         with self.lock:
             self._stopping = True
             self.lock.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(STOP_SECONDS)
+            if self._thread.is_alive():
+                log.error("the decoder step has not ended in %g s: its thread is left "
+                          "behind", STOP_SECONDS)
         rows = {id(r): r for r in [*self.active, *self.in_flight]}
         self.active, self.in_flight = [], []
         return list(rows.values())
@@ -86,7 +102,10 @@ class Scheduler:
                 self._gauges(len(rows))
                 if rows:
                     self.in_flight = rows
+                    if self._idle:  # (from now on, its steps are timed)
+                        self._stepped_at, self._idle = time.monotonic(), False
                     return newcomers, rows
+                self._idle = True
                 self.lock.wait()
         return None
 
@@ -100,6 +119,7 @@ class Scheduler:
                 with self.lock:
                     self.active = []
                     self._gauges(0)
+                self._stepped_at = time.monotonic()
                 self.batch.reset()
                 self._post(loop, fail, rows, e)
                 continue
@@ -107,6 +127,7 @@ class Scheduler:
                 self.active = [r for r, done in zip(rows, outcome.finished, strict=True)
                                if not done]
                 self._gauges(len(self.active))
+            self._stepped_at = time.monotonic()
             self._post(loop, deliver, outcome)
 
     def _outcome(self, rows: list, tokens: list[int]) -> StepTokens:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 
 import pytest
 
@@ -397,6 +398,30 @@ async def test_a_failing_step_fails_its_rows_not_the_scheduler(model):
             await asyncio.wait_for(engine.generate("你好", max_length=3), 10)
         assert engine.stats.requests_failed == 1 and engine.stats.active == 0
         assert (await asyncio.wait_for(engine.generate("你好", max_length=3), 10)).token_ids
+
+
+async def test_a_hung_step_shows_as_stalled_and_a_stop_still_ends(model, monkeypatch):
+    from serve.runtime import scheduler
+
+    monkeypatch.setattr(scheduler, "STOP_SECONDS", 1.0)
+    release = threading.Event()
+    engine = Engine(model)
+    await engine.start()
+    assert engine.stalled_seconds() == 0  # waiting for requests is not a stall
+    await engine.generate("你好", max_length=3)
+    step = engine._batch.step
+
+    def hung(newcomers, rows):  # a step that never ends (a stuck kernel, say)
+        release.wait(30)
+        return step(newcomers, rows)
+
+    engine._batch.step = hung
+    request = asyncio.create_task(engine.generate("你好", max_length=3))
+    await _until(lambda: engine.stalled_seconds() > 0.5)
+    await asyncio.wait_for(engine.stop(), 5)  # ends, leaving the hung thread behind
+    with pytest.raises(EngineStopped):
+        await request
+    release.set()
 
 
 async def test_requests_still_being_prepared_end_cleanly(model):

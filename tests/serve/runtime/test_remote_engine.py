@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -163,6 +164,34 @@ def test_a_hung_engine_process_is_killed_and_another_serves(shipped_model_dir):
         with pytest.raises(EngineStopped, match="sent nothing for 3 s"):
             async for _ in pieces:
                 pass
+        assert hung.wait(5) == -signal.SIGKILL
+        await _until(lambda: engine.running, 60)
+        assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
+        assert engine.stats.restarts_total == 1
+        return True
+
+    assert asyncio.run(_there(shipped_model_dir, work, silence_seconds=3))
+
+
+HANG_STEPS = Path(__file__).parent / "hang_steps"  # a sitecustomize that hangs a step
+
+
+def test_an_engine_whose_steps_hang_is_killed_and_another_serves(shipped_model_dir,
+                                                                  tmp_path, monkeypatch):
+    # The process's event loop still runs (it says it is alive): its step thread is stuck.
+    marker = tmp_path / "hung"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(HANG_STEPS), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("XIAOX_TEST_HANG_STEPS", str(marker))
+
+    async def work(engine):
+        forced = DecodingOptions(reply_mode="generate", min_length=MAX_LENGTH,
+                                 max_length=MAX_LENGTH)
+        hung = engine._process
+        with pytest.raises(EngineStopped, match="steps made no progress for 3 s"):
+            async for _ in engine.stream("你好", forced).pieces():
+                pass
+        assert marker.exists()  # it hung where the hook made it hang
         assert hung.wait(5) == -signal.SIGKILL
         await _until(lambda: engine.running, 60)
         assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
