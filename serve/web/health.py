@@ -1,8 +1,8 @@
 """The operations routes: the probes and ``/metrics``.
 
 - ``/livez``: the process answers (no dependency is checked): 200 while it serves.
-- ``/readyz``: the model is loaded, the broker reachable and the process not draining:
-  200, else 503; the body names each check and which failed, in fixed words (never a
+- ``/readyz``: the model is loaded (and its decoder steps not stalled), the broker
+  reachable and the process not draining: 200, else 503; the body names each check and which failed, in fixed words (never a
   host, a port or an error message).
 - ``/healthz``: readiness with the problems spelt out (200 or 503), in the same fixed words.
 - ``/metrics``: only for the ``metrics_allow`` addresses (default loopback); a 404 for
@@ -29,6 +29,17 @@ async def livez(request: Request) -> Response:
     return JSONResponse({"status": "alive"}, headers=_NO_STORE)
 
 
+# An engine in the server's process whose decoder steps made no progress this long while
+# it had rows to step hangs: the probes say so, for whatever restarts the server. (An
+# engine in a process of its own is replaced by the server itself: it has no such wait.)
+ENGINE_STALLED_SECONDS = 10.0
+
+
+def _stalled_seconds(engine: Any) -> float:
+    stalled = getattr(engine, "stalled_seconds", None)  # (an engine process: none)
+    return stalled() if stalled is not None else 0.0
+
+
 def readiness(chat: Any) -> dict[str, Any]:
     """Each readiness check's state ("ok" or why not), and the checks that failed."""
     engine = chat.engine
@@ -36,6 +47,8 @@ def readiness(chat: Any) -> dict[str, Any]:
         model = "loading"
     elif not engine.running:
         model = "stopped"
+    elif _stalled_seconds(engine) >= ENGINE_STALLED_SECONDS:
+        model = "stalled"
     else:
         model = "ok"
     if chat.broker is None:

@@ -59,8 +59,9 @@ async def test_a_redis_outage_makes_the_server_unready_but_alive(model_dir, redi
 
 
 def fake_chat(*, engine_running: bool | None = True, broker_healthy: bool | None = True,
-              closing: bool = False) -> SimpleNamespace:
-    engine = None if engine_running is None else SimpleNamespace(running=engine_running)
+              closing: bool = False, stalled: float = 0.0) -> SimpleNamespace:
+    engine = None if engine_running is None else SimpleNamespace(
+        running=engine_running, stalled_seconds=lambda: stalled)
     broker = None if broker_healthy is None else SimpleNamespace(healthy=broker_healthy)
     return SimpleNamespace(engine=engine, broker=broker, closing=closing)
 
@@ -72,6 +73,9 @@ def fake_chat(*, engine_running: bool | None = True, broker_healthy: bool | None
     (fake_chat(engine_running=False), ["model"],
      {"model": "stopped", "broker": "ok", "draining": "ok"}),
     (fake_chat(closing=True), ["draining"], {"model": "ok", "broker": "ok", "draining": "yes"}),
+    (fake_chat(stalled=9.0), [], {"model": "ok", "broker": "ok", "draining": "ok"}),
+    (fake_chat(stalled=10.0), ["model"], {"model": "stalled", "broker": "ok",
+                                          "draining": "ok"}),
 ])
 def test_readiness_names_each_failed_check(chat, failed, checks):
     # Loading and draining cannot be seen over HTTP (uvicorn listens only once the
