@@ -2,8 +2,8 @@
 
 - ``/livez``: the process answers (no dependency is checked): 200 while it serves.
 - ``/readyz``: the model is loaded (and its decoder steps not stalled), the broker
-  reachable and the process not draining: 200, else 503; the body names each check and which failed, in fixed words (never a
-  host, a port or an error message).
+  reachable and the process not draining: 200, else 503; the body names each check and
+  which failed, in fixed words (never a host, a port or an error message).
 - ``/healthz``: readiness with the problems spelt out (200 or 503), in the same fixed words.
 - ``/metrics``: only for the ``metrics_allow`` addresses (default loopback); a 404 for
   anyone else (behind nginx the client is the real one, see ``XIAOX_TRUSTED_PROXIES``).
