@@ -65,6 +65,7 @@ class Scheduler:
               deliver: Callable[[StepTokens], None],
               fail: Callable[[list, Exception], None]) -> None:
         self._stopping = False
+        self._idle, self._stepped_at = True, time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(loop, deliver, fail),
                                         name="xiaox-engine-steps", daemon=True)
         self._thread.start()
