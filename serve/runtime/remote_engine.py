@@ -14,15 +14,15 @@ cancellations and the stop go to the engine's process; pieces, results and error
 back, each raised here as it was there (``Overloaded``, ``EngineStopped``,
 ``ValueError``).
 
-If that process dies (killed, out of memory, a crash in a native library), sends
-nothing for ``silence_seconds`` (it says it is alive every second: one that does not is
-hung, and is killed) or says its decoder steps made no progress for as long while there
-were rows to step (its step thread hangs while its event loop runs: it is killed too),
-every open request ends with ``EngineStopped``, ``running`` turns
-false (the health check's 503) and another process is started, after 0.5 s, then twice
-as long after each one that fails to load, up to 30 s: the server comes back by itself,
-and a folder that cannot load does not make it spin. ``stats`` counts on across the restarts
-(``restarts_total``: how many).
+If that process dies (killed, out of memory, a crash in a native library), sends nothing
+for ``silence_seconds`` (it says it is alive every second: one that does not is hung,
+and is killed) or says its decoder steps made no progress for as long while there were
+rows to step (its step thread hangs while its event loop runs: it is killed too), every
+open request ends with ``EngineStopped``, ``running`` turns false (the health check's
+503) and another process is started, after 0.5 s, then twice as long after each one that
+fails to load, up to 30 s: the server comes back by itself, and a folder that cannot
+load does not make it spin. ``stats`` counts on across the restarts (``restarts_total``:
+how many).
 """
 
 from __future__ import annotations
