@@ -151,6 +151,14 @@ def test_a_dead_engine_process_ends_its_requests_and_another_serves(shipped_mode
     assert asyncio.run(_there(shipped_model_dir, work))
 
 
+async def _killed_and_replaced(engine, hung) -> None:
+    """``hung`` (the engine's process) was SIGKILLed and another one serves."""
+    assert hung.wait(5) == -signal.SIGKILL
+    await _until(lambda: engine.running, 60)
+    assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
+    assert engine.stats.restarts_total == 1
+
+
 def test_a_hung_engine_process_is_killed_and_another_serves(shipped_model_dir):
     async def work(engine):
         await asyncio.sleep(4)  # idle, it still says it is alive: nothing is killed
@@ -164,10 +172,7 @@ def test_a_hung_engine_process_is_killed_and_another_serves(shipped_model_dir):
         with pytest.raises(EngineStopped, match="sent nothing for 3 s"):
             async for _ in pieces:
                 pass
-        assert hung.wait(5) == -signal.SIGKILL
-        await _until(lambda: engine.running, 60)
-        assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
-        assert engine.stats.restarts_total == 1
+        await _killed_and_replaced(engine, hung)
         return True
 
     assert asyncio.run(_there(shipped_model_dir, work, silence_seconds=3))
@@ -192,10 +197,7 @@ def test_an_engine_whose_steps_hang_is_killed_and_another_serves(shipped_model_d
             async for _ in engine.stream("你好", forced).pieces():
                 pass
         assert marker.exists()  # it hung where the hook made it hang
-        assert hung.wait(5) == -signal.SIGKILL
-        await _until(lambda: engine.running, 60)
-        assert (await engine.generate("你好", reply_mode="generate", max_length=5)).text
-        assert engine.stats.restarts_total == 1
+        await _killed_and_replaced(engine, hung)
         return True
 
     assert asyncio.run(_there(shipped_model_dir, work, silence_seconds=3))
