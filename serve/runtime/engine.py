@@ -61,6 +61,7 @@ from serve.runtime.rules import TokenRules
 from serve.runtime.scheduler import Scheduler, StepTokens
 from serve.runtime.score_batcher import ScoreBatcher
 from serve.runtime.search import (
+    INLINE_TOKENIZE_CHARS,
     MAX_SOURCE_LENGTH,
     DecodingCancelled,
     GenerationResult,
@@ -101,10 +102,6 @@ class EngineStats:
     steps_total: int = 0  # batched decoder steps run
     restarts_total: int = 0  # engine processes started again after one died (RemoteEngine)
 
-
-# A chosen reply's message is tokenized on the event loop up to this length (jieba takes
-# tens of microseconds for it), in a worker thread beyond.
-INLINE_TOKENIZE_CHARS = 32
 
 MetricCallback = Callable[[str, float], None]
 """``on_metric(name, seconds)`` with name one of ``time_to_first_token``,

@@ -128,7 +128,7 @@ class _Outbox:
     """Events for the parent, sent together once per event-loop pass."""
 
     def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
-                 stall_seconds: float = 10.0):
+                 stall_seconds: float):
         self.writer, self.loop = writer, loop
         self.stall_seconds = stall_seconds
         self._events: list[tuple] = []

@@ -70,8 +70,9 @@ _COUNTERS = tuple(f.name for f in dataclasses.fields(EngineStats)
 log = logging.getLogger(__name__)
 
 
-class _Stalled(Exception):
-    """The engine's process says its decoder steps hang (it is killed and replaced)."""
+class _Hung(Exception):
+    """The engine's process is hung: silent, or its decoder steps stalled (it is killed
+    and replaced)."""
 
 
 @dataclass
@@ -254,17 +255,13 @@ class RemoteEngine:
             self._post(("cancel", rid))
 
     async def _read_events(self, reader: asyncio.StreamReader) -> None:
-        """The engine process's events, until it ends (or goes silent: it is killed)."""
+        """The engine process's events, until it ends (or is hung: it is killed)."""
         why = "the engine's process ended"
         try:
             while True:
                 for event in await self._next_events(reader):
                     self._dispatch(event)
-        except TimeoutError:  # (an OSError: before the clause below)
-            why = f"the engine's process sent nothing for {self.silence_seconds:g} s"
-            log.error("%s: killed", why)
-            self._process.kill()
-        except _Stalled as e:
+        except _Hung as e:
             why = str(e)
             log.error("%s: killed", why)
             self._process.kill()
@@ -278,7 +275,11 @@ class RemoteEngine:
     async def _next_events(self, reader: asyncio.StreamReader) -> list:
         if not self._alive:  # loading its model: START_SECONDS bounds that
             return await read_message(reader)
-        return await asyncio.wait_for(read_message(reader), self.silence_seconds)
+        try:
+            return await asyncio.wait_for(read_message(reader), self.silence_seconds)
+        except TimeoutError:  # (an OSError: _read_events would take it for the end)
+            raise _Hung(f"the engine's process sent nothing for "
+                        f"{self.silence_seconds:g} s") from None
 
     async def _restart(self) -> None:
         """Another engine process for the one that died, retried with a growing wait."""
@@ -320,8 +321,8 @@ class RemoteEngine:
         elif kind == "failed" and self._ready is not None and not self._ready.done():
             self._ready.set_exception(ModelError(event[1]))
         elif kind == "stalled":
-            raise _Stalled(f"the engine's decoder steps made no progress for "
-                           f"{event[1]:.0f} s")
+            raise _Hung(f"the engine's decoder steps made no progress for "
+                        f"{event[1]:.0f} s")
 
     def _gone(self, why: str) -> None:
         """Every open request ends with ``EngineStopped``; nothing more is sent."""

@@ -77,15 +77,11 @@ async def reply(broker: Broker, engine: Any, metrics: Metrics, room: str, text: 
                 log.error("reply %s lost: %s", reply_id, e)
 
 
-# A prompt this short is tokenized on the event loop (about 40 us for ten characters,
-# 0.2-0.4 ms for 32): a hop to a worker thread and back costs more. A longer one (jieba
-# on 2,000 characters takes milliseconds) goes to a thread.
-INLINE_PROMPT_CHARS = 32
-
-
 async def count_prompt_tokens(engine: Any, text: str) -> int:
     """``prompt_tokens``, on the event loop for a short text, else in a worker thread."""
-    if len(text) <= INLINE_PROMPT_CHARS:
+    from serve.runtime.search import INLINE_TOKENIZE_CHARS
+
+    if len(text) <= INLINE_TOKENIZE_CHARS:
         return prompt_tokens(engine, text)
     return await asyncio.to_thread(prompt_tokens, engine, text)
 
